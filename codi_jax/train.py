@@ -1,0 +1,373 @@
+"""The one training loop, for every mode (vae, pretrain, finetune, codi, pe_codi, cm, gd).
+
+Read top to bottom: config -> mesh -> recipe (what trains, what is frozen) -> shardings from abstract values ->
+start-up (workdir checkpoint > init_from > teacher import > scratch) -> an ahead-of-time compiled, donated train step ->
+the loop (logging, sample grids, checkpoints, preemption) -> export of the EMA weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers, periodic_actions
+from jax.experimental import multihost_utils
+
+from codi_jax import build, checkpoint, parallel
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # () int32
+    params: Any  # trainable parameters only
+    opt_state: Any
+    ema_params: Any  # the EMA target theta^- (same tree as params)
+    rng: jax.Array  # (2,) uint32 raw key; per-step keys are fold_in(rng, step)
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    o = config.optimizer
+    warmup = max(int(o.warmup_steps), 0)
+    if o.schedule == "cosine":
+        lr = optax.warmup_cosine_decay_schedule(0.0, o.learning_rate, max(warmup, 1), max(config.total_steps, warmup + 1))
+    else:
+        lr = optax.join_schedules(
+            [optax.linear_schedule(0.0, o.learning_rate, max(warmup, 1)), optax.constant_schedule(o.learning_rate)],
+            [max(warmup, 1)],
+        )
+    chain = []
+    if o.grad_clip > 0:
+        chain.append(optax.clip_by_global_norm(o.grad_clip))
+    chain.append(optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
+    return optax.chain(*chain), lr
+
+
+def _batch_spec(config) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch the loader delivers, known without reading data (for the ahead-of-time compile)."""
+    from codi_jax import data as data_lib
+
+    b, s = int(config.batch_size), int(config.data.image_size)
+    spec = {
+        "image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.float32),
+        "input_ids": jax.ShapeDtypeStruct((b, int(config.data.max_length)), jnp.int32),
+    }
+    channels = data_lib.cond_channels(config.data)
+    if channels:
+        spec["cond"] = jax.ShapeDtypeStruct((b, s, s, channels), jnp.float32)
+    return spec
+
+
+def _tree_norm(tree) -> jax.Array:
+    return optax.global_norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
+
+
+def make_train_step(recipe: build.Recipe, tx: optax.GradientTransformation, lr_schedule, config):
+    accum = int(config.optimizer.grad_accum_steps)
+    decay = float(config.ema_decay)
+
+    def train_step(state: TrainState, frozen: dict, batch: dict) -> tuple[TrainState, dict]:
+        rng = jax.random.fold_in(state.rng, state.step)
+
+        def loss_fn(params, micro_batch, key):
+            return recipe.loss(params, state.ema_params, frozen, micro_batch, key)
+
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        if accum == 1:
+            (_, metrics), grads = grad_fn(state.params, batch, rng)
+        else:
+            micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+
+            def body(carry, inputs):
+                micro_batch, i = inputs
+                (_, m), g = grad_fn(state.params, micro_batch, jax.random.fold_in(rng, i))
+                return jax.tree.map(jnp.add, carry, (g, m)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: grad_fn(state.params, jax.tree.map(
+                lambda x: x[0], micro), rng)))
+            zero_grads, zero_metrics = zeros[1], zeros[0][1]
+            (grads, metrics), _ = jax.lax.scan(body, (zero_grads, zero_metrics), (micro, jnp.arange(accum)))
+            grads = jax.tree.map(lambda g: g / accum, grads)
+            metrics = jax.tree.map(lambda m: m / accum, metrics)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+        metrics = dict(metrics)
+        metrics.update(
+            grad_norm=_tree_norm(grads), param_norm=_tree_norm(params), update_norm=_tree_norm(updates),
+            learning_rate=lr_schedule(state.step),
+        )
+        if isinstance(params, dict) and "mu" in params:
+            metrics["mu"] = params["mu"].astype(jnp.float32).reshape(())
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
+        return new_state, metrics
+
+    return train_step
+
+
+class _Preemption:
+    """SIGTERM (what a preempted TPU VM or a scheduler sends) asks for a checkpoint at the next step, then a clean exit."""
+
+    def __init__(self):
+        self.requested = False
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # Not the main thread (e.g. under a test runner thread).
+            self._previous = None
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: checkpointing at the next step, then exiting")
+        self.requested = True
+
+    def reached(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            try:
+                if multihost_utils.reached_preemption_sync_point(step):
+                    return True
+            except Exception:  # noqa: BLE001 - no preemption service outside managed TPU runtimes.
+                pass
+            # Every host must agree, or some would wait forever in the checkpoint's collectives.
+            return bool(multihost_utils.process_allgather(np.asarray(self.requested)).any())
+        return self.requested
+
+    def restore(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _config_json(config) -> dict:
+    return json.loads(config.to_json_best_effort())
+
+
+def _check_finite(metrics: dict, step: int, checkpointer: checkpoint.Checkpointer) -> None:
+    bad = {k: float(v) for k, v in metrics.items() if not np.all(np.isfinite(v))}
+    if bad:
+        raise FloatingPointError(
+            f"non-finite training metrics at step {step}: {bad}. The run stopped without saving; the last checkpoint "
+            f"(step {checkpointer.latest_step()}) in {checkpointer.directory} is intact. Lower optimizer.learning_rate or "
+            "check the data."
+        )
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, dict, build.Recipe]:
+    """Trains config.mode in workdir until config.total_steps; resumes from workdir by itself."""
+    from codi_jax import data as data_lib
+    from codi_jax import export as export_lib
+
+    os.makedirs(workdir, exist_ok=True) if "://" not in workdir else None
+    mesh = parallel.make_mesh(config.mesh.to_dict())
+    rules = parallel.rules_from_config(config.logical_axis_rules)
+    logging.info("mode %s, mesh %s on %d devices (%d processes)", config.mode, dict(mesh.shape), jax.device_count(),
+                 jax.process_count())
+    if config.batch_size % parallel.data_parallel_size(mesh):
+        raise ValueError(f"config.batch_size={config.batch_size} does not divide over the data x fsdp mesh axes "
+                         f"({parallel.data_parallel_size(mesh)} shards)")
+    if config.batch_size % jax.process_count():
+        raise ValueError(f"config.batch_size={config.batch_size} does not divide over {jax.process_count()} processes")
+
+    recipe = build.Recipe(config, workdir)
+    tx, lr_schedule = make_optimizer(config)
+
+    # Shardings from abstract values: nothing is materialised before it is placed.
+    def init_boxed_state(rng):
+        params = recipe.init_fn(rng)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), ema_params=params,
+                          rng=rng)
+
+    rng0 = jax.random.PRNGKey(config.seed)
+    with nn.logical_axis_rules(rules):
+        abstract_boxed = jax.eval_shape(init_boxed_state, rng0)
+        state_shardings = parallel.logical_shardings(abstract_boxed, mesh, rules)
+        frozen_shardings = parallel.logical_shardings(recipe.frozen_abstract, mesh, rules)
+    abstract_state = checkpoint.abstract_with_shardings(nn.meta.unbox(abstract_boxed), state_shardings)
+    param_shardings = state_shardings.params
+    replicated = parallel.replicated(mesh)
+
+    frozen = parallel.put_global(recipe.frozen_host, {k: frozen_shardings[k] for k in recipe.frozen_host})
+
+    # Data: each process reads its own slice of the global batch.
+    loader = data_lib.make_train_loader(config.data, global_batch_size=config.batch_size, seed=config.seed,
+                                        process_index=jax.process_index(), process_count=jax.process_count())
+    data_iter = iter(loader)
+
+    # Start-up order: latest checkpoint in workdir > init_from > teacher import > scratch.
+    checkpointer = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
+    if recipe.teacher_kind == "conditional":
+        frozen["teacher"] = checkpoint.restore_params(
+            build.resolve(config.init_from, os.path.dirname(workdir)), abstract_state.params)[1]
+    start = checkpointer.latest_step()
+    if start is not None:
+        state = checkpointer.restore(abstract_state, data_iter)
+        logging.info("resumed from %s at step %d", checkpointer.directory, start)
+    else:
+        make_state = jax.jit(
+            lambda params, ema, rng: TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                                opt_state=tx.init(params), ema_params=ema, rng=rng),
+            out_shardings=state_shardings,
+        )
+        if config.init_from:
+            params, ema = checkpoint.restore_params(build.resolve(config.init_from, os.path.dirname(workdir)),
+                                                    abstract_state.params)
+            state = make_state(params, ema, jax.device_put(rng0, replicated))
+        elif recipe.initial_params is not None:
+            params = parallel.put_global(recipe.initial_params, param_shardings)
+            state = make_state(params, params, jax.device_put(rng0, replicated))
+        else:
+            with nn.logical_axis_rules(rules):
+                state = jax.jit(lambda r: nn.meta.unbox(init_boxed_state(r)), out_shardings=state_shardings)(rng0)
+        start = 0
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    logging.info("%s: %.2fM trainable parameters", config.mode, n_params / 1e6)
+
+    # The train step: explicit shardings, donated state, compiled ahead of time (once).
+    batch_spec = _batch_spec(config)
+    batch_shardings = {k: parallel.batch_sharding(mesh, len(v.shape)) for k, v in batch_spec.items()}
+    step_fn = make_train_step(recipe, tx, lr_schedule, config)
+    with nn.logical_axis_rules(rules), jax.sharding.use_mesh(mesh):
+        jitted = jax.jit(step_fn, in_shardings=(state_shardings, frozen_shardings_for(frozen, frozen_shardings),
+                                                batch_shardings),
+                         out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+        t0 = time.time()
+        compiled = jitted.lower(abstract_state, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), frozen),
+                                {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch_spec.items()}).compile()
+    log_compiled(compiled, time.time() - t0)
+
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    if start == 0:
+        writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
+    hooks = [periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
+                                             every_steps=config.log_every)]
+    if jax.process_index() == 0 and config.profile_steps > 0:
+        hooks.append(periodic_actions.Profile(num_profile_steps=config.profile_steps, logdir=workdir,
+                                              first_profile=start + 3, every_secs=None))
+    sampler = _make_sampler(recipe, frozen, config, mesh) if config.sample_every else None
+    preemption = _Preemption()
+    pending: list[dict] = []
+    step = start
+    try:
+        while step < config.total_steps:
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                local = next(data_iter)
+                batch = parallel.global_batch({k: local[k] for k in batch_spec}, mesh)
+                state, metrics = compiled(state, frozen, batch)
+            step += 1
+            pending.append(metrics)
+            for hook in hooks:
+                hook(step)
+            if step % config.log_every == 0 or step == config.total_steps:
+                host = jax.device_get(pending)
+                pending = []
+                summary = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
+                _check_finite(summary, step, checkpointer)
+                writer.write_scalars(step, summary)
+            if sampler is not None and step % config.sample_every == 0:
+                with hooks[0].timed("samples"):
+                    writer.write_images(step, {"samples": sampler(state)})
+            stop = preemption.reached(step)
+            if step % config.checkpoint_every == 0 or step == config.total_steps or stop:
+                _check_finite(jax.device_get(metrics), step, checkpointer)
+                checkpointer.save(step, state, data_iter, _config_json(config))
+            if stop:
+                logging.warning("stopping at step %d after the preemption checkpoint", step)
+                break
+        writer.flush()
+    finally:
+        checkpointer.close()
+        preemption.restore()
+    if step >= config.total_steps:
+        export_lib.export(recipe, state, frozen, os.path.join(workdir, "export"))
+    return state, frozen, recipe
+
+
+def frozen_shardings_for(frozen: dict, shardings: dict) -> dict:
+    return {k: shardings[k] for k in frozen}
+
+
+def log_compiled(compiled, seconds: float) -> dict:
+    info = {"compile_seconds": round(seconds, 2)}
+    try:
+        mem = compiled.memory_analysis()
+        if mem is not None:
+            for field in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+                          "generated_code_size_in_bytes", "alias_size_in_bytes"):
+                info[field] = int(getattr(mem, field, 0))
+    except Exception as e:  # noqa: BLE001 - not every backend reports memory.
+        info["memory_analysis"] = f"unavailable: {e}"
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        if cost:
+            info["flops"] = float(cost.get("flops", 0.0))
+            info["bytes_accessed"] = float(cost.get("bytes accessed", 0.0))
+    except Exception as e:  # noqa: BLE001
+        info["cost_analysis"] = f"unavailable: {e}"
+    logging.info("train step compiled: %s", info)
+    return info
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        elif isinstance(v, (int, float, str, bool)):
+            out[key] = v
+        else:
+            out[key] = str(v)
+    return out
+
+
+def _make_sampler(recipe: build.Recipe, frozen: dict, config, mesh):
+    """Image grid of EMA samples on a fixed held-out batch (jitted once)."""
+    from codi_jax import data as data_lib
+
+    n = int(config.num_sample_images)
+    batch = next(iter(data_lib.make_eval_batches(config.data, batch_size=n, num_examples=n, seed=config.eval.seed)))
+    batch = {k: jnp.asarray(v) for k, v in batch.items() if k in ("image", "cond", "input_ids")}
+    method, steps = recipe.default_sampler()
+    fn = jax.jit(lambda params: recipe.sample(params, frozen, batch, jax.random.PRNGKey(config.eval.seed),
+                                              method=method, num_steps=steps))
+
+    def sample(state):
+        images = np.asarray(jax.device_get(fn(state.ema_params)))
+        rows = [images, np.asarray(batch["image"])]
+        if "cond" in batch and recipe.mode != "vae":
+            cond = np.asarray(batch["cond"])
+            cond = cond[..., :3] if cond.shape[-1] >= 3 else np.repeat(cond[..., :1], 3, axis=-1)
+            rows.insert(0, cond)
+        grid = np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)
+        return ((grid[None] + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
+
+    return sample
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Runs the prerequisite stages (embedded default: VAE, then the text-to-image teacher), the main mode, and
+    optionally the evaluation, each resuming where it stopped."""
+    from codi_jax import config as common
+
+    for stage in config.stages:
+        stage_cfg = common.stage_config(config, stage)
+        stage_dir = os.path.join(workdir, stage)
+        if os.path.isfile(os.path.join(stage_dir, "export", "DONE")):
+            logging.info("stage %s already done in %s", stage, stage_dir)
+            continue
+        logging.info("=== stage %s (%d steps) in %s", stage, stage_cfg.total_steps, stage_dir)
+        train(stage_cfg, stage_dir)
+    logging.info("=== %s in %s", config.mode, workdir)
+    train(config, workdir)
+    if config.run_eval:
+        from codi_jax import evaluate
+
+        evaluate.run(config, workdir)

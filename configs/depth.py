@@ -1,0 +1,16 @@
+"""Depth-to-image: the condition is a depth map (paper 5, WebLI depth; here any folder with precomputed depth).
+
+    python -m codi_jax.main --config=configs/depth.py --workdir=gs://bucket/depth          # SD1.5 scale, full CoDi
+    python -m codi_jax.main --config=configs/depth.py:pe --workdir=gs://bucket/depth-pe    # PE-CoDi (frozen UNet)
+    python -m codi_jax.main --config=configs/depth.py:tiny --workdir=runs/depth-tiny       # the whole pipeline on a CPU
+
+Variants (comma-separated after the colon): tiny, pe, mode=<vae|pretrain|finetune|codi|pe_codi|cm|gd>, steps=N, batch=N.
+"""
+
+from codi_jax import config as common
+
+
+def get_config(arg=None):
+    c = common.base("depth")
+    common.apply_variants(c, arg)
+    return common.finalize(c)
