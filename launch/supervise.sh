@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# Keeps a training run alive on preemptible/spot TPUs until it finishes.
+# Every --poll-seconds it reads the TPU's state and, once the job runs, the trainer's status on
+# worker 0:
+#   missing                      -> create it (create.sh)
+#   ACTIVE/READY, no job yet     -> install.sh, then start.sh (a job already running on a TPU
+#                                   found at start-up is adopted, not restarted)
+#   SUSPENDED/FAILED/PREEMPTED.. -> delete.sh, back off, create.sh again; the next ACTIVE
+#                                   re-installs and restarts the same command with the same
+#                                   gs:// workdir, where codi_jax.main resumes from the latest
+#                                   checkpoint: only the steps since that checkpoint are redone
+#   trainer exited non-zero/died -> back off, re-install, restart on the same TPU
+#   trainer exited 0             -> delete the TPU (unless --keep) and exit 0
+# Recoveries are bounded (--max-retries in a row, back-off doubling from --backoff-seconds up to
+# --backoff-max); a job that stays up --healthy-seconds resets the count. The steps run as the
+# same scripts a user runs by hand, as child processes, so a failing step is retried, not fatal.
+#
+#   bash launch/supervise.sh --env-file=launch/example.env
+#   bash launch/supervise.sh --env-file=launch/example.env --dry-run --simulate-states=ACTIVE,SUSPENDED,ACTIVE
+set -euo pipefail
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+parse_args "$@"
+
+# Flags for the child steps: ours minus what follows `--` (that goes to main via start.sh).
+STEP_FLAGS=()
+for arg in "$@"; do
+  [[ $arg == -- ]] && break
+  STEP_FLAGS+=("$arg")
+done
+
+# Everything that can be checked is checked before anything is created.
+tpu_settings
+tpu_accelerator_info
+check_capacity_flags
+require CONFIG WORKDIR
+[[ $OPT_WORKDIR == gs://* ]] ||
+  die "--workdir='$OPT_WORKDIR' is not a gs:// path: after a preemption the run resumes on a new TPU from its workdir, so it must live in GCS"
+check_tpu_workdir
+resolve_config
+resolve_jax_version
+check_remote_path --remote-dir "$OPT_REMOTE_DIR"
+check_remote_path --venv "$OPT_VENV"
+check_remote_path --log-dir "$OPT_LOG_DIR"
+
+step() {
+  local script=$1
+  shift
+  bash "$LAUNCH_DIR/$script" ${STEP_FLAGS[@]+"${STEP_FLAGS[@]}"} "$@"
+}
+
+failures=0  # recoveries in a row
+started=0   # a job was started (or adopted) on the current TPU
+seen=0      # the TPU was seen or made by this supervisor (so no job of ours can be on it)
+job_start=0
+UP=$(tpu_up_state)
+
+# Counts a recovery and gives up past --max-retries; sets BACKOFF, the pause before the retry.
+failure() {
+  failures=$((failures + 1))
+  if ((failures > OPT_MAX_RETRIES)); then
+    die "giving up after $OPT_MAX_RETRIES recoveries in a row (last: $1); $OPT_WORKDIR holds the last checkpoint, rerun supervise.sh to continue"
+  fi
+  local delay=$OPT_BACKOFF_SECONDS i
+  for ((i = 1; i < failures && delay < OPT_BACKOFF_MAX; i++)); do delay=$((delay * 2)); done
+  ((delay <= OPT_BACKOFF_MAX)) || delay=$OPT_BACKOFF_MAX
+  BACKOFF=$delay
+  log "recovery $failures/$OPT_MAX_RETRIES: $1; back-off ${delay}s"
+}
+
+deploy() {
+  if step install.sh && step start.sh -- ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}; then
+    started=1
+    job_start=$SECONDS
+    log "job running on $OPT_NAME; workdir $OPT_WORKDIR"
+  else
+    failure "install/start on $OPT_NAME failed"
+    pause "$BACKOFF"
+  fi
+}
+
+# Deletes first so the broken slice stops costing quota, then backs off, then asks again.
+recreate() {
+  started=0
+  seen=1
+  if ! step delete.sh; then
+    log "delete failed; trying again on the next poll"
+    return 0
+  fi
+  pause "$BACKOFF"
+  if ! step create.sh --no-wait; then log "create failed; trying again on the next poll"; fi
+}
+
+log "supervising $OPT_NAME ($OPT_ACCELERATOR, $OPT_MODE) for: codi_jax.main --config=$OPT_CONFIG --workdir=$OPT_WORKDIR"
+while true; do
+  tpu_state
+  case $STATE in
+    "$UP")
+      if ((started == 0)); then
+        if ((seen == 0)); then
+          seen=1
+          tpu_job_status adopt
+          if [[ $JOB == running ]]; then
+            log "$OPT_NAME already runs a job: adopting it"
+            started=1
+            job_start=$SECONDS
+            pause "$OPT_POLL_SECONDS"
+            continue
+          fi
+        fi
+        deploy
+      else
+        tpu_job_status
+        case $JOB in
+          running)
+            if ((failures > 0 && SECONDS - job_start >= OPT_HEALTHY_SECONDS)); then
+              log "job healthy for ${OPT_HEALTHY_SECONDS}s: retry count reset"
+              failures=0
+            fi
+            ;;
+          "exit 0")
+            log "job finished"
+            if [[ $OPT_KEEP == 0 ]]; then
+              step delete.sh || die "the job finished but deleting $OPT_NAME failed: delete it by hand"
+            fi
+            exit 0
+            ;;
+          unknown) log "worker 0 did not answer; polling again" ;;
+          *)
+            failure "trainer on worker 0: $JOB"
+            pause "$BACKOFF"
+            started=0
+            ;;
+        esac
+      fi
+      ;;
+    NOT_FOUND)
+      if ((started == 1)); then
+        failure "$OPT_NAME disappeared"
+        pause "$BACKOFF"
+      fi
+      started=0
+      seen=1
+      step create.sh --no-wait || log "create failed; trying again on the next poll"
+      ;;
+    SUSPENDING | SUSPENDED | FAILED | PREEMPTED | TERMINATED | STOPPING | STOPPED)
+      failure "$OPT_NAME is $STATE"
+      recreate
+      ;;
+    UNKNOWN) log "could not read the state of $OPT_NAME; polling again" ;;
+    *) log "$OPT_NAME is $STATE; waiting" ;;
+  esac
+  pause "$OPT_POLL_SECONDS"
+done
