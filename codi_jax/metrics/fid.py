@@ -22,6 +22,7 @@ import scipy.linalg
 
 from codi_jax.metrics import MetricUnavailable
 from codi_jax.metrics import convert_inception
+from codi_jax.metrics.image import as_unit_float
 from codi_jax.models.inception import BN_EPS, FEATURE_DIM, InceptionV3FID
 
 _PREFIX = "net.layers."
@@ -91,22 +92,6 @@ def _features(variables, images):
     return InceptionV3FID().apply(variables, images)
 
 
-def _as_unit_float(images) -> np.ndarray:
-    """uint8 [0, 255] or float [0, 1] NHWC RGB -> float32 [0, 1]; raises on any other layout or range."""
-    images = np.asarray(images)
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"images must be NHWC RGB, got shape {images.shape}")
-    if images.dtype == np.uint8:
-        return images.astype(np.float32) / 255.0
-    if not np.issubdtype(images.dtype, np.floating):
-        raise ValueError(f"images must be uint8 or float, got {images.dtype}")
-    lo, hi = float(images.min()), float(images.max())
-    # Decoders overshoot [0, 1] slightly (clipped in the net, as the reference does); [-1, 1] or [0, 255] is a bug.
-    if lo < -0.05 or hi > 1.05:
-        raise ValueError(f"float images must lie in [0, 1], got values in [{lo:.3g}, {hi:.3g}]")
-    return images.astype(np.float32)
-
-
 def inception_features(params: dict, images, batch_size: int = 50) -> np.ndarray:
     """(N, H, W, 3) uint8 or [0, 1] float -> (N, 2048) float64 pool_3 features.
 
@@ -114,7 +99,7 @@ def inception_features(params: dict, images, batch_size: int = 50) -> np.ndarray
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    images = _as_unit_float(images)
+    images = as_unit_float(images)
     n = images.shape[0]
     out = np.empty((n, FEATURE_DIM), np.float64)
     for start in range(0, n, batch_size):
