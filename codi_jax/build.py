@@ -31,10 +31,18 @@ def resolve(path: str, workdir: str) -> str:
     return path
 
 
-def _preset(cls, name: str):
-    if hasattr(cls, "preset"):
-        return cls.preset(name)
-    return getattr(cls, name)()
+# config.model.preset -> the preset name of each component family.
+_PRESETS = {
+    "sd15": {"vae": "sd", "text": "sd15", "unet": "sd15"},
+    "sd21": {"vae": "sd", "text": "sd21", "unet": "sd21"},
+    "tiny": {"vae": "tiny", "text": "tiny", "unet": "tiny"},
+}
+
+
+def _preset(component: str, name: str) -> str:
+    if name not in _PRESETS:
+        raise ValueError(f"config.model.preset={name!r} is not one of {sorted(_PRESETS)}")
+    return _PRESETS[name][component]
 
 
 def _with_compute(module: nn.Module, dtype, remat: bool) -> nn.Module:
@@ -56,7 +64,6 @@ class Recipe:
         from codi_jax import data as data_lib
         from codi_jax import weights
         from codi_jax.models import clip as clip_lib
-        from codi_jax.models import conditional as cond_lib
         from codi_jax.models import unet as unet_lib
         from codi_jax.models import vae as vae_lib
 
@@ -71,24 +78,27 @@ class Recipe:
         self.frozen_host: dict[str, Any] = {}
         self.frozen_abstract: dict[str, Any] = {}
         self.initial_params = None  # host values of the trainable tree when imported
+        self.teacher_kind = None  # 'unet' (pretrained text-to-image) | 'conditional' (fine-tuned, cm/gd) | None
+        self.freeze_unet = False
 
         # --- autoencoder --------------------------------------------------------------------------------------------
         if vae_from:
             vae, vae_params = weights.load_diffusers(vae_from, "vae")
             logging.info("VAE from %s", vae_from)
         else:
-            vae, vae_params = vae_lib.AutoencoderKL(_preset(vae_lib.VAEConfig, config.model.preset)), None
+            vae, vae_params = vae_lib.AutoencoderKL(vae_lib.VAEConfig.preset(_preset("vae", config.model.preset))), None
         self.vae = _with_compute(vae, self.dtype, False)
         self.vae_scale = float(self.vae.config.scaling_factor)
         self.latent_size = self.image_size // (2 ** (len(self.vae.config.block_out_channels) - 1))
         self.latent_channels = int(self.vae.config.latent_channels)
         images = jnp.zeros((1, self.image_size, self.image_size, 3), jnp.float32)
-        vae_abstract = jax.eval_shape(self.vae.init, jax.random.key(0), images, method="encode")["params"]
+        vae_init = lambda r: self.vae.init(r, images, r)["params"]  # noqa: E731 - encoder and decoder
+        vae_abstract = jax.eval_shape(vae_init, jax.random.key(0))
 
         if self.mode == "vae":
             self.model = self.vae
             self.abstract_params = vae_abstract
-            self.init_fn = lambda rng: self.vae.init(rng, images, method="encode")["params"]
+            self.init_fn = vae_init
             self.initial_params = vae_params
             return
         if vae_params is None:
@@ -99,12 +109,15 @@ class Recipe:
         self.frozen_abstract["vae"] = vae_abstract
 
         # --- text encoder and the null prompt ------------------------------------------------------------------------
-        if text_from and os.path.isdir(os.path.join(text_from, "text_encoder") if os.path.isfile(
-                os.path.join(text_from, "model_index.json")) else text_from):
+        tokenizer = data_lib.load_tokenizer(config.data.tokenizer)
+        if text_from:
             text, text_params = weights.load_diffusers(text_from, "text_encoder")
             logging.info("text encoder from %s", text_from)
         else:
-            text = clip_lib.CLIPTextEncoder(_preset(clip_lib.CLIPTextConfig, config.model.preset))
+            text = clip_lib.CLIPTextEncoder(clip_lib.CLIPTextConfig.preset(
+                _preset("text", config.model.preset), vocab_size=len(tokenizer),
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                max_position_embeddings=max(77, int(config.data.max_length))))
             text_params = None
         self.text_encoder = _with_compute(text, self.dtype, False)
         ids = jnp.zeros((1, int(config.data.max_length)), jnp.int32)
@@ -115,7 +128,6 @@ class Recipe:
             text_params = _to_numpy(nn.meta.unbox(self.text_encoder.init(jax.random.key(config.seed + 17), ids)["params"]))
             logging.info("text encoder: fixed random initialisation (no pretrained one given)")
         self.frozen_host["text_encoder"] = text_params
-        tokenizer = data_lib.load_tokenizer(config.data.tokenizer)
         null = tokenizer([""], padding="max_length", max_length=int(config.data.max_length), truncation=True,
                          return_tensors="np")["input_ids"]
         self.frozen_host["null_ids"] = np.asarray(null, np.int32)
@@ -127,10 +139,10 @@ class Recipe:
             unet, unet_params = weights.load_diffusers(teacher, "unet")
             logging.info("teacher UNet from %s", teacher)
         else:
-            unet, unet_params = unet_lib.UNet(_preset(unet_lib.UNetConfig, config.model.preset)), None
+            unet_cfg = getattr(unet_lib.UNetConfig, _preset("unet", config.model.preset))(
+                cross_attention_dim=int(self.text_encoder.config.hidden_size))
+            unet, unet_params = unet_lib.UNet2DConditionModel(unet_cfg), None
         self.unet = _with_compute(unet, self.dtype, config.remat)
-        self.text_dim = int(self.frozen_abstract["text_encoder"]["text_model"]["final_layer_norm"]["scale"].shape[-1]) \
-            if "text_model" in self.frozen_abstract["text_encoder"] else None
         z = jnp.zeros((1, self.latent_size, self.latent_size, self.latent_channels), jnp.float32)
         t = jnp.zeros((1,), jnp.int32)
         ctx = jnp.zeros((1, int(config.data.max_length), self.unet.config.cross_attention_dim), jnp.float32)
@@ -145,6 +157,8 @@ class Recipe:
             return
 
         # Conditional modes: the adapted UNet (paper 4.1 / 4.4).
+        from codi_jax.models import conditional as cond_lib
+
         cond_channels = data_lib.cond_channels(config.data)
         cond_cfg = cond_lib.ConditionalConfig.from_unet(
             self.unet.config,
@@ -188,8 +202,7 @@ class Recipe:
         objective_name = {"pe_codi": "codi"}.get(self.mode, self.mode)
         self.objective = objectives.OBJECTIVES[objective_name]
         # Frozen teachers: the pretrained text-to-image UNet (CoDi's 'teacher' PF-ODE ablation), or the fine-tuned
-        # conditional model itself for CM-II / GD-II (filled from init_from by the loop, see teacher_from_params).
-        self.teacher_kind = None
+        # conditional model itself for CM-II / GD-II (restored from init_from by the loop).
         if self.mode == "codi" or self.mode == "pe_codi":
             if config.objective.pf_ode == "teacher":
                 if unet_params is None:

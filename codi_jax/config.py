@@ -62,7 +62,6 @@ def base(task: str) -> ml_collections.ConfigDict:
     c.model.freeze_unet = False  # True for PE-CoDi: only the conditional encoder trains
     c.model.hint_channels = (16, 32, 96, 256)
     c.model.prediction_type = "epsilon"  # of the teacher; the paper's model is v_prediction
-    c.model.train_text_encoder = False  # pretrain only: train the text encoder jointly (for from-scratch teachers)
 
     c.schedule = ml_collections.ConfigDict(
         {"kind": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000}

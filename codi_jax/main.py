@@ -5,6 +5,7 @@ Flags, multi-host initialisation, then train.train_and_evaluate. The run always 
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 
 from absl import app, flags, logging
@@ -49,9 +50,18 @@ def initialize_distributed() -> None:
     logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
 
 
+class _QuietLibraries(std_logging.Filter):
+    """Orbax and grain log every internal step at INFO; keep their warnings, drop the chatter."""
+
+    def filter(self, record):
+        noisy = any(part in record.pathname for part in ("/orbax/", "/grain/", "/jax/_src/"))
+        return record.levelno >= std_logging.WARNING or not noisy
+
+
 def main(argv):
     del argv
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     initialize_distributed()
     import jax
 

@@ -233,7 +233,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, 
     batch_spec = _batch_spec(config)
     batch_shardings = {k: parallel.batch_sharding(mesh, len(v.shape)) for k, v in batch_spec.items()}
     step_fn = make_train_step(recipe, tx, lr_schedule, config)
-    with nn.logical_axis_rules(rules), jax.sharding.use_mesh(mesh):
+    with nn.logical_axis_rules(rules), jax.set_mesh(mesh):
         jitted = jax.jit(step_fn, in_shardings=(state_shardings, frozen_shardings_for(frozen, frozen_shardings),
                                                 batch_shardings),
                          out_shardings=(state_shardings, replicated), donate_argnums=(0,))
