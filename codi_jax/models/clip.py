@@ -15,16 +15,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from codi_jax.models import layers
+
 Dtype = Any
 
 # Older transformers checkpoints store the position_ids buffers; they are constants, never weights.
 IGNORE_KEYS = (r"(^|\.)position_ids$",)
 
-_ACTIVATIONS = {
-    # transformers' "gelu" is the exact erf form, not the tanh approximation.
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-}
+# transformers' "gelu" is the exact erf form (layers.get_activation's "gelu" too), not the tanh approximation.
+_ACTIVATIONS = ("gelu", "quick_gelu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,25 +107,6 @@ class CLIPConfig:
 # ----------------------------------------------------------------------------------------------------------------------
 # Building blocks (shared by both towers).
 
-def _dense(features: int, axes: tuple[str | None, str | None], dtype: Dtype, name: str, use_bias: bool = True):
-    return nn.Dense(
-        features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)))
-
-
-def _layer_norm(eps: float, dtype: Dtype, name: str):
-    # use_fast_variance=False: E[(x-mean)^2] as torch, not E[x^2]-mean^2, which loses digits on large activations.
-    return nn.LayerNorm(
-        epsilon=eps, dtype=dtype, param_dtype=jnp.float32, use_fast_variance=False, name=name,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)))
-
-
-def _constrain(x):
-    return nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
-
-
 class CLIPAttention(nn.Module):
     hidden_size: int
     num_heads: int
@@ -137,16 +117,16 @@ class CLIPAttention(nn.Module):
         b, n, _ = x.shape
         head_dim = self.hidden_size // self.num_heads
         split = lambda t: t.reshape(b, n, self.num_heads, head_dim)
-        q = split(_dense(self.hidden_size, ("embed", "heads"), self.dtype, "q_proj")(x))
-        k = split(_dense(self.hidden_size, ("embed", "heads"), self.dtype, "k_proj")(x))
-        v = split(_dense(self.hidden_size, ("embed", "heads"), self.dtype, "v_proj")(x))
+        q = split(layers.Dense(self.hidden_size, axes=("embed", "heads"), dtype=self.dtype, name="q_proj")(x))
+        k = split(layers.Dense(self.hidden_size, axes=("embed", "heads"), dtype=self.dtype, name="k_proj")(x))
+        v = split(layers.Dense(self.hidden_size, axes=("embed", "heads"), dtype=self.dtype, name="v_proj")(x))
         # Logits and softmax in float32 even under bf16 compute, as transformers does.
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * head_dim ** -0.5
         if mask is not None:
             logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, n, self.hidden_size)
-        return _dense(self.hidden_size, ("heads", "embed"), self.dtype, "out_proj")(out)
+        return layers.Dense(self.hidden_size, axes=("heads", "embed"), dtype=self.dtype, name="out_proj")(out)
 
 
 class CLIPMLP(nn.Module):
@@ -157,9 +137,9 @@ class CLIPMLP(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = _dense(self.intermediate_size, ("embed", "mlp"), self.dtype, "fc1")(x)
-        x = _ACTIVATIONS[self.hidden_act](x)
-        return _dense(self.hidden_size, ("mlp", "embed"), self.dtype, "fc2")(x)
+        x = layers.Dense(self.intermediate_size, axes=("embed", "mlp"), dtype=self.dtype, name="fc1")(x)
+        x = layers.get_activation(self.hidden_act)(x)
+        return layers.Dense(self.hidden_size, axes=("mlp", "embed"), dtype=self.dtype, name="fc2")(x)
 
 
 class CLIPEncoderLayer(nn.Module):
@@ -168,11 +148,11 @@ class CLIPEncoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x, mask=None):
         c = self.config
-        h = _layer_norm(c.layer_norm_eps, c.dtype, "layer_norm1")(x)
+        h = layers.LayerNorm(c.layer_norm_eps, dtype=c.dtype, name="layer_norm1")(x)
         x = x + CLIPAttention(c.hidden_size, c.num_attention_heads, c.dtype, name="self_attn")(h, mask)
-        h = _layer_norm(c.layer_norm_eps, c.dtype, "layer_norm2")(x)
+        h = layers.LayerNorm(c.layer_norm_eps, dtype=c.dtype, name="layer_norm2")(x)
         x = x + CLIPMLP(c.hidden_size, c.intermediate_size, c.hidden_act, c.dtype, name="mlp")(h)
-        return _constrain(x)
+        return layers.constrain_seq(x)
 
 
 class CLIPEncoder(nn.Module):
@@ -198,11 +178,10 @@ class CLIPTextEmbeddings(nn.Module):
         n = input_ids.shape[-1]
         if n > c.max_position_embeddings:
             raise ValueError(f"sequence length {n} exceeds max_position_embeddings {c.max_position_embeddings}")
-        embed = lambda num, axes, name: nn.Embed(
-            num, c.hidden_size, dtype=c.dtype, param_dtype=jnp.float32, name=name,
-            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), axes))
-        tokens = embed(c.vocab_size, ("vocab", "embed"), "token_embedding")(input_ids)
-        positions = embed(c.max_position_embeddings, ("position", "embed"), "position_embedding")(jnp.arange(n))
+        tokens = layers.Embed(c.vocab_size, c.hidden_size, axes=("vocab", "embed"), dtype=c.dtype,
+                              name="token_embedding")(input_ids)
+        positions = layers.Embed(c.max_position_embeddings, c.hidden_size, axes=("position", "embed"), dtype=c.dtype,
+                                 name="position_embedding")(jnp.arange(n))
         return tokens + positions[None]
 
 
@@ -215,13 +194,13 @@ class CLIPTextTransformer(nn.Module):
     def __call__(self, input_ids, attention_mask=None):
         c = self.config
         input_ids = jnp.asarray(input_ids)
-        x = _constrain(CLIPTextEmbeddings(c, name="embeddings")(input_ids))
+        x = layers.constrain_seq(CLIPTextEmbeddings(c, name="embeddings")(input_ids))
         n = input_ids.shape[-1]
         mask = jnp.tril(jnp.ones((n, n), bool))[None, None]  # causal: (1, 1, query, key)
         if attention_mask is not None:  # padding mask (batch, key), 1 = attend
             mask = mask & (jnp.asarray(attention_mask) > 0)[:, None, None, :]
         x = CLIPEncoder(c, name="encoder")(x, mask)
-        x = _layer_norm(c.layer_norm_eps, c.dtype, "final_layer_norm")(x)
+        x = layers.LayerNorm(c.layer_norm_eps, dtype=c.dtype, name="final_layer_norm")(x)
         if c.eos_token_id == 2:
             # Legacy configs (SD 1.x/2.x) carry eos_token_id=2; transformers then pools at the highest token id,
             # which is the eos token of CLIP's vocabulary.
@@ -259,11 +238,8 @@ class CLIPVisionEmbeddings(nn.Module):
         if (h, w) != (c.image_size, c.image_size):
             raise ValueError(f"CLIP vision input is {h}x{w}; the model expects {c.image_size}x{c.image_size} "
                              "(preprocess with codi_jax.metrics.clip_score.preprocess_images)")
-        patches = nn.Conv(
-            c.hidden_size, (c.patch_size, c.patch_size), strides=(c.patch_size, c.patch_size), padding="VALID",
-            use_bias=False, dtype=c.dtype, param_dtype=jnp.float32, name="patch_embedding",
-            kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
-                                                     (None, None, "conv_in", "conv_out")))(pixel_values)
+        patches = layers.Conv(c.hidden_size, c.patch_size, stride=c.patch_size, padding=0, use_bias=False,
+                              dtype=c.dtype, name="patch_embedding")(pixel_values)
         # NHWC row-major flatten == torch's flatten(2).transpose(1, 2) of NCHW: same patch order.
         patches = patches.reshape(b, -1, c.hidden_size)
         cls = self.param("class_embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
@@ -271,10 +247,8 @@ class CLIPVisionEmbeddings(nn.Module):
         cls = jnp.broadcast_to(cls.astype(patches.dtype), (b, 1, c.hidden_size))
         x = jnp.concatenate([cls, patches], axis=1)
         num_positions = (c.image_size // c.patch_size) ** 2 + 1
-        pos = nn.Embed(num_positions, c.hidden_size, dtype=c.dtype, param_dtype=jnp.float32,
-                       name="position_embedding",
-                       embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
-                                                                   ("position", "embed")))(jnp.arange(num_positions))
+        pos = layers.Embed(num_positions, c.hidden_size, axes=("position", "embed"), dtype=c.dtype,
+                           name="position_embedding")(jnp.arange(num_positions))
         return x + pos[None]
 
 
@@ -287,9 +261,9 @@ class CLIPVisionTransformer(nn.Module):
     def __call__(self, pixel_values):
         c = self.config
         x = CLIPVisionEmbeddings(c, name="embeddings")(pixel_values)
-        x = _constrain(_layer_norm(c.layer_norm_eps, c.dtype, "pre_layrnorm")(x))  # sic: transformers' spelling
+        x = layers.constrain_seq(layers.LayerNorm(c.layer_norm_eps, dtype=c.dtype, name="pre_layrnorm")(x))  # sic: transformers' spelling
         x = CLIPEncoder(c, name="encoder")(x)
-        pooled = _layer_norm(c.layer_norm_eps, c.dtype, "post_layernorm")(x[:, 0])
+        pooled = layers.LayerNorm(c.layer_norm_eps, dtype=c.dtype, name="post_layernorm")(x[:, 0])
         return x, pooled
 
 
@@ -309,10 +283,10 @@ class CLIPModel(nn.Module):
         c = self.config
         self.text_model = CLIPTextTransformer(c.text_config)
         self.vision_model = CLIPVisionTransformer(c.vision_config)
-        self.visual_projection = _dense(c.projection_dim, ("embed", None), c.vision_config.dtype,
-                                        "visual_projection", use_bias=False)
-        self.text_projection = _dense(c.projection_dim, ("embed", None), c.text_config.dtype,
-                                      "text_projection", use_bias=False)
+        self.visual_projection = layers.Dense(c.projection_dim, axes=("embed", None), use_bias=False,
+                                              dtype=c.vision_config.dtype)
+        self.text_projection = layers.Dense(c.projection_dim, axes=("embed", None), use_bias=False,
+                                            dtype=c.text_config.dtype)
         self.logit_scale = self.param(
             "logit_scale", nn.with_logical_partitioning(nn.initializers.constant(c.logit_scale_init_value), ()),
             (), jnp.float32)
@@ -371,6 +345,11 @@ def from_diffusers_config(d: Mapping[str, Any], **overrides) -> CLIPTextEncoder:
     if d.get("model_type", "clip_text_model") != "clip_text_model":
         raise ValueError(f"text_encoder model_type {d['model_type']!r} is not clip_text_model")
     return CLIPTextEncoder(text_config_from_dict(d, **overrides))
+
+
+def init_inputs(module: CLIPTextEncoder) -> tuple:
+    """Dummy inputs for module.init / eval_shape (param shapes do not depend on the sequence length)."""
+    return (jnp.zeros((1, 2), jnp.int32),)
 
 
 def _text_dict(c: CLIPTextConfig) -> dict:

@@ -301,6 +301,12 @@ def to_diffusers_config(module: AutoencoderKL) -> dict:
     return d
 
 
+def init_inputs(module: AutoencoderKL) -> tuple:
+    """Smallest image batch for module.init / eval_shape (the posterior sample falls back to the 'params' rng)."""
+    f = module.config.downsample_factor
+    return (jnp.zeros((1, f, f, module.config.in_channels), jnp.float32),)
+
+
 # Pre-0.14 diffusers (and some hub VAEs) name the mid-block attention query/key/value/proj_attn.
 _DEPRECATED_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 _DEPRECATED_RE = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
