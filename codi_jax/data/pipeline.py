@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import grain.python as grain
+from absl import flags
 import ml_collections
 import numpy as np
 
@@ -162,6 +163,9 @@ def make_train_loader(cfg, *, global_batch_size: int, seed: int, process_index: 
   if global_batch_size % shard.shard_count:
     raise ValueError(f"global_batch_size {global_batch_size} is not divisible by {shard.shard_count} processes")
   local_batch = global_batch_size // shard.shard_count
+  if cfg.num_workers > 0 and not flags.FLAGS.is_parsed():
+    # grain's worker processes read absl flags; outside app.run (tests, notebooks) they are still unparsed.
+    flags.FLAGS.mark_as_parsed()
   source = make_source(cfg, "train")
   if len(source) < shard.shard_count:
     raise ValueError(f"dataset has {len(source)} records, fewer than the {shard.shard_count} processes")

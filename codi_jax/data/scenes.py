@@ -195,7 +195,7 @@ def _intersect(scene: Scene, o, d, with_ground: bool = True):
   if with_ground:
     dy = d[:, 1]
     tg = np.where(dy < -1e-9, -o[:, 1] / np.where(dy < -1e-9, dy, -1.0), np.inf)
-    tg = np.where((tg > _EPS) & (tg < FAR * 4), tg, np.inf)
+    tg = np.where((tg > _EPS) & (tg < FAR), tg, np.inf)  # beyond FAR the ground is sky, so depth <= FAR
     hit = tg < best_t
     best_t, best_id = np.where(hit, tg, best_t), np.where(hit, -1, best_id)
     best_n[hit] = (0.0, 1.0, 0.0)
