@@ -40,7 +40,7 @@ JAX_EXTRA|str|cuda12|GPU only: jax extra to install (cuda12, cuda13)
 PIP_EXTRA|str||extra pip requirements, space separated
 CONFIG|str||config file, optionally with :variant (configs/depth.py or configs/depth.py:tiny)
 WORKDIR|str||training workdir; gs://... for TPU (must outlive the VMs)
-TRAIN_ENV|str||extra environment for the trainer, space separated KEY=VALUE
+TRAIN_ENV|str||extra environment for the trainer: KEY=VALUE entries separated by ';' (values may hold spaces)
 LOG_DIR|str|codi_jax_run|directory for train.log/status/pid on each worker, relative to home
 WORKER|str|0|worker whose log is streamed
 FOLLOW|bool|1|keep following the log (tail -F)
@@ -511,9 +511,11 @@ tpu_start() {
   if [[ -n $CONFIG_UPLOAD ]]; then
     tpu_scp "$CONFIG_UPLOAD" "$OPT_REMOTE_DIR/${REMOTE_CONFIG%%:*}"
   fi
-  local start
+  # CODI_TPU_HOSTS tells codi_jax.main the slice size: gcloud-made TPU VMs keep the worker list
+  # in the metadata server, not in the environment.
+  local start train_env="CODI_TPU_HOSTS=$TPU_HOSTS${OPT_TRAIN_ENV:+;$OPT_TRAIN_ENV}"
   start=$(quote_args bash launch/worker_train.sh start "--venv=$OPT_VENV" "--log-dir=$OPT_LOG_DIR" \
-    "--config=$REMOTE_CONFIG" "--workdir=$OPT_WORKDIR" ${OPT_TRAIN_ENV:+"--train-env=$OPT_TRAIN_ENV"} \
+    "--config=$REMOTE_CONFIG" "--workdir=$OPT_WORKDIR" "--train-env=$train_env" \
     -- ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"})
   tpu_ssh all "cd $(quote "$OPT_REMOTE_DIR") && $start"
 }
@@ -559,9 +561,12 @@ find_python() {
 
 # The trainer command line; PY must point at the environment's python.
 main_command() {
-  local kv
+  local kv entries
   MAIN_CMD=(env PYTHONUNBUFFERED=1)
-  for kv in $OPT_TRAIN_ENV; do
+  IFS=';' read -r -a entries <<<"$OPT_TRAIN_ENV"
+  for kv in ${entries[@]+"${entries[@]}"}; do
+    kv=${kv#"${kv%%[![:space:]]*}"}
+    [[ -z $kv ]] && continue
     [[ $kv =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "--train-env entry '$kv' is not KEY=VALUE"
     MAIN_CMD+=("$kv")
   done

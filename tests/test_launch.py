@@ -233,12 +233,13 @@ def test_start_runs_main_on_all_workers(home, repo):
     start = words[3:]
     assert start[:3] == ["bash", "launch/worker_train.sh", "start"]
     assert flag(start, "config") == "configs/depth.py" and flag(start, "workdir") == "gs://bucket/depth"
+    assert flag(start, "train-env") == "CODI_TPU_HOSTS=4"  # v4-32: 4 hosts
     assert start[start.index("--") + 1:] == ["--config.seed=3", "--config.note=two words"]
     # What that remote command runs: the worker script in dry-run, foreground, on this machine.
     worker = launch("worker_train.sh", "foreground", *start[3:start.index("--")], "--dry-run", "--",
                     *start[start.index("--") + 1:], home=home)
     (main,) = commands(worker)
-    assert main == ["env", "PYTHONUNBUFFERED=1", f"{home}/codi_jax_venv/bin/python", "-m", "codi_jax.main",
+    assert main == ["env", "PYTHONUNBUFFERED=1", "CODI_TPU_HOSTS=4", f"{home}/codi_jax_venv/bin/python", "-m", "codi_jax.main",
                     "--config=configs/depth.py", "--workdir=gs://bucket/depth", "--config.seed=3",
                     "--config.note=two words"]
 
@@ -247,13 +248,16 @@ def test_start_copies_an_outside_config(home, repo, tmp_path):
     cfg = tmp_path / "elsewhere" / "my_depth.py"
     cfg.parent.mkdir()
     cfg.write_text("def get_config(arg=None):\n  return None\n")
-    proc = launch("start.sh", *run_args(repo), f"--config={cfg}:tiny", "--train-env=LIBTPU_INIT_ARGS=--xla_x=1",
+    proc = launch("start.sh", *run_args(repo), f"--config={cfg}:tiny", "--train-env=LIBTPU_INIT_ARGS=--xla_x=1 --xla_y=2; A=b",
                   home=home)
     scp, ssh = commands(proc)
     assert scp[5] == str(cfg) and scp[6] == "codi-v4:codi_jax/_launch_config_my_depth.py" and "--worker=all" in scp
     start = remote(ssh)
     assert flag(start, "config") == "_launch_config_my_depth.py:tiny"
-    assert flag(start, "train-env") == "LIBTPU_INIT_ARGS=--xla_x=1"
+    assert flag(start, "train-env") == "CODI_TPU_HOSTS=4;LIBTPU_INIT_ARGS=--xla_x=1 --xla_y=2; A=b"
+    args = start[start.index("start") + 1:start.index("--")]
+    (main,) = commands(launch("worker_train.sh", "foreground", *args, "--dry-run", home=home))
+    assert main[:5] == ["env", "PYTHONUNBUFFERED=1", "CODI_TPU_HOSTS=4", "LIBTPU_INIT_ARGS=--xla_x=1 --xla_y=2", "A=b"]
 
 
 def test_logs_stream_from_worker_0(home):
