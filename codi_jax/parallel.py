@@ -115,13 +115,30 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rules) -> Any:
     """
     specs = nn.get_partition_spec(abstract_tree)
     unboxed = nn.meta.unbox(abstract_tree)
-    mesh_specs = nn.logical_to_mesh(specs, rules)
 
     def to_sharding(spec, leaf):
-        spec = spec if isinstance(spec, P) else P()
+        spec = logical_to_mesh_spec(spec if isinstance(spec, P) else P(), rules)
         return NamedSharding(mesh, fit_spec(spec, leaf.shape, mesh))
 
-    return jax.tree.map(to_sharding, mesh_specs, unboxed, is_leaf=lambda x: isinstance(x, P) or x is None)
+    return jax.tree.map(to_sharding, specs, unboxed, is_leaf=lambda x: isinstance(x, P) or x is None)
+
+
+def logical_to_mesh_spec(logical: P, rules) -> P:
+    """Maps logical names to mesh axes by the first matching rule. A mesh axis is used once per array: a square
+    ('embed', 'embed') kernel shards its first dimension and replicates the second."""
+    table = dict(rules)
+    used: set[str] = set()
+    out = []
+    for name in logical:
+        axes = table.get(name) if isinstance(name, str) else None
+        if axes is not None:
+            axes_t = (axes,) if isinstance(axes, str) else tuple(axes)
+            if used.intersection(axes_t):
+                axes = None
+            else:
+                used.update(axes_t)
+        out.append(axes)
+    return P(*out)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
