@@ -89,7 +89,7 @@ def test_features_are_image_dependent(params):
 
 
 def test_bad_images_raise(params):
-    with pytest.raises(ValueError, match="NHWC RGB"):
+    with pytest.raises(ValueError, match="NHWC"):
         fid.inception_features(params, np.zeros((2, 32, 32), np.uint8))
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         fid.inception_features(params, np.full((2, 32, 32, 3), -1.0, np.float32))
@@ -151,6 +151,7 @@ def test_fid_matches_independent_formula_and_fid_helper():
 
     assert fid.fid_from_features(f1, f1) == pytest.approx(0.0, abs=1e-6)
     assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(ours, rel=1e-12)
+    np.testing.assert_array_equal(fid.feature_statistics(f1)[1], s1)
 
 
 def test_fid_rank_deficient_covariances_are_finite():

@@ -139,10 +139,16 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
 
 
+def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
+    """(mean (D,), unbiased covariance (D, D)) of (N, D) features: what reference FID statistics store."""
+    features, _ = _check_features(features, features)
+    return features.mean(0), np.cov(features, rowvar=False)
+
+
 def fid_from_features(f1, f2) -> float:
     """FID between two (N, D) feature sets (mean and unbiased covariance of each, as pytorch-fid)."""
     f1, f2 = _check_features(f1, f2)
-    return frechet_distance(f1.mean(0), np.cov(f1, rowvar=False), f2.mean(0), np.cov(f2, rowvar=False))
+    return frechet_distance(*feature_statistics(f1), *feature_statistics(f2))
 
 
 class KID(NamedTuple):
