@@ -384,23 +384,34 @@ elif args[3] == "scp":
 '''
 
 
-def test_supervisor_real_mode_against_fake_gcloud(home, repo, tmp_path):
-    # Not dry-run: the supervisor's own polling, parsing and child steps run for real; only
-    # gcloud is replaced. An uncommitted edit must reach the workers.
-    (repo / "configs" / "depth.py").write_text("def get_config(arg=None):\n  return 'edited'\n")
+def _fake_gcloud(tmp_path, describes, statuses):
     fake = tmp_path / "fake"
     (fake / "bin").mkdir(parents=True)
     gcloud = fake / "bin" / "gcloud"
     gcloud.write_text(FAKE_GCLOUD.replace("PYTHON", sys.executable))
     gcloud.chmod(gcloud.stat().st_mode | stat.S_IEXEC)
-    (fake / "describe.txt").write_text(
-        "NOT_FOUND\nACTIVE\nFAIL\nSUSPENDED\nNOT_FOUND\nACTIVE\nACTIVE\nACTIVE\nNOT_FOUND\n")
-    (fake / "status.txt").write_text("running\nexit 0\n")
+    (fake / "describe.txt").write_text("\n".join(describes) + "\n")
+    (fake / "status.txt").write_text("\n".join(statuses) + "\n")
+    return fake
+
+
+def _supervise_for_real(fake, repo, home):
     args = [a for a in run_args(repo) if a != "--dry-run"]
     proc = launch("supervise.sh", *args, "--poll-seconds=0", "--backoff-seconds=0", "--", "--config.seed=5",
                   home=home, path_prepend=fake / "bin", extra_env={"FAKE_GCLOUD_DIR": str(fake)}, timeout=120)
     calls = [json.loads(line) for line in (fake / "calls.jsonl").read_text().splitlines()]
     verbs = [c[3] if c[3] != "ssh" else ("ssh:" + c[-1].split("worker_")[1].split()[0].split(".")[0]) for c in calls]
+    assert proc.stdout == ""  # nothing is printed as dry-run
+    return proc, calls, verbs
+
+
+def test_supervisor_real_mode_against_fake_gcloud(home, repo, tmp_path):
+    # Not dry-run: the supervisor's own polling, parsing and child steps run for real; only
+    # gcloud is replaced. An uncommitted edit must reach the workers.
+    (repo / "configs" / "depth.py").write_text("def get_config(arg=None):\n  return 'edited'\n")
+    fake = _fake_gcloud(tmp_path, ["NOT_FOUND", "ACTIVE", "FAIL", "SUSPENDED", "NOT_FOUND", "ACTIVE", "ACTIVE",
+                                   "ACTIVE", "NOT_FOUND"], ["running", "exit 0"])
+    proc, calls, verbs = _supervise_for_real(fake, repo, home)
     assert verbs == ["describe", "create", "describe", "scp", "ssh:install", "ssh:train", "describe", "describe",
                      "delete", "describe", "create", "describe", "scp", "ssh:install", "ssh:train",
                      "describe", "ssh:train", "describe", "ssh:train", "delete", "describe"], proc.stderr
@@ -409,7 +420,15 @@ def test_supervisor_real_mode_against_fake_gcloud(home, repo, tmp_path):
     assert starts[0] == starts[1] and "--config.seed=5" in starts[0][-1]
     with tarfile.open(fake / "uploaded-codi_jax-codi-v4.tar.gz") as tar:
         assert tar.extractfile("configs/depth.py").read().decode().endswith("'edited'\n")
-    assert proc.stdout == ""  # nothing is printed as dry-run
+
+
+def test_supervisor_adopts_a_running_job_and_restarts_a_crashed_one(home, repo, tmp_path):
+    fake = _fake_gcloud(tmp_path, ["ACTIVE"] * 4 + ["NOT_FOUND"], ["running", "exit 1", "exit 0"])
+    proc, calls, verbs = _supervise_for_real(fake, repo, home)
+    # Adopted (no install), then the crash is restarted on the same TPU: no delete/create until the end.
+    assert verbs == ["describe", "ssh:train", "describe", "ssh:train", "describe", "scp", "ssh:install",
+                     "ssh:train", "describe", "ssh:train", "delete", "describe"], proc.stderr
+    assert "adopting" in proc.stderr and "recovery 1/10: trainer on worker 0: exit 1" in proc.stderr
 
 
 # --- GPU and SLURM ---------------------------------------------------------------------------
@@ -553,3 +572,25 @@ def test_shellcheck_clean():
     assert len(files) >= 12
     proc = subprocess.run([str(shellcheck), "-x", "--shell=bash", *files], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _readme_commands():
+    """The `bash launch/...` commands of launch/README.md's code blocks, continuation lines joined."""
+    text = (LAUNCH / "README.md").read_text().replace("\\\n", " ")
+    lines = [line.strip() for line in text.splitlines() if line.startswith("    ")]
+    return [line.split("#")[0].strip() for line in lines if line.startswith("bash launch/")]
+
+
+def test_readme_commands_run_in_dry_run(home, tmp_path):
+    cmds = _readme_commands()
+    scripts = {shlex.split(c)[1] for c in cmds}
+    assert {"launch/create.sh", "launch/install.sh", "launch/start.sh", "launch/logs.sh", "launch/delete.sh",
+            "launch/supervise.sh", "launch/gpu_local.sh"} <= scripts
+    my_env = tmp_path / "my.env"
+    my_env.write_text((LAUNCH / "example.env").read_text())
+    for cmd in cmds:
+        argv = shlex.split(cmd.replace("--env-file=my.env", f"--env-file={my_env}"))
+        rest = argv.index("--") if "--" in argv else len(argv)
+        argv[rest:rest] = ["--dry-run"] + ([f"--python={sys.executable}"] if "gpu_local" in argv[1] else [])
+        proc = launch(argv[1].removeprefix("launch/"), *argv[2:], home=home)
+        assert commands(proc), cmd
