@@ -160,11 +160,16 @@ class Recipe:
         from codi_jax.models import conditional as cond_lib
 
         cond_channels = data_lib.cond_channels(config.data)
-        cond_cfg = cond_lib.ConditionalConfig.from_unet(
-            self.unet.config,
-            mode=config.model.cond_mode,
-            conditioning_channels=cond_channels,
-            hint_channels=tuple(config.model.hint_channels),
+        hint = tuple(config.model.hint_channels)
+        if 2 ** (len(hint) - 1) * self.latent_size != self.image_size:
+            raise ValueError(
+                f"config.model.hint_channels={hint} downsamples the condition {2 ** (len(hint) - 1)}x, but the images "
+                f"({self.image_size}) are {self.image_size // self.latent_size}x the latents: use "
+                f"{int(np.log2(self.image_size // self.latent_size)) + 1} entries"
+            )
+        cond_cfg = cond_lib.ConditionalConfig.create(
+            self.unet.config, config.model.cond_mode, conditioning_channels=cond_channels,
+            conditioning_embedding_out_channels=hint,
         )
         self.model = cond_lib.ConditionalUNet(cond_cfg)
         cond = jnp.zeros((1, self.image_size, self.image_size, cond_channels), jnp.float32)
@@ -175,8 +180,8 @@ class Recipe:
                 "or config.init_from (a codi_jax run)"
             )
         if unet_params is not None:
-            full_init = cond_lib.init_from_unet(jax.random.key(config.seed + 1), cond_cfg, unet_params)
-            full_init = _to_numpy(nn.meta.unbox(full_init))
+            _, full_init = cond_lib.init_from_unet(jax.random.key(config.seed + 1), cond_cfg, unet_params)
+            full_init = _to_numpy(full_init)
         else:
             full_init = None
         self.freeze_unet = bool(config.model.freeze_unet)

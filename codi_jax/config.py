@@ -111,7 +111,7 @@ def base(task: str) -> ml_collections.ConfigDict:
 def tiny(c: ml_collections.ConfigDict) -> None:
     """Embedded default: the whole pipeline on a 2-core CPU with nothing downloaded (~30 minutes)."""
     c.model.preset = "tiny"
-    c.model.hint_channels = (16, 32)
+    c.model.hint_channels = (16, 32, 32)  # 3 entries: the condition is 4x the latent size (tiny VAE)
     c.model.prediction_type = "epsilon"
     c.dtype = "float32"
     c.remat = False

@@ -118,6 +118,22 @@ def save_conditional(path: str, module, params: dict) -> None:
     save_file(flatten(params), os.path.join(path, "model.safetensors"))
 
 
+def conditional_config_from_json(d: dict):
+    from codi_jax.models.conditional import ConditionalConfig
+    from codi_jax.models.controlnet import ControlNetConfig
+    from codi_jax.models.unet import UNetConfig
+
+    def fields(cls, values):
+        names = {f.name for f in dataclasses.fields(cls)}
+        out = {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items() if k in names}
+        if "dtype" in out:
+            out["dtype"] = jnp.dtype(out["dtype"]).type
+        return out
+
+    return ConditionalConfig(unet=UNetConfig(**fields(UNetConfig, d["unet"])),
+                             control=ControlNetConfig(**fields(ControlNetConfig, d["control"])), mode=d["mode"])
+
+
 def load_conditional(path: str):
     """(module, params) of an exported conditional model (folder conditional/ or the export folder holding it)."""
     from codi_jax.models import conditional as cond_lib
@@ -128,5 +144,5 @@ def load_conditional(path: str):
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"{path!r} holds no exported conditional model (config.json is missing)")
     with open(config_file) as f:
-        cfg = cond_lib.ConditionalConfig.from_json(json.load(f))
+        cfg = conditional_config_from_json(json.load(f))
     return cond_lib.ConditionalUNet(cfg), unflatten(load_file(os.path.join(path, "model.safetensors")))

@@ -7,6 +7,7 @@ the loop (logging, sample grids, checkpoints, preemption) -> export of the EMA w
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -159,13 +160,32 @@ def _check_finite(metrics: dict, step: int, checkpointer: checkpoint.Checkpointe
         )
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, dict, build.Recipe]:
-    """Trains config.mode in workdir until config.total_steps; resumes from workdir by itself."""
-    from codi_jax import data as data_lib
-    from codi_jax import export as export_lib
+@dataclasses.dataclass
+class Setup:
+    """Everything the loop needs, built once; tests build it on several meshes and compare."""
 
-    os.makedirs(workdir, exist_ok=True) if "://" not in workdir else None
-    mesh = parallel.make_mesh(config.mesh.to_dict())
+    recipe: build.Recipe
+    mesh: jax.sharding.Mesh
+    state: TrainState
+    frozen: dict
+    step_fn: Any  # the ahead-of-time compiled train step (state, frozen, batch) -> (state, metrics)
+    batch_spec: dict
+    state_shardings: Any
+    abstract_state: Any
+    data_iter: Any
+    checkpointer: checkpoint.Checkpointer
+    start_step: int
+    compile_info: dict
+    traces: list  # one entry per trace of the step function (must stay at 1)
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.sharding.Mesh | None = None) -> Setup:
+    """Mesh, recipe, shardings, start-up (workdir checkpoint > init_from > teacher > scratch) and the compiled step."""
+    from codi_jax import data as data_lib
+
+    if "://" not in workdir:
+        os.makedirs(workdir, exist_ok=True)
+    mesh = mesh or parallel.make_mesh(config.mesh.to_dict())
     rules = parallel.rules_from_config(config.logical_axis_rules)
     logging.info("mode %s, mesh %s on %d devices (%d processes)", config.mode, dict(mesh.shape), jax.device_count(),
                  jax.process_count())
@@ -190,10 +210,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, 
         state_shardings = parallel.logical_shardings(abstract_boxed, mesh, rules)
         frozen_shardings = parallel.logical_shardings(recipe.frozen_abstract, mesh, rules)
     abstract_state = checkpoint.abstract_with_shardings(nn.meta.unbox(abstract_boxed), state_shardings)
-    param_shardings = state_shardings.params
     replicated = parallel.replicated(mesh)
-
     frozen = parallel.put_global(recipe.frozen_host, {k: frozen_shardings[k] for k in recipe.frozen_host})
+    if recipe.teacher_kind == "conditional":  # CM-II / GD-II: the fine-tuned model's EMA, frozen.
+        frozen["teacher"] = checkpoint.restore_params(config.init_from, abstract_state.params)[1]
 
     # Data: each process reads its own slice of the global batch.
     loader = data_lib.make_train_loader(config.data, global_batch_size=config.batch_size, seed=config.seed,
@@ -202,9 +222,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, 
 
     # Start-up order: latest checkpoint in workdir > init_from > teacher import > scratch.
     checkpointer = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
-    if recipe.teacher_kind == "conditional":
-        frozen["teacher"] = checkpoint.restore_params(
-            build.resolve(config.init_from, os.path.dirname(workdir)), abstract_state.params)[1]
     start = checkpointer.latest_step()
     if start is not None:
         state = checkpointer.restore(abstract_state, data_iter)
@@ -215,13 +232,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, 
                                                 opt_state=tx.init(params), ema_params=ema, rng=rng),
             out_shardings=state_shardings,
         )
+        rng = jax.device_put(rng0, replicated)
         if config.init_from:
-            params, ema = checkpoint.restore_params(build.resolve(config.init_from, os.path.dirname(workdir)),
-                                                    abstract_state.params)
-            state = make_state(params, ema, jax.device_put(rng0, replicated))
+            params, ema = checkpoint.restore_params(config.init_from, abstract_state.params)
+            state = make_state(params, ema, rng)
         elif recipe.initial_params is not None:
-            params = parallel.put_global(recipe.initial_params, param_shardings)
-            state = make_state(params, params, jax.device_put(rng0, replicated))
+            params = parallel.put_global(recipe.initial_params, state_shardings.params)
+            state = make_state(params, params, rng)
         else:
             with nn.logical_axis_rules(rules):
                 state = jax.jit(lambda r: nn.meta.unbox(init_boxed_state(r)), out_shardings=state_shardings)(rng0)
@@ -232,15 +249,34 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, 
     # The train step: explicit shardings, donated state, compiled ahead of time (once).
     batch_spec = _batch_spec(config)
     batch_shardings = {k: parallel.batch_sharding(mesh, len(v.shape)) for k, v in batch_spec.items()}
+    traces: list = []
     step_fn = make_train_step(recipe, tx, lr_schedule, config)
+
+    def traced_step(state, frozen, batch):
+        traces.append(1)
+        return step_fn(state, frozen, batch)
+
     with nn.logical_axis_rules(rules), jax.set_mesh(mesh):
-        jitted = jax.jit(step_fn, in_shardings=(state_shardings, frozen_shardings_for(frozen, frozen_shardings),
-                                                batch_shardings),
+        jitted = jax.jit(traced_step, in_shardings=(state_shardings, {k: frozen_shardings[k] for k in frozen},
+                                                    batch_shardings),
                          out_shardings=(state_shardings, replicated), donate_argnums=(0,))
         t0 = time.time()
         compiled = jitted.lower(abstract_state, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), frozen),
-                                {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch_spec.items()}).compile()
-    log_compiled(compiled, time.time() - t0)
+                                batch_spec).compile()
+    info = log_compiled(compiled, time.time() - t0)
+    info["trainable_parameters"] = n_params
+    return Setup(recipe=recipe, mesh=mesh, state=state, frozen=frozen, step_fn=compiled, batch_spec=batch_spec,
+                 state_shardings=state_shardings, abstract_state=abstract_state, data_iter=data_iter,
+                 checkpointer=checkpointer, start_step=start, compile_info=info, traces=traces)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> Setup:
+    """Trains config.mode in workdir until config.total_steps; resumes from workdir by itself."""
+    from codi_jax import export as export_lib
+
+    s = setup(config, workdir)
+    recipe, mesh, state, frozen, compiled = s.recipe, s.mesh, s.state, s.frozen, s.step_fn
+    data_iter, checkpointer, start, batch_spec = s.data_iter, s.checkpointer, s.start_step, s.batch_spec
 
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     if start == 0:
@@ -286,11 +322,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, 
         preemption.restore()
     if step >= config.total_steps:
         export_lib.export(recipe, state, frozen, os.path.join(workdir, "export"))
-    return state, frozen, recipe
-
-
-def frozen_shardings_for(frozen: dict, shardings: dict) -> dict:
-    return {k: shardings[k] for k in frozen}
+    s.state = state
+    return s
 
 
 def log_compiled(compiled, seconds: float) -> dict:
