@@ -30,6 +30,12 @@ def _hide_broken_torchvision() -> None:
     for k in [k for k in sys.modules if k == "torchvision" or k.startswith("torchvision.")]:
       del sys.modules[k]
     sys.modules["torchvision"] = None  # importlib then reports "not installed"
+    iu = sys.modules.get("transformers.utils.import_utils")
+    if iu is not None:  # transformers already imported: forget its cached "torchvision is available"
+      for name in ("is_torchvision_available", "is_torchvision_v2_available"):
+        fn = getattr(iu, name, None)
+        if hasattr(fn, "cache_clear"):
+          fn.cache_clear()
 
 
 def _is_metric(model_dir: str) -> bool:
@@ -70,9 +76,12 @@ def prepare_depth(images: str, model: str | None, out: str | None = None, output
   metric = _is_metric(model) if output_kind == "auto" else output_kind == "depth"
 
   _hide_broken_torchvision()
-  from transformers import pipeline
+  from transformers import AutoImageProcessor, pipeline
 
-  pipe = pipeline("depth-estimation", model=model, device=device, model_kwargs={"use_safetensors": True})
+  # The PIL preprocessing backend needs no torchvision and matches the reference preprocessing.
+  processor = AutoImageProcessor.from_pretrained(model, backend="pil", local_files_only=True)
+  pipe = pipeline("depth-estimation", model=model, image_processor=processor, device=device,
+                  model_kwargs={"use_safetensors": True})
   written = skipped = 0
   for rel in files:
     try:

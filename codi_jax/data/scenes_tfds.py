@@ -13,6 +13,7 @@ import argparse
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 from codi_jax.data import scenes
 
@@ -38,6 +39,12 @@ class CodiScenes(tfds.core.GeneratorBasedBuilder):
       CodiScenesConfig(name="128px", image_size=128, num_train=20_000, num_test=1_000),
       CodiScenesConfig(name="256px", image_size=256, num_train=10_000, num_test=500),
   ]
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls):
+    # tfds would resolve this through importlib_resources, which it does not install; the file path is all it needs.
+    return epath.Path(__file__)
 
   def _info(self) -> tfds.core.DatasetInfo:
     s = self.builder_config.image_size

@@ -113,64 +113,74 @@ class FolderSource:
                test_fraction: float = 0.05, validate: bool = False):
     if not os.path.isdir(root):
       raise ValueError(f"data_dir: {root!r} is not a folder")
-    base = root
+    # Paths are kept relative to root, so depth maps live at root/depth/<same relative path> in both layouts.
     if os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "test")):
-      base, files = os.path.join(root, split), _list_images(os.path.join(root, split), (DEPTH_DIR,))
+      files = [os.path.join(split, f) for f in _list_images(os.path.join(root, split), (DEPTH_DIR,))]
+      meta_dirs = ["", split]
     else:
       files = [f for f in _list_images(root, (DEPTH_DIR,)) if _split_of(f, test_fraction) == split]
+      meta_dirs = [""]
     if not files:
       raise ValueError(f"data_dir: no images ({', '.join(IMAGE_EXTS)}) for split {split!r} under {root!r}")
-    self.base, self.image_size, self.need_depth = base, int(image_size), need_depth
-    self.captions = self._read_metadata(base, caption_key)
+    self.root, self.image_size, self.need_depth = root, int(image_size), need_depth
+    self.captions = self._read_metadata(root, meta_dirs, caption_key)
+    self.skipped = self.missing_depth = 0
     if need_depth:
-      missing = [f for f in files if not os.path.exists(self._depth_path(f))]
-      if missing:
-        raise ValueError(f"task 'depth' needs depth maps: {len(missing)} missing, e.g. "
-                         f"{self._depth_path(missing[0])!r}; run `python -m codi_jax.data.prepare_depth "
-                         f"--images {base} --model /path/to/depth-model` first")
-    self.skipped = 0
+      have = [f for f in files if os.path.exists(self._depth_path(f))]
+      if not have:
+        raise ValueError(f"task 'depth' needs depth maps, and none exist (e.g. {self._depth_path(files[0])!r}); run "
+                         f"`python -m codi_jax.data.prepare_depth --images {root} --model /path/to/depth-model` first")
+      if len(have) < len(files):
+        # Typically the unreadable images prepare_depth skipped; they would be skipped here anyway.
+        self.missing_depth = len(files) - len(have)
+        logging.warning("%d of %d images under %s have no depth map; leaving them out", self.missing_depth,
+                        len(files), root)
+      files = have
     if validate:
       good = []
       for f in files:
         try:
-          load_image(os.path.join(base, f), 8)
+          load_image(os.path.join(root, f), 8)
           good.append(f)
         except Exception as e:  # noqa: BLE001 -- any decoder failure means the file is unusable
           self._count_bad(f, e)
       if not good:
-        raise ValueError(f"data_dir: none of the {len(files)} images under {base!r} can be decoded")
+        raise ValueError(f"data_dir: none of the {len(files)} images under {root!r} can be decoded")
       files = good
     self.files = files
 
   @staticmethod
-  def _read_metadata(base: str, caption_key: str) -> dict[str, str] | None:
-    path = os.path.join(base, "metadata.jsonl")
-    if not os.path.exists(path):
-      return None
-    caps = {}
-    with open(path) as f:
-      for n, line in enumerate(f):
-        if not line.strip():
-          continue
-        row = json.loads(line)
-        if caption_key not in row or "file_name" not in row:
-          raise ValueError(f"{path}:{n + 1}: needs 'file_name' and the caption column {caption_key!r} "
-                           f"(folder_caption_key); found {sorted(row)}")
-        caps[row["file_name"]] = str(row[caption_key])
+  def _read_metadata(root: str, meta_dirs: list[str], caption_key: str) -> dict[str, str] | None:
+    """Captions from metadata.jsonl files (HF imagefolder style: file_name relative to the jsonl's folder)."""
+    caps: dict[str, str] | None = None
+    for sub in meta_dirs:
+      path = os.path.join(root, sub, "metadata.jsonl")
+      if not os.path.exists(path):
+        continue
+      caps = caps or {}
+      with open(path) as f:
+        for n, line in enumerate(f):
+          if not line.strip():
+            continue
+          row = json.loads(line)
+          if caption_key not in row or "file_name" not in row:
+            raise ValueError(f"{path}:{n + 1}: needs 'file_name' and the caption column {caption_key!r} "
+                             f"(folder_caption_key); found {sorted(row)}")
+          caps[os.path.normpath(os.path.join(sub, row["file_name"]))] = str(row[caption_key])
     return caps
 
   def _depth_path(self, rel: str) -> str:
-    return os.path.join(self.base, DEPTH_DIR, os.path.splitext(rel)[0] + ".png")
+    return os.path.join(self.root, DEPTH_DIR, os.path.splitext(rel)[0] + ".png")
 
   def _count_bad(self, rel: str, err: Exception) -> None:
     self.skipped += 1
-    SKIPPED[os.path.join(self.base, rel)] += 1
-    logging.warning("skipping unreadable image %s: %s", os.path.join(self.base, rel), err)
+    SKIPPED[os.path.join(self.root, rel)] += 1
+    logging.warning("skipping unreadable image %s: %s", os.path.join(self.root, rel), err)
 
   def caption(self, rel: str) -> str:
     if self.captions is not None:
       return self.captions.get(rel, "")
-    txt = os.path.join(self.base, os.path.splitext(rel)[0] + ".txt")
+    txt = os.path.join(self.root, os.path.splitext(rel)[0] + ".txt")
     if os.path.exists(txt):
       with open(txt, encoding="utf-8") as f:
         return f.read().strip()
@@ -183,7 +193,7 @@ class FolderSource:
     rel = self.files[index]
     s = self.image_size
     try:
-      ex = {"image": load_image(os.path.join(self.base, rel), s), "caption": self.caption(rel), "bad": False}
+      ex = {"image": load_image(os.path.join(self.root, rel), s), "caption": self.caption(rel), "bad": False}
       if self.need_depth:
         ex["disparity"] = load_disparity(self._depth_path(rel), s)
       return ex
@@ -195,7 +205,7 @@ class FolderSource:
       return ex
 
   def __repr__(self) -> str:
-    return f"FolderSource({self.base!r}, n={len(self.files)})"
+    return f"FolderSource({self.root!r}, n={len(self.files)})"
 
 
 class EditFolderSource:
