@@ -363,7 +363,7 @@ def _sample_camera(rng: np.random.Generator, objs: Sequence[Obj]) -> Camera:
   cz = float(np.mean([o.centre[2] for o in objs]))
   az = rng.uniform(0, 2 * math.pi)
   el = math.radians(rng.uniform(14, 38))
-  dist = rng.uniform(5.5, 8.5)
+  dist = rng.uniform(4.8, 7.5)
   pos = (cx + dist * math.cos(el) * math.cos(az), dist * math.sin(el), cz + dist * math.cos(el) * math.sin(az))
   return Camera(pos, (cx, rng.uniform(0.3, 0.7), cz), float(rng.uniform(38, 50)))
 
