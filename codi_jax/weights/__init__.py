@@ -5,7 +5,8 @@
     save_diffusers("out/unet", "unet", module, params)           # config.json + diffusion_pytorch_model.safetensors
 
 Each component's model file provides `from_diffusers_config(d) -> module` and `to_diffusers_config(module) -> dict`;
-an optional `init_inputs(module)` gives the dummy inputs used to derive the parameter shapes.
+optional hooks: `init_inputs(module)` (dummy inputs for the parameter shapes), `prepare_state_dict(sd)` (rename legacy
+checkpoint keys before conversion), `IGNORE_KEYS` (regexes of checkpoint tensors that are not weights).
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ def _component(component: str) -> Component:
     return REGISTRY[component]
 
 
+def _ignore(comp: Component, mod) -> tuple:
+    return tuple(comp.ignore) + tuple(getattr(mod, "IGNORE_KEYS", ()))
+
+
 def resolve_folder(path: str, component: str) -> str:
     """The component folder: `path` itself (config.json) or `path/component` of a pipeline (model_index.json)."""
     path = os.fspath(path)
@@ -99,8 +104,10 @@ def load_diffusers(path: str, component: str, **module_kw):
     module = mod.from_diffusers_config(config, **module_kw)
     target = param_shapes(module, component, config)
     state = read_safetensors(folder)
+    if hasattr(mod, "prepare_state_dict"):  # e.g. the VAE renames pre-0.14 diffusers attention keys
+        state = mod.prepare_state_dict(state)
     try:
-        params = torch_to_flax(state, target, ignore=comp.ignore)
+        params = torch_to_flax(state, target, ignore=_ignore(comp, mod))
     except WeightsMismatchError as e:
         raise WeightsMismatchError(f"{component} weights in {folder!r}: {e}") from None
     return module, jax.tree.map(jnp.asarray, params)
@@ -119,7 +126,7 @@ def save_diffusers(path: str, component: str, module, params) -> str:
     os.makedirs(folder, exist_ok=True)
     state = flax_to_torch(jax.device_get(params))
     # Cross-check before writing so a bad tree never produces a file the reference library rejects later.
-    torch_to_flax(state, param_shapes(module, component, config), ignore=comp.ignore)
+    torch_to_flax(state, param_shapes(module, component, config), ignore=_ignore(comp, mod))
     write_safetensors(folder, state, comp.weights_file)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
