@@ -53,6 +53,7 @@ BACKOFF_SECONDS|int|60|supervisor: first back-off before re-creating; doubles ea
 BACKOFF_MAX|int|1800|supervisor: back-off cap
 HEALTHY_SECONDS|int|3600|supervisor: a job running this long resets the retry count
 KEEP|bool|0|supervisor: keep the TPU after the job finished
+STOP_TIMEOUT|int|120|seconds a stopped trainer gets to checkpoint before SIGKILL
 SIMULATE_STATES|str||dry-run: comma separated TPU states the polls see, e.g. ACTIVE,SUSPENDED,ACTIVE
 INSTALL|bool|1|GPU: pip install before running
 GPUS_PER_NODE|int|8|SLURM: GPUs per node when SLURM does not say
@@ -520,13 +521,17 @@ tpu_start() {
   tpu_ssh all "cd $(quote "$OPT_REMOTE_DIR") && $start"
 }
 
-# Sets JOB: running, exit N, dead, none (from worker 0), or unknown when ssh failed.
+# Sets JOB from every worker's status (running, exit N, terminated N, dead, none): the first
+# failure if any worker failed, else running if any runs, else none if any has no job, else
+# `exit 0` when all finished; `unknown` when ssh failed or not every host answered. Asking all
+# workers matters: a host that got SIGTERM ends `terminated 0` while the others end `exit 0`.
 # Dry-run: `none` for the adoption check, then `running` while simulated states remain.
+# shellcheck disable=SC2034  # JOB is the result, read by the callers
 tpu_job_status() {
-  local status_cmd out
+  local status_cmd out line n=0 failed="" running=0 none=0
   status_cmd="cd $(quote "$OPT_REMOTE_DIR") && $(quote_args bash launch/worker_train.sh status "--log-dir=$OPT_LOG_DIR")"
   if dry; then
-    tpu_ssh 0 "$status_cmd"
+    tpu_ssh all "$status_cmd"
     if [[ ${1:-} == adopt ]]; then
       JOB=none
     elif sim_states_left; then
@@ -536,12 +541,37 @@ tpu_job_status() {
     fi
     return 0
   fi
-  if out=$(gcloud compute tpus tpu-vm ssh "$OPT_NAME" "${GSCOPE[@]}" --worker=0 "--command=$status_cmd" 2>/dev/null); then
-    JOB=$(printf '%s\n' "$out" | tail -n 1)
-    [[ -n $JOB ]] || JOB=unknown
+  JOB=unknown
+  out=$(gcloud compute tpus tpu-vm ssh "$OPT_NAME" "${GSCOPE[@]}" --worker=all "--command=$status_cmd" 2>/dev/null) ||
+    return 0
+  while IFS= read -r line; do
+    line=$(printf '%s' "$line" | tr -d '\r')
+    [[ $line =~ ^(running|dead|none|exit\ [0-9]+|terminated\ [0-9]+)$ ]] || continue
+    n=$((n + 1))
+    case $line in
+      running) running=1 ;;
+      none) none=1 ;;
+      "exit 0") ;;
+      *) [[ -n $failed ]] || failed=$line ;;
+    esac
+  done <<<"$out"
+  ((n > 0)) || return 0
+  if [[ -n $failed ]]; then
+    JOB=$failed
+  elif ((n < ${TPU_HOSTS:-1})); then
+    return 0
+  elif ((running)); then
+    JOB=running
+  elif ((none)); then
+    JOB=none
   else
-    JOB=unknown
+    JOB="exit 0"
   fi
+}
+
+# Stops the trainer on every worker (SIGTERM, so it can checkpoint; SIGKILL after --stop-timeout).
+tpu_stop() {
+  tpu_ssh all "cd $(quote "$OPT_REMOTE_DIR") && $(quote_args bash launch/worker_train.sh stop "--log-dir=$OPT_LOG_DIR" "--stop-timeout=$OPT_STOP_TIMEOUT")"
 }
 
 # --- Python environment (TPU workers and GPU hosts) ---------------------------------------

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Keeps a training run alive on preemptible/spot TPUs until it finishes.
 # Every --poll-seconds it reads the TPU's state and, once the job runs, the trainer's status on
-# worker 0:
+# every worker:
 #   missing                      -> create it (create.sh)
 #   ACTIVE/READY, no job yet     -> install.sh, then start.sh (a job already running on a TPU
 #                                   found at start-up is adopted, not restarted)
@@ -9,8 +9,11 @@
 #                                   re-installs and restarts the same command with the same
 #                                   gs:// workdir, where codi_jax.main resumes from the latest
 #                                   checkpoint: only the steps since that checkpoint are redone
-#   trainer exited non-zero/died -> back off, re-install, restart on the same TPU
-#   trainer exited 0             -> delete the TPU (unless --keep) and exit 0
+#   trainer failed anywhere      -> stop it on all workers, back off, re-install, restart on the
+#   (exit N, SIGTERM, died)         same TPU
+#   trainer exited 0 everywhere  -> one more poll to make sure the TPU is not going away (a
+#                                   preempted trainer checkpoints and may exit 0 too), then delete
+#                                   the TPU (unless --keep) and exit 0
 # Recoveries are bounded (--max-retries in a row, back-off doubling from --backoff-seconds up to
 # --backoff-max); a job that stays up --healthy-seconds resets the count. The steps run as the
 # same scripts a user runs by hand, as child processes, so a failing step is retried, not fatal.
@@ -119,15 +122,23 @@ while true; do
             fi
             ;;
           "exit 0")
+            pause "$OPT_POLL_SECONDS"
+            tpu_state
+            if [[ $STATE != "$UP" ]]; then
+              log "$OPT_NAME is $STATE right after the job ended: taken as a preemption"
+              continue
+            fi
             log "job finished"
             if [[ $OPT_KEEP == 0 ]]; then
               step delete.sh || die "the job finished but deleting $OPT_NAME failed: delete it by hand"
             fi
             exit 0
             ;;
-          unknown) log "worker 0 did not answer; polling again" ;;
+          unknown) log "not every worker answered; polling again" ;;
           *)
-            failure "trainer on worker 0: $JOB"
+            failure "trainer: $JOB"
+            # All hosts restart together, so trainers still alive elsewhere are stopped first.
+            step stop.sh || log "stop failed; the restart will find out"
             pause "$BACKOFF"
             started=0
             ;;

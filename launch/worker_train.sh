@@ -4,10 +4,12 @@
 #   bash launch/worker_train.sh start --config=C --workdir=W [-- main flags]   detached (setsid/nohup),
 #        survives the ssh session; output appended to LOG_DIR/train.log
 #   bash launch/worker_train.sh foreground --config=C --workdir=W [-- ...]     in this shell
-#   bash launch/worker_train.sh status     prints one line: running | exit N | dead | none
-#   bash launch/worker_train.sh stop       SIGTERM to the trainer's process group
+#   bash launch/worker_train.sh status     prints one line: running | exit N | terminated N | dead | none
+#   bash launch/worker_train.sh stop       SIGTERM to the trainer's process group, SIGKILL after
+#        --stop-timeout seconds
 # LOG_DIR and VENV are relative to $HOME unless absolute. LOG_DIR/status holds the state, so
-# the supervisor can tell a finished run (exit 0) from a crashed one.
+# the supervisor can tell a finished run (exit 0) from a crashed one, and from one that ended
+# after a SIGTERM (terminated N: preemption or stop; the trainer may exit 0 after its checkpoint).
 set -euo pipefail
 # shellcheck source=launch/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -41,13 +43,27 @@ case $action in
     job_status
     ;;
   stop)
-    if alive; then
-      # setsid made the trainer a process-group leader: the group id is its pid.
-      kill -TERM -- "-$(cat "$pid_file")"
-      log "sent SIGTERM to process group $(cat "$pid_file")"
-    else
+    if ! alive; then
       log "no trainer running"
+      exit 0
     fi
+    # setsid made the trainer a process-group leader: the group id is its pid.
+    pgid=$(cat "$pid_file")
+    run kill -TERM -- "-$pgid"
+    dry && exit 0
+    for ((i = 0; i < OPT_STOP_TIMEOUT; i++)); do
+      alive || break
+      sleep 1
+    done
+    if alive; then
+      log "trainer still running after ${OPT_STOP_TIMEOUT}s: SIGKILL"
+      kill -KILL -- "-$pgid" 2>/dev/null || true
+      echo "terminated 137" >"$status_file"
+    elif [[ $(job_status) == dead ]]; then
+      # The signal came before the wrapper had set its trap (a stop right after the start).
+      echo "terminated 143" >"$status_file"
+    fi
+    log "trainer stopped: $(job_status)"
     ;;
   start)
     require CONFIG WORKDIR
@@ -66,6 +82,10 @@ case $action in
     log "trainer started (pid $!), log: $log_dir/train.log"
     ;;
   foreground)
+    # A trap (not an ignore, which the trainer would inherit) notes SIGTERM; bash runs it only
+    # once the trainer, which got the same signal and checkpoints on it, has exited.
+    terminated=0
+    trap 'terminated=1' TERM
     require CONFIG WORKDIR
     PY=$(in_home "$OPT_VENV")/bin/python
     main_command
@@ -79,7 +99,7 @@ case $action in
     echo running >"$status_file"
     rc=0
     run "${MAIN_CMD[@]}" || rc=$?
-    echo "exit $rc" >"$status_file"
+    if ((terminated)); then echo "terminated $rc" >"$status_file"; else echo "exit $rc" >"$status_file"; fi
     exit "$rc"
     ;;
 esac

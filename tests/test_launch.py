@@ -272,7 +272,7 @@ def test_status_reads_state_then_job(home):
     proc = launch("status.sh", *SCOPE, "--dry-run", home=home)
     describe, ssh = commands(proc)
     assert is_gcloud(describe, "queued-resources", "describe")
-    assert "--worker=0" in ssh and "status" in remote(ssh)
+    assert "--worker=all" in ssh and "status" in remote(ssh)
     assert "tpu: ACTIVE" in proc.stdout
 
 
@@ -345,9 +345,9 @@ def test_supervisor_backoff_doubles_and_retries_are_bounded(home, repo):
 
 def test_supervisor_first_asks_whether_a_job_already_runs(home, repo):
     cmds = commands(launch("supervise.sh", *run_args(repo), home=home))
-    # First look at a pre-existing ACTIVE TPU: ask worker 0 whether a job already runs there.
+    # First look at a pre-existing ACTIVE TPU: ask the workers whether a job already runs there.
     assert is_gcloud(cmds[0], "queued-resources", "describe")
-    assert "--worker=0" in cmds[1] and "status" in remote(cmds[1])
+    assert "--worker=all" in cmds[1] and "status" in remote(cmds[1])
     assert len(_deploys(cmds)) == 1
 
 
@@ -378,10 +378,15 @@ if args[3] == "describe":
     print(s)
 elif args[3] == "ssh" and "worker_train.sh status" in " ".join(args):
     print("Warning: some ssh banner")
-    print(pop("status.txt"))
+    for worker in pop("status.txt").split("|"):  # one line per answering worker
+        print(worker)
 elif args[3] == "scp":
     shutil.copy(args[4], os.path.join(d, "uploaded-" + os.path.basename(args[4])))
 '''
+
+
+def ALL4(status):
+    return "|".join([status] * 4)  # v4-32: four workers answer
 
 
 def _fake_gcloud(tmp_path, describes, statuses):
@@ -410,11 +415,11 @@ def test_supervisor_real_mode_against_fake_gcloud(home, repo, tmp_path):
     # gcloud is replaced. An uncommitted edit must reach the workers.
     (repo / "configs" / "depth.py").write_text("def get_config(arg=None):\n  return 'edited'\n")
     fake = _fake_gcloud(tmp_path, ["NOT_FOUND", "ACTIVE", "FAIL", "SUSPENDED", "NOT_FOUND", "ACTIVE", "ACTIVE",
-                                   "ACTIVE", "NOT_FOUND"], ["running", "exit 0"])
+                                   "ACTIVE", "ACTIVE", "NOT_FOUND"], [ALL4("running"), ALL4("exit 0")])
     proc, calls, verbs = _supervise_for_real(fake, repo, home)
     assert verbs == ["describe", "create", "describe", "scp", "ssh:install", "ssh:train", "describe", "describe",
                      "delete", "describe", "create", "describe", "scp", "ssh:install", "ssh:train",
-                     "describe", "ssh:train", "describe", "ssh:train", "delete", "describe"], proc.stderr
+                     "describe", "ssh:train", "describe", "ssh:train", "describe", "delete", "describe"], proc.stderr
     assert "could not read the state" in proc.stderr and "recovery 1/10: codi-v4 is SUSPENDED" in proc.stderr
     starts = [c for c in calls if c[3] == "ssh" and " start " in c[-1]]
     assert starts[0] == starts[1] and "--config.seed=5" in starts[0][-1]
@@ -423,12 +428,39 @@ def test_supervisor_real_mode_against_fake_gcloud(home, repo, tmp_path):
 
 
 def test_supervisor_adopts_a_running_job_and_restarts_a_crashed_one(home, repo, tmp_path):
-    fake = _fake_gcloud(tmp_path, ["ACTIVE"] * 4 + ["NOT_FOUND"], ["running", "exit 1", "exit 0"])
+    fake = _fake_gcloud(tmp_path, ["ACTIVE"] * 5 + ["NOT_FOUND"],
+                        [ALL4("running"), "running|running|exit 1|running", ALL4("exit 0")])
     proc, calls, verbs = _supervise_for_real(fake, repo, home)
-    # Adopted (no install), then the crash is restarted on the same TPU: no delete/create until the end.
-    assert verbs == ["describe", "ssh:train", "describe", "ssh:train", "describe", "scp", "ssh:install",
-                     "ssh:train", "describe", "ssh:train", "delete", "describe"], proc.stderr
-    assert "adopting" in proc.stderr and "recovery 1/10: trainer on worker 0: exit 1" in proc.stderr
+    # Adopted (no install); the crash on worker 2 stops the others and restarts all on the same TPU.
+    assert verbs == ["describe", "ssh:train", "describe", "ssh:train", "ssh:train", "describe", "scp",
+                     "ssh:install", "ssh:train", "describe", "ssh:train", "describe", "delete", "describe"], proc.stderr
+    assert "adopting" in proc.stderr and "recovery 1/10: trainer: exit 1" in proc.stderr
+    stop = calls[4][-1]
+    assert "worker_train.sh stop" in stop and "--stop-timeout=120" in stop and "--worker=all" in calls[4]
+
+
+def test_supervisor_never_takes_a_preempted_exit_0_for_the_end(home, repo, tmp_path):
+    # A preempted trainer checkpoints and may exit 0: one host reporting `terminated 0`, or the
+    # TPU leaving ACTIVE right after, must lead to a restart, not to deleting a finished run.
+    fake = _fake_gcloud(
+        tmp_path,
+        ["ACTIVE", "ACTIVE", "ACTIVE", "ACTIVE", "ACTIVE", "SUSPENDING", "SUSPENDED", "NOT_FOUND", "ACTIVE", "ACTIVE",
+         "ACTIVE", "NOT_FOUND"],
+        [ALL4("none"), "running|running|running", "exit 0|terminated 0|exit 0|exit 0", ALL4("exit 0"),
+         ALL4("exit 0")])
+    proc, calls, verbs = _supervise_for_real(fake, repo, home)
+    assert verbs == [
+        "describe", "ssh:train", "scp", "ssh:install", "ssh:train",  # nothing ran there: deploy
+        "describe", "ssh:train",  # 3 of 4 workers answered: unknown, poll again
+        "describe", "ssh:train", "ssh:train",  # terminated 0 on worker 1: stop all ...
+        "describe", "scp", "ssh:install", "ssh:train",  # ... and restart
+        "describe", "ssh:train", "describe",  # exit 0 everywhere, but the TPU is SUSPENDING
+        "describe", "delete", "describe", "create",  # SUSPENDED: re-create
+        "describe", "scp", "ssh:install", "ssh:train",
+        "describe", "ssh:train", "describe", "delete", "describe"], proc.stderr
+    assert "not every worker answered" in proc.stderr
+    assert "recovery 1/10: trainer: terminated 0" in proc.stderr
+    assert "SUSPENDING right after the job ended" in proc.stderr and "recovery 2/10" in proc.stderr
 
 
 # --- GPU and SLURM ---------------------------------------------------------------------------
@@ -470,11 +502,18 @@ def test_slurm_outside_a_job_fails_clearly(home):
 
 
 def test_worker_train_detaches_and_reports_status(home):
-    # A stand-in venv python that records its argv, sleeps a little and exits with FAKE_RC.
+    # A stand-in venv python that records its argv, sleeps a little and exits with FAKE_RC; on
+    # SIGTERM it exits 0, as the trainer does after its preemption checkpoint.
     bin_dir = home / "venv" / "bin"
     bin_dir.mkdir(parents=True)
-    (bin_dir / "python").write_text(
-        '#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$HOME/argv.txt"\nsleep 1\nexit "${FAKE_RC:-0}"\n')
+    (bin_dir / "python").write_text(textwrap.dedent("""\
+        #!/usr/bin/env bash
+        trap 'echo term > "$HOME/term.txt"; exit 0' TERM
+        printf "%s\\n" "$@" > "$HOME/argv.txt"
+        sleep "${FAKE_SLEEP:-1}" &
+        wait $!
+        exit "${FAKE_RC:-0}"
+        """))
     (bin_dir / "python").chmod(0o755)
     common = ["--venv=venv", "--config=configs/depth.py", "--workdir=gs://b/w"]
 
@@ -482,7 +521,7 @@ def test_worker_train_detaches_and_reports_status(home):
         return launch("worker_train.sh", "status", home=home).stdout.strip()
 
     def wait_done():
-        for _ in range(100):
+        for _ in range(200):
             s = status()
             if s != "running":
                 return s
@@ -490,10 +529,8 @@ def test_worker_train_detaches_and_reports_status(home):
         raise AssertionError("trainer did not finish")
 
     assert status() == "none"
-    t0 = time.time()
-    launch("worker_train.sh", "start", *common, "--", "--config.seed=4", home=home)
-    assert time.time() - t0 < 1.0  # start returned while the trainer still runs
-    assert status() == "running"
+    launch("worker_train.sh", "start", *common, "--train-env=FAKE_SLEEP=3", "--", "--config.seed=4", home=home)
+    assert status() == "running"  # start returned while the trainer still runs
     refused = launch("worker_train.sh", "start", *common, home=home, expect_ok=False)
     assert refused.returncode != 0 and "already running" in refused.stderr
     assert wait_done() == "exit 0"
@@ -501,8 +538,19 @@ def test_worker_train_detaches_and_reports_status(home):
         "-m", "codi_jax.main", "--config=configs/depth.py", "--workdir=gs://b/w", "--config.seed=4"]
     launch("worker_train.sh", "start", *common, "--train-env=FAKE_RC=3", home=home)
     assert wait_done() == "exit 3"
+    # stop: SIGTERM reaches the trainer, which exits 0, yet the status says it was terminated.
+    (home / "argv.txt").unlink()
+    launch("worker_train.sh", "start", *common, "--train-env=FAKE_SLEEP=60", home=home)
+    assert status() == "running"
+    for _ in range(100):  # until the trainer is up (it has written its argv)
+        if (home / "argv.txt").exists():
+            break
+        time.sleep(0.05)
+    stopped = launch("worker_train.sh", "stop", "--stop-timeout=20", home=home)
+    assert "trainer stopped: terminated 0" in stopped.stderr
+    assert status() == "terminated 0" and (home / "term.txt").read_text() == "term\n"
     log = (home / "codi_jax_run" / "train.log").read_text()
-    assert log.count("=== ") == 2  # restarts append to one log
+    assert log.count("=== ") == 3  # restarts append to one log
 
 
 # --- bad input -------------------------------------------------------------------------------
