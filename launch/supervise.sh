@@ -125,7 +125,7 @@ while true; do
             pause "$OPT_POLL_SECONDS"
             tpu_state
             if [[ $STATE != "$UP" ]]; then
-              log "$OPT_NAME is $STATE right after the job ended: taken as a preemption"
+              log "$OPT_NAME is $STATE right after the job ended: not done, looking again"
               continue
             fi
             log "job finished"
