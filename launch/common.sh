@@ -465,6 +465,7 @@ tpu_install() {
     fi
     run git -C "$OPT_REPO" archive --format=tar.gz "--output=$archive" "$ref"
     tpu_scp "$archive" codi_jax_src.tar.gz
+    dry || rm -f "$archive"
     fetch="rm -rf $(quote "$dir.new") && mkdir -p $(quote "$dir.new") && tar -xzf codi_jax_src.tar.gz -C $(quote "$dir.new") && rm -f codi_jax_src.tar.gz"
   fi
   local install
@@ -508,6 +509,7 @@ tpu_start() {
   check_remote_path --venv "$OPT_VENV"
   check_remote_path --log-dir "$OPT_LOG_DIR"
   check_tpu_workdir
+  train_env_entries
   resolve_config
   if [[ -n $CONFIG_UPLOAD ]]; then
     tpu_scp "$CONFIG_UPLOAD" "$OPT_REMOTE_DIR/${REMOTE_CONFIG%%:*}"
@@ -589,16 +591,22 @@ find_python() {
   return 1
 }
 
-# The trainer command line; PY must point at the environment's python.
-main_command() {
+# Splits and checks --train-env into TRAIN_ENV_ENTRIES.
+train_env_entries() {
   local kv entries
-  MAIN_CMD=(env PYTHONUNBUFFERED=1)
+  TRAIN_ENV_ENTRIES=()
   IFS=';' read -r -a entries <<<"$OPT_TRAIN_ENV"
   for kv in ${entries[@]+"${entries[@]}"}; do
     kv=${kv#"${kv%%[![:space:]]*}"}
     [[ -z $kv ]] && continue
     [[ $kv =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "--train-env entry '$kv' is not KEY=VALUE"
-    MAIN_CMD+=("$kv")
+    TRAIN_ENV_ENTRIES+=("$kv")
   done
+}
+
+# The trainer command line; PY must point at the environment's python.
+main_command() {
+  train_env_entries
+  MAIN_CMD=(env PYTHONUNBUFFERED=1 ${TRAIN_ENV_ENTRIES[@]+"${TRAIN_ENV_ENTRIES[@]}"})
   MAIN_CMD+=("$PY" -m codi_jax.main "--config=$OPT_CONFIG" "--workdir=$OPT_WORKDIR" ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"})
 }

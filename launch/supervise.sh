@@ -40,6 +40,7 @@ require CONFIG WORKDIR
 [[ $OPT_WORKDIR == gs://* ]] ||
   die "--workdir='$OPT_WORKDIR' is not a gs:// path: after a preemption the run resumes on a new TPU from its workdir, so it must live in GCS"
 check_tpu_workdir
+train_env_entries
 resolve_config
 resolve_jax_version
 check_remote_path --remote-dir "$OPT_REMOTE_DIR"

@@ -577,6 +577,12 @@ def test_worker_train_detaches_and_reports_status(home):
     ("supervise.sh", [*SCOPE, "--accelerator=v4-8", "--config=configs/depth.py", "--workdir=runs/local"],
      "is not a gs:// path"),
     ("gpu_local.sh", ["--config=c.py", "--workdir=w", "--jax-extra=rocm"], "--jax-extra must be cuda12 or cuda13"),
+    ("create.sh", [*SCOPE, "--accelerator=v4-8", "--mode=vm", "--reserved"], "--reserved is for --mode=qr"),
+    ("create.sh", [*SCOPE, "--accelerator=v4-8", "--mode=vm", "--spot", "--preemptible"], "choose one of --spot"),
+    ("start.sh", [*SCOPE, "--accelerator=v4-8", "--config=configs/depth.py", "--workdir=gs://b/w",
+                  "--train-env=NOT AN ASSIGNMENT"], "is not KEY=VALUE"),
+    ("worker_install.sh", ["--venv=/nonexistent/venv", "--jax-version=0.10.2", "--python=python2.7"],
+     "--python=python2.7 is missing or older than 3.11"),
     ("worker_train.sh", ["begin"], "first argument must be start"),
 ])
 def test_bad_input_fails_with_a_clear_message(home, repo, script, args, message):
