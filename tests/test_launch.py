@@ -268,6 +268,13 @@ def test_logs_stream_from_worker_0(home):
     assert "--worker=3" in ssh and remote(ssh) == ["tail", "-n", "50", "codi_jax_run/train.log"]
 
 
+def test_stop_on_all_workers(home):
+    (ssh,) = commands(launch("stop.sh", *SCOPE, "--stop-timeout=300", "--dry-run", home=home))
+    assert "--worker=all" in ssh
+    assert remote(ssh) == ["cd", "codi_jax", "&&", "bash", "launch/worker_train.sh", "stop", "--log-dir=codi_jax_run",
+                           "--stop-timeout=300"]
+
+
 def test_status_reads_state_then_job(home):
     proc = launch("status.sh", *SCOPE, "--dry-run", home=home)
     describe, ssh = commands(proc)
