@@ -28,6 +28,7 @@ class Checkpointer:
                 "state": ocp.StandardCheckpointHandler(),
                 "data": grain.checkpoint.CheckpointHandler(),
                 "config": ocp.JsonCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler(),
             },
         )
 
@@ -40,6 +41,8 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         if config is not None:
             items["config"] = ocp.args.JsonSave(config)
+        # Data positions are per process: they only carry over to a run with the same number of processes.
+        items["meta"] = ocp.args.JsonSave({"process_count": jax.process_count(), "step": int(step)})
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         logging.info("checkpoint %d saving to %s", step, self.directory)
 
@@ -48,10 +51,20 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None and self._has_item(step, "data"):
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+            saved = self.read(step, "meta") if self._has_item(step, "meta") else {}
+            if saved.get("process_count") == jax.process_count():
+                items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+            else:
+                logging.warning("checkpoint %d was written by %s processes, this run has %d: the data pipeline starts "
+                                "afresh (same seed) instead of at the saved position", step,
+                                saved.get("process_count", "?"), jax.process_count())
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         logging.info("restored checkpoint %d from %s", step, self.directory)
         return restored["state"]
+
+    def read(self, step: int, name: str) -> dict:
+        """A JSON item ('config' or 'meta') of a saved step."""
+        return self.manager.restore(step, args=ocp.args.Composite(**{name: ocp.args.JsonRestore()}))[name]
 
     def _has_item(self, step: int, name: str) -> bool:
         return os.path.isdir(os.path.join(self.directory, str(step), name))

@@ -1,0 +1,47 @@
+"""A randomly initialised tiny Stable-Diffusion-layout pipeline folder, for tests and benchmarks.
+
+It has exactly the layout of a real SD checkpoint (unet/, vae/, text_encoder/, tokenizer/, model_index.json), written by
+our own exporters, so the code under test takes the same import path as with real weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def make_random_pipeline(path: str, *, max_length: int = 16, seed: int = 0, tokenizer: str = "builtin:scenes",
+                         prediction_type: str = "epsilon") -> str:
+    from codi_jax import weights
+    from codi_jax.data import load_tokenizer
+    from codi_jax.models import clip, unet, vae
+
+    os.makedirs(path, exist_ok=True)
+    tok = load_tokenizer(tokenizer)
+    keys = jax.random.split(jax.random.key(seed), 3)
+    text_module = clip.CLIPTextEncoder(clip.CLIPTextConfig.preset(
+        "tiny", vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        max_position_embeddings=max(77, max_length)))
+    vae_module = vae.AutoencoderKL(vae.VAEConfig.preset("tiny"))
+    unet_module = unet.UNet2DConditionModel(unet.UNetConfig.tiny(cross_attention_dim=text_module.config.hidden_size))
+    images = jnp.zeros((1, 32, 32, 3), jnp.float32)
+    ids = jnp.zeros((1, max_length), jnp.int32)
+    z = jnp.zeros((1, 8, 8, 4), jnp.float32)
+    ctx = jnp.zeros((1, max_length, text_module.config.hidden_size), jnp.float32)
+    unbox = lambda tree: jax.tree.map(np.asarray, __import__("flax").linen.meta.unbox(tree))  # noqa: E731
+    text_params = unbox(jax.jit(text_module.init)(keys[0], ids)["params"])
+    vae_params = unbox(jax.jit(lambda k: vae_module.init(k, images, k))(keys[1])["params"])
+    unet_params = unbox(jax.jit(unet_module.init)(keys[2], z, jnp.zeros((1,), jnp.int32), ctx)["params"])
+    weights.save_diffusers(os.path.join(path, "text_encoder"), "text_encoder", text_module, text_params)
+    weights.save_diffusers(os.path.join(path, "vae"), "vae", vae_module, vae_params)
+    weights.save_diffusers(os.path.join(path, "unet"), "unet", unet_module, unet_params)
+    tok.save_pretrained(os.path.join(path, "tokenizer"))
+    with open(os.path.join(path, "model_index.json"), "w") as f:
+        json.dump({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+                   "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+                   "tokenizer": ["transformers", "CLIPTokenizer"], "prediction_type": prediction_type}, f, indent=2)
+    return path
