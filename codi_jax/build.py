@@ -60,7 +60,9 @@ def _to_numpy(tree):
 
 
 class Recipe:
-    def __init__(self, config, workdir: str):
+    def __init__(self, config, workdir: str, *, abstract: bool = False):
+        """abstract=True reads no weights and materialises nothing (presets only): for ahead-of-time compiles of
+        large models, e.g. the TPU pod plan in benchmarks/aot_tpu.py."""
         from codi_jax import data as data_lib
         from codi_jax import weights
         from codi_jax.models import clip as clip_lib
@@ -82,6 +84,8 @@ class Recipe:
         self.freeze_unet = False
 
         # --- autoencoder --------------------------------------------------------------------------------------------
+        if abstract:
+            vae_from = text_from = teacher = ""
         if vae_from:
             vae, vae_params = weights.load_diffusers(vae_from, "vae")
             logging.info("VAE from %s", vae_from)
@@ -101,11 +105,12 @@ class Recipe:
             self.init_fn = vae_init
             self.initial_params = vae_params
             return
-        if vae_params is None:
+        if vae_params is None and not abstract:
             raise ValueError(
                 f"mode {self.mode!r} needs a trained VAE: set config.teacher or config.vae_from (a diffusers vae folder)"
             )
-        self.frozen_host["vae"] = vae_params
+        if vae_params is not None:
+            self.frozen_host["vae"] = vae_params
         self.frozen_abstract["vae"] = vae_abstract
 
         # --- text encoder and the null prompt ------------------------------------------------------------------------
@@ -114,20 +119,23 @@ class Recipe:
             text, text_params = weights.load_diffusers(text_from, "text_encoder")
             logging.info("text encoder from %s", text_from)
         else:
-            text = clip_lib.CLIPTextEncoder(clip_lib.CLIPTextConfig.preset(
-                _preset("text", config.model.preset), vocab_size=len(tokenizer),
-                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                max_position_embeddings=max(77, int(config.data.max_length))))
+            # The tiny preset takes its vocabulary from the tokenizer in use (the builtin scenes one by default).
+            vocab = {} if config.model.preset != "tiny" else dict(
+                vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                max_position_embeddings=max(77, int(config.data.max_length)))
+            text = clip_lib.CLIPTextEncoder(clip_lib.CLIPTextConfig.preset(_preset("text", config.model.preset),
+                                                                           **vocab))
             text_params = None
         self.text_encoder = _with_compute(text, self.dtype, False)
         ids = jnp.zeros((1, int(config.data.max_length)), jnp.int32)
         self.frozen_abstract["text_encoder"] = jax.eval_shape(self.text_encoder.init, jax.random.key(0), ids)["params"]
-        if text_params is None:
+        if text_params is None and not abstract:
             # A teacher trained here from scratch conditions on a fixed random text encoder: its features are an
             # injective function of the caption, which is all the UNet needs; it is exported with the teacher.
             text_params = _to_numpy(nn.meta.unbox(self.text_encoder.init(jax.random.key(config.seed + 17), ids)["params"]))
             logging.info("text encoder: fixed random initialisation (no pretrained one given)")
-        self.frozen_host["text_encoder"] = text_params
+        if text_params is not None:
+            self.frozen_host["text_encoder"] = text_params
         null = tokenizer([""], padding="max_length", max_length=int(config.data.max_length), truncation=True,
                          return_tensors="np")["input_ids"]
         self.frozen_host["null_ids"] = np.asarray(null, np.int32)
@@ -174,7 +182,7 @@ class Recipe:
         self.model = cond_lib.ConditionalUNet(cond_cfg)
         cond = jnp.zeros((1, self.image_size, self.image_size, cond_channels), jnp.float32)
         full_abstract = jax.eval_shape(self.model.init, jax.random.key(0), z, t, ctx, cond)["params"]
-        if unet_params is None and not config.init_from:
+        if unet_params is None and not config.init_from and not abstract:
             raise ValueError(
                 f"mode {self.mode!r} adapts a pretrained text-to-image model: set config.teacher (diffusers folder) "
                 "or config.init_from (a codi_jax run)"
@@ -188,10 +196,13 @@ class Recipe:
         if self.freeze_unet:
             self.abstract_params = {k: v for k, v in full_abstract.items() if k != "unet"}
             self.frozen_abstract["unet"] = full_abstract["unet"]
-            if full_init is None:
+            if abstract:
+                pass
+            elif full_init is None:
                 raise ValueError("PE-CoDi needs the pretrained UNet: set config.teacher")
-            self.frozen_host["unet"] = full_init["unet"]
-            self.initial_params = {k: v for k, v in full_init.items() if k != "unet"}
+            else:
+                self.frozen_host["unet"] = full_init["unet"]
+                self.initial_params = {k: v for k, v in full_init.items() if k != "unet"}
         else:
             self.abstract_params = full_abstract
             self.initial_params = full_init
@@ -210,9 +221,10 @@ class Recipe:
         # conditional model itself for CM-II / GD-II (restored from init_from by the loop).
         if self.mode == "codi" or self.mode == "pe_codi":
             if config.objective.pf_ode == "teacher":
-                if unet_params is None:
+                if unet_params is None and not abstract:
                     raise ValueError("objective.pf_ode='teacher' needs the pretrained UNet: set config.teacher")
-                self.frozen_host["teacher"] = unet_params
+                if unet_params is not None:
+                    self.frozen_host["teacher"] = unet_params
                 self.frozen_abstract["teacher"] = full_abstract["unet"]
                 self.teacher_kind = "unet"
         elif self.mode in ("cm", "gd"):
