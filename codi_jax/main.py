@@ -33,6 +33,10 @@ def _multihost_environment() -> dict | None:
     hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
     if len([h for h in hosts.split(",") if h]) > 1 or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
         return {}
+    # gcloud-made TPU VMs do not export the worker list (JAX reads it from the metadata server); launch/start.sh
+    # passes the slice's host count instead.
+    if int(os.environ.get("CODI_TPU_HOSTS", "1")) > 1:
+        return {}
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1 or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
         return {}
     return None
@@ -76,7 +80,10 @@ def main(argv):
 
     logging.info("JAX %s, process %d/%d, %d local / %d global devices (%s)", jax.__version__, jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    if not train.train_and_evaluate(FLAGS.config, FLAGS.workdir):
+        # Stopped early by a preemption signal after checkpointing: a distinct status (EX_TEMPFAIL) tells
+        # supervisors that the run is not finished and should be restarted from the same workdir.
+        raise SystemExit(75)
 
 
 if __name__ == "__main__":

@@ -177,6 +177,7 @@ class Setup:
     start_step: int
     compile_info: dict
     traces: list  # one entry per trace of the step function (must stay at 1)
+    finished: bool = False  # reached total_steps (False: stopped by a preemption signal)
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.sharding.Mesh | None = None) -> Setup:
@@ -323,6 +324,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Setup:
     if step >= config.total_steps:
         export_lib.export(recipe, state, frozen, os.path.join(workdir, "export"))
     s.state = state
+    s.finished = step >= config.total_steps
     return s
 
 
@@ -385,9 +387,9 @@ def _make_sampler(recipe: build.Recipe, frozen: dict, config, mesh):
     return sample
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> bool:
     """Runs the prerequisite stages (embedded default: VAE, then the text-to-image teacher), the main mode, and
-    optionally the evaluation, each resuming where it stopped."""
+    optionally the evaluation, each resuming where it stopped. False when a preemption stopped it early."""
     from codi_jax import config as common
 
     for stage in config.stages:
@@ -397,10 +399,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
             logging.info("stage %s already done in %s", stage, stage_dir)
             continue
         logging.info("=== stage %s (%d steps) in %s", stage, stage_cfg.total_steps, stage_dir)
-        train(stage_cfg, stage_dir)
+        if not train(stage_cfg, stage_dir).finished:
+            return False
     logging.info("=== %s in %s", config.mode, workdir)
-    train(config, workdir)
+    if not train(config, workdir).finished:
+        return False
     if config.run_eval:
         from codi_jax import evaluate
 
         evaluate.run(config, workdir)
+    return True
