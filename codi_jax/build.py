@@ -287,30 +287,22 @@ class Recipe:
         if self.mode == "vae":
             posterior = self.vae.apply({"params": params}, batch["image"], method="encode")
             return self.vae.apply({"params": params}, posterior.mode(), method="decode")
-        rng_vae, rng_z, rng_s = jax.random.split(rng, 3)
+        from codi_jax.sample import sample_latents
+
+        rng_vae, rng_s = jax.random.split(rng)
         inputs = self.encode(frozen, batch, rng_vae)
-        shape = inputs["latents"].shape
-        z_T = jax.random.normal(rng_z, shape, jnp.float32)
-        apply = self.networks(frozen).apply
-        uncond = {**inputs, "text": jnp.broadcast_to(inputs["text_null"], inputs["text"].shape)}
-
-        def model_fn(z, t):
-            out = apply(params, z, t, inputs)
-            if guidance_scale == 1.0:
-                return out
-            return out, apply(params, z, t, uncond)
-
-        kw = {}
-        if method == "codi":
-            kw = {"distill_steps": int(self.config.objective.distill_steps),
-                  "timestep_scaling": float(self.config.objective.timestep_scaling),
-                  "sigma_data": float(self.config.objective.sigma_data)}
-        latents = diffusion.sample(
-            model_fn, z_T, method=method, num_steps=num_steps, schedule=self.schedule,
-            prediction_type=self.config.model.prediction_type, guidance_scale=guidance_scale, rng=rng_s, **kw,
+        latents = sample_latents(
+            self.networks(frozen).apply, params, inputs, rng_s, method=method, num_steps=num_steps,
+            schedule=self.schedule, prediction_type=self.config.model.prediction_type,
+            guidance_scale=guidance_scale, codi_kw=self.codi_kw(),
         )
         images = self.vae.apply({"params": frozen["vae"]}, latents / self.vae_scale, method="decode")
         return jnp.clip(images.astype(jnp.float32), -1.0, 1.0)
+
+    def codi_kw(self) -> dict:
+        o = self.config.objective
+        return {"distill_steps": int(o.distill_steps), "timestep_scaling": float(o.timestep_scaling),
+                "sigma_data": float(o.sigma_data)}
 
     def default_sampler(self) -> tuple[str, int]:
         if self.mode in ("codi", "pe_codi", "cm"):

@@ -103,7 +103,12 @@ def export(recipe, state, frozen: dict, path: str) -> None:
             save_conditional(os.path.join(path, "conditional"), _float32(recipe.model), full)
             weights.save_diffusers(os.path.join(path, "unet"), "unet", _float32(recipe.unet), full["unet"])
             components["unet"] = ["diffusers", "UNet2DConditionModel"]
-    index = {"_class_name": "StableDiffusionPipeline", "_codi_jax_mode": recipe.mode, **components}
+    config = recipe.config
+    meta = {"mode": recipe.mode, "task": config.task, "prediction_type": config.model.prediction_type,
+            "schedule": config.schedule.to_dict(), "image_size": int(config.data.image_size),
+            "max_length": int(config.data.max_length), "default_sampler": list(recipe.default_sampler()),
+            **(recipe.codi_kw() if recipe.mode != "vae" else {})}
+    index = {"_class_name": "StableDiffusionPipeline", "_codi_jax": meta, **components}
     with open(os.path.join(path, "model_index.json"), "w") as f:
         json.dump(index, f, indent=2)
     with open(done, "w") as f:

@@ -1,0 +1,176 @@
+"""Inference: condition images + prompts -> images in 1-4 steps, from an export folder or a run's workdir.
+
+    python -m codi_jax.sample --model=runs/depth-tiny --cond=depth.png --prompt="a red sphere left of a blue box" \\
+        --steps=4 --out=out.png
+
+Python:
+    pipe = Pipeline.load("runs/depth-tiny")            # <workdir>/export or the export folder itself
+    images = pipe(cond_images, prompts, steps=4)       # uint8 (N, H, W, 3)
+
+One jitted function per (method, steps, batch shape); the batch is split over all local devices ('data' axis).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from codi_jax import diffusion
+
+
+def sample_latents(apply: Callable, params: Any, inputs: dict, rng: jax.Array, *, method: str, num_steps: int,
+                   schedule, prediction_type: str, guidance_scale: float = 1.0, codi_kw: dict | None = None):
+    """apply(params, z, t, inputs) -> raw network output; inputs has 'latents' (for the shape), 'text', 'text_null'."""
+    rng_z, rng_s = jax.random.split(rng)
+    z_T = jax.random.normal(rng_z, inputs["latents"].shape, jnp.float32)
+    uncond = {**inputs, "text": jnp.broadcast_to(inputs["text_null"], inputs["text"].shape)}
+
+    def model_fn(z, t):
+        out = apply(params, z, t, inputs)
+        if guidance_scale == 1.0:
+            return out
+        return out, apply(params, z, t, uncond)
+
+    kw = dict(codi_kw or {}) if method == "codi" else {}
+    return diffusion.sample(model_fn, z_T, method=method, num_steps=num_steps, schedule=schedule,
+                            prediction_type=prediction_type, guidance_scale=guidance_scale, rng=rng_s, **kw)
+
+
+def to_uint8(images) -> np.ndarray:
+    return np.asarray(((np.asarray(images, np.float32) + 1.0) * 127.5).round().clip(0, 255), np.uint8)
+
+
+class Pipeline:
+    """A trained conditional model with its VAE, text encoder and tokenizer, ready to sample."""
+
+    def __init__(self, path: str):
+        from codi_jax import export as export_lib
+        from codi_jax import weights
+        from codi_jax.data import load_tokenizer
+
+        if os.path.isdir(os.path.join(path, "export")):
+            path = os.path.join(path, "export")
+        index_file = os.path.join(path, "model_index.json")
+        if not os.path.isfile(index_file):
+            raise FileNotFoundError(f"{path!r} is not a codi_jax export (no model_index.json); pass a workdir whose "
+                                    "training finished, or its export/ folder")
+        with open(index_file) as f:
+            self.meta = json.load(f).get("_codi_jax", {})
+        if self.meta.get("mode") not in ("finetune", "codi", "pe_codi", "cm", "gd"):
+            raise ValueError(f"{path!r} holds a {self.meta.get('mode')!r} model, not a conditional one")
+        self.model, params = export_lib.load_conditional(path)
+        self.vae, vae_params = weights.load_diffusers(path, "vae")
+        self.text_encoder, text_params = weights.load_diffusers(path, "text_encoder")
+        self.tokenizer = load_tokenizer(os.path.join(path, "tokenizer"))
+        self.params = {"model": params, "vae": vae_params, "text": text_params}
+        self.schedule = diffusion.make_schedule(**self.meta["schedule"])
+        self.scale = float(self.vae.config.scaling_factor)
+        self.max_length = int(self.meta["max_length"])
+        self._compiled: dict = {}
+
+    @classmethod
+    def load(cls, path: str) -> "Pipeline":
+        return cls(path)
+
+    def default_sampler(self) -> tuple[str, int]:
+        return tuple(self.meta.get("default_sampler", ("codi", 4)))
+
+    def _fn(self, method: str, steps: int, guidance_scale: float):
+        key = (method, steps, guidance_scale)
+        if key not in self._compiled:
+            codi_kw = {k: self.meta[k] for k in ("distill_steps", "timestep_scaling", "sigma_data")}
+            factor = self.vae.config.downsample_factor
+
+            def run(params, cond, ids, null_ids, rng):
+                text = self.text_encoder.apply({"params": params["text"]}, ids)
+                text_null = self.text_encoder.apply({"params": params["text"]}, null_ids)
+                b, h, w, _ = cond.shape
+                inputs = {"latents": jnp.zeros((b, h // factor, w // factor, self.vae.config.latent_channels)),
+                          "text": text, "text_null": text_null, "cond": cond}
+                apply = lambda p, z, t, x: self.model.apply({"params": p}, z, t, x["text"], x["cond"])  # noqa: E731
+                latents = sample_latents(apply, params["model"], inputs, rng, method=method, num_steps=steps,
+                                         schedule=self.schedule, prediction_type=self.meta["prediction_type"],
+                                         guidance_scale=guidance_scale, codi_kw=codi_kw)
+                images = self.vae.apply({"params": params["vae"]}, latents / self.scale, method="decode")
+                return jnp.clip(images, -1.0, 1.0)
+
+            self._compiled[key] = jax.jit(run)
+        return self._compiled[key]
+
+    def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
+        return np.asarray(self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length,
+                                         truncation=True, return_tensors="np")["input_ids"], np.int32)
+
+    def __call__(self, cond_images, prompts: Sequence[str], *, method: str | None = None, steps: int | None = None,
+                 seed: int = 0, guidance_scale: float = 1.0) -> np.ndarray:
+        """cond_images: float (N, H, W, C) in [-1, 1] as the task builds them. Returns uint8 (N, H, W, 3)."""
+        default_method, default_steps = self.default_sampler()
+        method, steps = method or default_method, int(steps or default_steps)
+        cond = np.asarray(cond_images, np.float32)
+        if cond.ndim != 4 or cond.shape[-1] != self.model.config.control.conditioning_channels:
+            raise ValueError(f"condition images must be (N, H, W, {self.model.config.control.conditioning_channels}), "
+                             f"got {cond.shape}")
+        if len(prompts) != cond.shape[0]:
+            raise ValueError(f"{len(prompts)} prompts for {cond.shape[0]} condition images")
+        ids = self.tokenize(prompts)
+        null = self.tokenize([""])
+        mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), ("data",))
+        n = cond.shape[0]
+        pad = (-n) % len(jax.local_devices())
+        if pad:
+            cond = np.concatenate([cond, np.repeat(cond[-1:], pad, 0)])
+            ids = np.concatenate([ids, np.repeat(ids[-1:], pad, 0)])
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+        out = self._fn(method, steps, guidance_scale)(self.params, jax.device_put(cond, sharding),
+                                                      jax.device_put(ids, sharding), null, jax.random.PRNGKey(seed))
+        return to_uint8(jax.device_get(out))[:n]
+
+
+def _load_image(path: str, size: int | None, channels: int) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        image = Image.open(path)
+        image.load()
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files.
+        raise ValueError(f"cannot read condition image {path!r}: {e}") from e
+    image = image.convert("L" if channels == 1 else "RGB")
+    if size:
+        image = image.resize((size, size), Image.BICUBIC)
+    x = np.asarray(image, np.float32) / 127.5 - 1.0
+    return x[..., None] if x.ndim == 2 else x
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    from PIL import Image
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="workdir of a finished run, or its export/ folder")
+    parser.add_argument("--cond", required=True, nargs="+", help="condition image(s) (depth map, low-res image, ...)")
+    parser.add_argument("--prompt", required=True, nargs="+", help="one prompt, or one per condition image")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--method", default=None, help="codi | ddim | dpmpp_2m | euler (default: the model's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--guidance", type=float, default=1.0)
+    parser.add_argument("--out", required=True, help="output PNG (several images are written side by side)")
+    args = parser.parse_args(argv)
+    pipe = Pipeline.load(args.model)
+    channels = pipe.model.config.control.conditioning_channels
+    size = int(pipe.meta.get("image_size", 0)) or None
+    cond = np.stack([_load_image(p, size, channels) for p in args.cond])
+    prompts = args.prompt * len(args.cond) if len(args.prompt) == 1 else args.prompt
+    images = pipe(cond, prompts, method=args.method, steps=args.steps, seed=args.seed, guidance_scale=args.guidance)
+    Image.fromarray(np.concatenate(list(images), axis=1)).save(args.out)
+    print(f"wrote {args.out} ({len(images)} images)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
