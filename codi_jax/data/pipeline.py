@@ -141,7 +141,7 @@ class _Tokenize(grain.MapTransform):
     self.spec, self.max_length = spec, max_length
 
   def map(self, element):
-    ids = tokenizer.tokenize(self.spec, [element.pop("caption")], self.max_length)[0]
+    ids = tokenizer.tokenize_cached(self.spec, element.pop("caption"), self.max_length)
     return {**element, "input_ids": ids}
 
 

@@ -105,3 +105,15 @@ def tokenize(spec: str, texts: list[str], max_length: int = 77) -> np.ndarray:
   tok = load_tokenizer(spec)
   ids = tok(list(texts), padding="max_length", max_length=max_length, truncation=True, return_tensors="np")["input_ids"]
   return np.asarray(ids, np.int32)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _tokenize_one(spec: str, text: str, max_length: int) -> np.ndarray:
+  ids = tokenize(spec, [text], max_length)[0]
+  ids.flags.writeable = False  # shared by every hit of the cache
+  return ids
+
+
+def tokenize_cached(spec: str, text: str, max_length: int = 77) -> np.ndarray:
+  """One caption's ids; cached, since procedural and real captions repeat and each HF call costs ~0.5 ms."""
+  return _tokenize_one(spec, text, max_length)
