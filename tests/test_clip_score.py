@@ -16,7 +16,6 @@ from PIL import Image
 from codi_jax.data.tokenizer import load_tokenizer
 from codi_jax.metrics import MetricUnavailable
 from codi_jax.metrics import clip_score as cs
-from codi_jax.models import clip
 
 IMAGE_SIZE = 32
 CAPTIONS = ["a red sphere left of a blue box", "a green cylinder", "a blue box on a plane", "a red box"]

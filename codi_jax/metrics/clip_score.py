@@ -2,7 +2,8 @@
 
 The CoDi paper's tables print it divided by 100 (e.g. 0.3073); `ClipScore.cosine` is the raw mean cosine and
 `ClipScore.score` the torchmetrics value. The CLIP weights come from a local transformers CLIPModel folder
-(config.json + model.safetensors + tokenizer files, e.g. a copy of openai/clip-vit-large-patch14); nothing is downloaded.
+(config.json + model.safetensors + tokenizer files, e.g. a copy of openai/clip-vit-large-patch14); nothing is
+downloaded.
 
     model, params, tokenizer = load_clip("/models/clip-vit-large-patch14")
     result = clip_score(model, params, tokenizer, images_uint8_nhwc, captions)

@@ -2,7 +2,8 @@
 
 Semantics and parameter names follow transformers' CLIPTextModel / CLIPModel exactly, so that weights convert by the
 generic path rule of codi_jax.weights.convert (torch `text_model.encoder.layers.3.self_attn.q_proj.weight` <->
-flax ('text_model', 'encoder', 'layers_3', 'self_attn', 'q_proj', 'kernel')). Layout: tokens (batch, length), images NHWC.
+flax ('text_model', 'encoder', 'layers_3', 'self_attn', 'q_proj', 'kernel')).
+Layout: tokens (batch, length), images NHWC.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -261,13 +263,14 @@ class CLIPVisionTransformer(nn.Module):
     def __call__(self, pixel_values):
         c = self.config
         x = CLIPVisionEmbeddings(c, name="embeddings")(pixel_values)
-        x = layers.constrain_seq(layers.LayerNorm(c.layer_norm_eps, dtype=c.dtype, name="pre_layrnorm")(x))  # sic: transformers' spelling
+        # "pre_layrnorm" (sic) is transformers' attribute name.
+        x = layers.constrain_seq(layers.LayerNorm(c.layer_norm_eps, dtype=c.dtype, name="pre_layrnorm")(x))
         x = CLIPEncoder(c, name="encoder")(x)
         pooled = layers.LayerNorm(c.layer_norm_eps, dtype=c.dtype, name="post_layernorm")(x[:, 0])
         return x, pooled
 
 
-@dataclasses.dataclass(frozen=True)
+@flax.struct.dataclass
 class CLIPOutput:
     image_embeds: jax.Array     # (n_images, projection_dim), L2-normalised
     text_embeds: jax.Array      # (n_texts, projection_dim), L2-normalised
@@ -308,9 +311,6 @@ class CLIPModel(nn.Module):
 def _l2_normalize(x):
     return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 
-
-jax.tree_util.register_dataclass(CLIPOutput, data_fields=["image_embeds", "text_embeds", "logits_per_image"],
-                                 meta_fields=[])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
