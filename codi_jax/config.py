@@ -79,6 +79,8 @@ def base(task: str) -> ml_collections.ConfigDict:
     c.optimizer.grad_clip = 1.0  # global norm; 0 disables
     c.optimizer.grad_accum_steps = 1  # micro-batches per optimizer step (scanned inside the step)
     c.ema_decay = 0.9999
+    # GD-II: progressive rounds, each halving the student's steps down to objective.gd_student_steps.
+    c.gd_rounds = 2
 
     # VAE training (mode 'vae', embedded default only).
     c.vae = ml_collections.ConfigDict({"kl_weight": 1e-6, "l1_weight": 1.0, "l2_weight": 0.0})
@@ -242,6 +244,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
             fail(f"stage_steps.{stage}", "must be positive for a stage that runs")
     if c.mode in ("cm", "gd") and not c.init_from:
         fail("init_from", f"mode {c.mode!r} distils a fine-tuned teacher: set init_from to the finetune workdir")
+    if int(c.gd_rounds) < 1:
+        fail("gd_rounds", f"must be >= 1, got {c.gd_rounds}")
     for step in c.eval.steps:
         if int(step) <= 0:
             fail("eval.steps", f"step counts must be positive, got {tuple(c.eval.steps)}")

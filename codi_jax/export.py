@@ -44,7 +44,9 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
         if isinstance(v, dict):
             out.update(flatten(v, key + "/"))
         else:
-            out[key] = np.ascontiguousarray(np.asarray(v, np.float32) if np.asarray(v).dtype.kind == "f" else v)
+            v = np.asarray(v)
+            # np.array keeps 0-d scalars such as mu 0-d (np.ascontiguousarray would promote them to shape (1,)).
+            out[key] = np.array(v, dtype=np.float32 if v.dtype.kind == "f" else v.dtype, order="C", copy=True)
     return out
 
 

@@ -261,10 +261,13 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.sharding
         jitted = jax.jit(traced_step, in_shardings=(state_shardings, {k: frozen_shardings[k] for k in frozen},
                                                     batch_shardings),
                          out_shardings=(state_shardings, replicated), donate_argnums=(0,))
-        t0 = time.time()
-        compiled = jitted.lower(abstract_state, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), frozen),
-                                batch_spec).compile()
-    info = log_compiled(compiled, time.time() - t0)
+        if start < config.total_steps:
+            t0 = time.time()
+            compiled = jitted.lower(abstract_state, jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), frozen), batch_spec).compile()
+            info = log_compiled(compiled, time.time() - t0)
+        else:  # A finished run restarted (e.g. to redo the export or evaluation): nothing to compile.
+            compiled, info = None, {}
     info["trainable_parameters"] = n_params
     return Setup(recipe=recipe, mesh=mesh, state=state, frozen=frozen, step_fn=compiled, batch_spec=batch_spec,
                  state_shardings=state_shardings, abstract_state=abstract_state, data_iter=data_iter,
@@ -400,6 +403,28 @@ def _make_sampler(recipe: build.Recipe, frozen: dict, config, mesh):
     return sample
 
 
+def _gd_rounds(config: ml_collections.ConfigDict, workdir: str) -> bool:
+    """Progressive / guided distillation (GD-II): each round halves the student's step count, and its teacher is the
+    previous round's EMA student (the first round's is config.init_from, the fine-tuned model). Round k runs in
+    <workdir>/gd_round_k; the last round in <workdir> itself."""
+    rounds = int(config.gd_rounds)
+    final = int(config.objective.gd_student_steps)
+    previous = config.init_from
+    for k in range(rounds):
+        cfg = ml_collections.ConfigDict(config.to_dict())
+        cfg.objective.gd_student_steps = final * 2 ** (rounds - 1 - k)
+        cfg.init_from = previous
+        cfg.total_steps = max(1, config.total_steps // rounds)
+        cfg.gd_rounds = 1
+        round_dir = workdir if k == rounds - 1 else os.path.join(workdir, f"gd_round_{k}")
+        logging.info("=== gd round %d/%d: %d student steps, teacher %s, in %s", k + 1, rounds,
+                     cfg.objective.gd_student_steps, previous, round_dir)
+        if not train(cfg, round_dir).finished:
+            return False
+        previous = round_dir
+    return True
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> bool:
     """Runs the prerequisite stages (embedded default: VAE, then the text-to-image teacher), the main mode, and
     optionally the evaluation, each resuming where it stopped. False when a preemption stopped it early."""
@@ -414,9 +439,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> bool:
         logging.info("=== stage %s (%d steps) in %s", stage, stage_cfg.total_steps, stage_dir)
         if not train(stage_cfg, stage_dir).finished:
             return False
-    logging.info("=== %s in %s", config.mode, workdir)
-    if not train(config, workdir).finished:
-        return False
+    if config.mode == "gd" and config.gd_rounds > 1:
+        if not _gd_rounds(config, workdir):
+            return False
+    else:
+        logging.info("=== %s in %s", config.mode, workdir)
+        if not train(config, workdir).finished:
+            return False
     if config.run_eval:
         from codi_jax import evaluate
 

@@ -48,8 +48,10 @@ def sample(model_fn: Callable, z_T: jax.Array, *, method: str, num_steps: int, s
 
     model_fn(z, timesteps) -> raw output, or (cond, uncond) when guidance_scale != 1; timesteps is (B,) int32 indices
     (float32 for euler with 'linspace' spacing, whose timesteps are fractional as in diffusers).
-    kw: steps_offset (1), set_alpha_to_one (False) as in SD1.5's scheduler config; for 'codi': distill_steps (50),
-    timestep_scaling (10), sigma_data (0.5), stochastic (False; needs rng).
+    kw: steps_offset (1), set_alpha_to_one (False) as in SD1.5's scheduler config; unroll (1): lax.fori_loop's
+    unroll, True for a straight-line program (one network copy per step: longer compiles, but on GPU a few-step loop
+    runs faster unrolled); for 'codi': distill_steps (50), timestep_scaling (10), sigma_data (0.5), stochastic (False;
+    needs rng).
     """
     pz.check_prediction_type(prediction_type)
     if method not in METHODS:
@@ -58,6 +60,7 @@ def sample(model_fn: Callable, z_T: jax.Array, *, method: str, num_steps: int, s
         raise ValueError(f"timestep_spacing must be one of {sch.SPACINGS}, got {timestep_spacing!r}")
     steps_offset = kw.pop("steps_offset", 1)
     set_alpha_to_one = kw.pop("set_alpha_to_one", False)
+    unroll = kw.pop("unroll", 1)
     codi_kw = {k: kw.pop(k) for k in ("distill_steps", "timestep_scaling", "sigma_data", "stochastic") if k in kw}
     if kw:
         raise ValueError(f"unknown sampler options {sorted(kw)} for method {method!r}")
@@ -67,17 +70,17 @@ def sample(model_fn: Callable, z_T: jax.Array, *, method: str, num_steps: int, s
     T = schedule.num_train_timesteps
     if method == "ddim":
         return _ddim(fn, z_T, schedule, prediction_type, sch.ddim_timesteps(num_steps, T, timestep_spacing, steps_offset),
-                     T // num_steps, set_alpha_to_one)
+                     T // num_steps, set_alpha_to_one, unroll)
     if method == "dpmpp_2m":
         return _dpmpp_2m(fn, z_T, schedule, prediction_type,
-                         sch.dpm_timesteps(num_steps, T, timestep_spacing, steps_offset))
+                         sch.dpm_timesteps(num_steps, T, timestep_spacing, steps_offset), unroll)
     if method == "euler":
         return _euler(fn, z_T, schedule, prediction_type,
-                      sch.euler_timesteps(num_steps, T, timestep_spacing, steps_offset), timestep_spacing)
-    return _codi(fn, z_T, schedule, prediction_type, num_steps, rng, **codi_kw)
+                      sch.euler_timesteps(num_steps, T, timestep_spacing, steps_offset), timestep_spacing, unroll)
+    return _codi(fn, z_T, schedule, prediction_type, num_steps, rng, unroll, **codi_kw)
 
 
-def _ddim(fn, z, schedule, prediction_type, timesteps: np.ndarray, step: int, set_alpha_to_one: bool):
+def _ddim(fn, z, schedule, prediction_type, timesteps: np.ndarray, step: int, set_alpha_to_one: bool, unroll):
     # diffusers: prev = t - T // num_steps for every spacing; a negative prev uses the "final" alpha (abar_0 for SD).
     prev = timesteps - step
     ts = jnp.asarray(timesteps, jnp.int32)
@@ -90,10 +93,10 @@ def _ddim(fn, z, schedule, prediction_type, timesteps: np.ndarray, step: int, se
         x_hat, eps_hat = pz.to_x_eps(fn(z, _tvec(ts[i], z)), z, a_t[i], s_t[i], prediction_type)
         return pz.ddim_step(x_hat, eps_hat, a_p[i], s_p[i]).astype(z.dtype)
 
-    return jax.lax.fori_loop(0, len(timesteps), body, z)
+    return jax.lax.fori_loop(0, len(timesteps), body, z, unroll=unroll)
 
 
-def _dpmpp_2m(fn, z, schedule, prediction_type, timesteps: np.ndarray):
+def _dpmpp_2m(fn, z, schedule, prediction_type, timesteps: np.ndarray, unroll):
     """DPM-Solver++(2M), midpoint, lower_order_final, final sigma zero: step 0 and the last step are first order and
     the last one lands on sigma = 0, i.e. returns the data prediction."""
     n = len(timesteps)
@@ -123,11 +126,11 @@ def _dpmpp_2m(fn, z, schedule, prediction_type, timesteps: np.ndarray):
         z_next = c_z[i] * z + c_0[i] * m0 + c_1[i] * m1
         return z_next.astype(z.dtype), m0.astype(z.dtype)
 
-    z, _ = jax.lax.fori_loop(0, n, body, (z, jnp.zeros_like(z)))
+    z, _ = jax.lax.fori_loop(0, n, body, (z, jnp.zeros_like(z)), unroll=unroll)
     return z
 
 
-def _euler(fn, z, schedule, prediction_type, timesteps: np.ndarray, spacing: str):
+def _euler(fn, z, schedule, prediction_type, timesteps: np.ndarray, spacing: str, unroll):
     """Euler in the VE variable x = z / alpha with sigma_VE = sqrt((1 - abar) / abar), linearly interpolated at
     fractional timesteps; the model sees x / sqrt(sigma^2 + 1) = z, as scale_model_input does."""
     T = schedule.num_train_timesteps
@@ -149,10 +152,10 @@ def _euler(fn, z, schedule, prediction_type, timesteps: np.ndarray, spacing: str
         x0, _ = pz.to_x_eps(fn(zi, _tvec(ts[i], x)), zi, a, sig[i] * a, prediction_type)
         return (x + (x - x0) / sig[i] * (sig_next[i] - sig[i])).astype(x.dtype)
 
-    return jax.lax.fori_loop(0, len(timesteps), body, x)
+    return jax.lax.fori_loop(0, len(timesteps), body, x, unroll=unroll)
 
 
-def _codi(fn, z, schedule, prediction_type, num_steps, rng, *, distill_steps: int = 50, timestep_scaling: float = 10.0,
+def _codi(fn, z, schedule, prediction_type, num_steps, rng, unroll, *, distill_steps: int = 50, timestep_scaling: float = 10.0,
           sigma_data: float = 0.5, stochastic: bool = False):
     timesteps = sch.codi_timesteps(num_steps, distill_steps, schedule.num_train_timesteps)
     if stochastic and rng is None:
@@ -163,17 +166,16 @@ def _codi(fn, z, schedule, prediction_type, num_steps, rng, *, distill_steps: in
     a_next = jnp.concatenate([a[1:], a[-1:]])  # the last step returns f; its "next" values are unused
     s_next = jnp.concatenate([s[1:], s[-1:]])
 
-    def f_of(i, z):
+    # Every step, the last included, runs inside one loop so the network is traced (and compiled) once; the last
+    # iteration's re-noised z is discarded and its f returned.
+    def body(i, carry):
+        z, _ = carry
         out = fn(z, _tvec(ts[i], z))
-        return pz.consistency_output(out, z, ts[i], a[i], s[i], prediction_type, timestep_scaling=timestep_scaling,
-                                     sigma_data=sigma_data)
-
-    def body(i, z):
-        f, eps_f = f_of(i, z)
+        f, eps_f = pz.consistency_output(out, z, ts[i], a[i], s[i], prediction_type,
+                                         timestep_scaling=timestep_scaling, sigma_data=sigma_data)
         if stochastic:  # CM multistep: re-noise the clean estimate with fresh noise
             eps_f = jax.random.normal(jax.random.fold_in(rng, i), z.shape, z.dtype)
-        return (a_next[i] * f + s_next[i] * eps_f).astype(z.dtype)
+        return (a_next[i] * f + s_next[i] * eps_f).astype(z.dtype), f.astype(z.dtype)
 
-    z = jax.lax.fori_loop(0, n - 1, body, z)
-    f, _ = f_of(n - 1, z)
-    return f.astype(z.dtype)
+    _, f = jax.lax.fori_loop(0, n, body, (z, jnp.zeros_like(z)), unroll=unroll)
+    return f

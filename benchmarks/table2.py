@@ -1,0 +1,121 @@
+"""The paper's Table 2 and Figure 7 ablations in miniature, on the embedded depth task.
+
+    python benchmarks/table2.py --workdir=runs/table2 [--steps=1000] [--stage-steps=600,1500] [--examples=256]
+
+One shared VAE and text-to-image teacher (the embedded default's stages), then, each in <workdir>/<method>:
+  finetune   conditional fine-tuning of the adapted model (ControlNet form, UNet trained) -> DDIM 4/50, DPM-Solver++ 4
+  cm         CM-II: consistency distillation of the fine-tuned model (frozen teacher, DDIM PF-ODE, x-space, EMA target)
+  gd         GD-II: guided/progressive distillation of the fine-tuned model into 4 steps
+  pe_codi    PE-CoDi: frozen UNet, conditional encoder + zero convs trained with the CoDi objective
+  codi       full CoDi (mu mixing, online PF-ODE, eps consistency + latent signal loss, one t per batch)
+  codi_no_signal / codi_teacher_pfode / codi_per_sample_t   the Figure 7 ablations
+and one evaluation of all of them (FID/KID/PSNR/SSIM) written as <workdir>/eval/report.{json,md} plus
+benchmarks/results/table2.json and .md. Every run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+METHODS = {
+    "finetune": {"mode": "finetune"},
+    "cm": {"mode": "cm", "init_from": "@finetune"},
+    "gd": {"mode": "gd", "init_from": "@finetune"},
+    "pe_codi": {"mode": "pe_codi"},
+    "codi": {"mode": "codi"},
+    "codi_no_signal": {"mode": "codi", "objective.signal_loss": "none"},
+    "codi_teacher_pfode": {"mode": "codi", "objective.pf_ode": "teacher"},
+    "codi_per_sample_t": {"mode": "codi", "objective.timestep_sampling": "sample"},
+}
+
+
+def method_config(base_arg: str, name: str, workdir: str, steps: int):
+    from codi_jax import config as config_lib
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("depth", os.path.join(REPO, "configs", "depth.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config(base_arg)
+    c.stages = ()
+    c.run_eval = False
+    c.teacher = os.path.join(workdir, "pretrain", "export")
+    c.vae_from = ""
+    c.total_steps = steps
+    for key, value in METHODS[name].items():
+        if key == "init_from":
+            value = os.path.join(workdir, value[1:])
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config_lib.finalize(c)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--steps", type=int, default=1000, help="training steps of each method")
+    parser.add_argument("--stage-steps", default="600,1500", help="VAE,teacher pretraining steps")
+    parser.add_argument("--examples", type=int, default=256, help="held-out examples for the evaluation")
+    parser.add_argument("--methods", default=",".join(METHODS), help="subset, comma-separated")
+    args = parser.parse_args(argv)
+
+    from absl import logging
+
+    from codi_jax import config as config_lib
+    from codi_jax import evaluate, train
+
+    logging.set_verbosity(logging.INFO)
+    workdir = os.path.abspath(args.workdir)
+    vae_steps, teacher_steps = (int(x) for x in args.stage_steps.split(","))
+    base = method_config("tiny", "codi", workdir, args.steps)
+    base.stage_steps.vae, base.stage_steps.pretrain = vae_steps, teacher_steps
+    timings = {}
+    for stage in ("vae", "pretrain"):
+        stage_dir = os.path.join(workdir, stage)
+        if not os.path.isfile(os.path.join(stage_dir, "export", "DONE")):
+            cfg = config_lib.stage_config(base, stage)
+            if stage == "pretrain":
+                cfg.vae_from = os.path.join(workdir, "vae", "export")
+            t0 = time.time()
+            train.train(cfg, stage_dir)
+            timings[stage] = time.time() - t0
+    names = [n for n in args.methods.split(",") if n]
+    unknown = set(names) - set(METHODS)
+    if unknown:
+        raise SystemExit(f"unknown methods {sorted(unknown)}; known: {list(METHODS)}")
+    for name in names:  # finetune comes first: cm and gd start from it.
+        method_dir = os.path.join(workdir, name)
+        if os.path.isfile(os.path.join(method_dir, "export", "DONE")):
+            continue
+        t0 = time.time()
+        train.train(method_config("tiny", name, workdir, args.steps), method_dir)
+        timings[name] = time.time() - t0
+
+    eval_cfg = method_config("tiny", "codi", workdir, args.steps)
+    eval_cfg.eval.num_examples = args.examples
+    eval_cfg.eval.steps = (1, 2, 4, 8)
+    report = evaluate.run(eval_cfg, workdir)
+    report["meta"]["train_seconds"] = timings
+    report["meta"]["machine"] = f"{os.cpu_count()} CPU cores"
+    report["meta"]["command"] = " ".join(["python benchmarks/table2.py"] + (argv or sys.argv[1:]))
+    os.makedirs(os.path.join(REPO, "benchmarks", "results"), exist_ok=True)
+    with open(os.path.join(REPO, "benchmarks", "results", "table2.json"), "w") as f:
+        json.dump(report, f, indent=2, default=str)
+    with open(os.path.join(REPO, "benchmarks", "results", "table2.md"), "w") as f:
+        f.write(evaluate.markdown(report))
+    print(json.dumps({k: v for k, v in report.items() if k != "meta"}, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
