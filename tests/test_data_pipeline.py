@@ -2,7 +2,8 @@
 
 import hashlib
 
-import grain.python as grain
+import grain
+import grain.python as grain_py
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -39,6 +40,12 @@ def test_default_config_validates_and_names_bad_fields():
     data.validate(_cfg(dataset="folder"))
   with pytest.raises(ValueError, match="tfds_name"):
     data.validate(_cfg(dataset="tfds"))
+
+
+def test_scene_source_is_a_grain_source():
+  src = data.make_source(_cfg(), "train")
+  assert isinstance(src, grain.sources.RandomAccessDataSource) and len(src) == 64
+  assert src[3]["image"].shape == (32, 32, 3) and "depth" in src[3]
 
 
 def test_cond_channels():
@@ -98,7 +105,7 @@ def test_checkpoint_restore_gives_exactly_the_next_batch(tmp_path):
   next(it)
   state = it.get_state()
   mngr = ocp.CheckpointManager(tmp_path / "ckpt", item_names=("data",))
-  mngr.save(1, args=ocp.args.Composite(data=grain.PyGrainCheckpointSave(it)))
+  mngr.save(1, args=ocp.args.Composite(data=grain_py.PyGrainCheckpointSave(it)))
   mngr.wait_until_finished()
   expected = next(it)
   # Raw state round trip.
@@ -109,7 +116,7 @@ def test_checkpoint_restore_gives_exactly_the_next_batch(tmp_path):
     np.testing.assert_array_equal(got[k], expected[k])
   # Orbax round trip with grain's checkpoint handler, as the trainer saves it.
   fresh = iter(_loader(cfg, process_index=0, process_count=1))
-  mngr.restore(1, args=ocp.args.Composite(data=grain.PyGrainCheckpointRestore(fresh)))
+  mngr.restore(1, args=ocp.args.Composite(data=grain_py.PyGrainCheckpointRestore(fresh)))
   got = next(fresh)
   for k in expected:
     np.testing.assert_array_equal(got[k], expected[k])

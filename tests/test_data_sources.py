@@ -4,12 +4,13 @@ import json
 import logging
 import os
 
+import grain
 import numpy as np
 import pytest
 from PIL import Image
 
 from codi_jax import data
-from codi_jax.data import prepare_depth, scenes, scenes_tfds, sources
+from codi_jax.data import contact_sheet, prepare_depth, scenes, scenes_tfds, sources
 
 
 def _write_images(folder, n, size=(40, 48), captions=True, start=0):
@@ -41,7 +42,7 @@ def _folder_cfg(root, **kw):
 
 def test_folder_source_reads_images_and_captions(image_folder):
   src = sources.FolderSource(str(image_folder), split="train", image_size=16)
-  assert len(src) == 8
+  assert isinstance(src, grain.sources.RandomAccessDataSource) and len(src) == 8
   rec = src[src.files.index(os.path.join("train", "img03.png"))]
   assert rec["image"].shape == (16, 16, 3) and rec["caption"] == "caption 3" and not rec["bad"]
 
@@ -94,6 +95,7 @@ def test_edit_folder_layout(tmp_path):
     (tmp_path / "instruction" / f"img{i:02d}.txt").write_text(f"make it {i}")
   cfg = _folder_cfg(tmp_path, task="edit")
   src = sources.EditFolderSource(str(tmp_path), split="train", image_size=16, test_fraction=0.0)
+  assert isinstance(src, grain.sources.RandomAccessDataSource)
   assert len(src) == 3 and src[1]["caption"] == "make it 1" and src[1]["input_image"].shape == (16, 16, 3)
   with pytest.raises(ValueError, match="instruction"):
     sources.EditFolderSource(str(tmp_path / "input"), split="train", image_size=16)
@@ -191,3 +193,10 @@ def test_prepare_depth_without_a_model_errors_clearly(tmp_path, capsys):
   (tmp_path / "pickled" / "pytorch_model.bin").write_bytes(b"")
   with pytest.raises(ValueError, match="safetensors"):
     prepare_depth.prepare_depth(str(tmp_path / "imgs"), str(tmp_path / "pickled"))
+
+
+def test_contact_sheet_command(tmp_path, capsys):
+  out = tmp_path / "sheet.png"
+  contact_sheet.main(["--out", str(out), "--rows", "2", "--size", "16"])
+  im = Image.open(out)
+  assert im.mode == "RGB" and im.width > 6 * 128 and im.height > 2 * 128 and "wrote" in capsys.readouterr().out

@@ -87,7 +87,7 @@ class SceneSource:
     ex["bad"] = False
     return ex
 
-  def __repr__(self) -> str:
+  def __repr__(self) -> str:  # grain stores the source's repr in iterator checkpoints
     return f"SceneSource(split={self.split}, n={self.num_examples}, size={self.image_size}, edit={self.edit})"
 
 
@@ -242,6 +242,9 @@ class EditFolderSource:
       logging.warning("skipping unreadable edit triplet %s: %s", out, e)
       z = np.zeros((s, s, 3), np.uint8)
       return {"input_image": z, "image": z, "caption": "", "bad": True}
+
+  def __repr__(self) -> str:  # grain stores the source's repr in iterator checkpoints
+    return f"EditFolderSource({os.path.dirname(self.dirs['input'])!r}, n={len(self.items)})"
 
 
 class TfdsSource:
