@@ -252,3 +252,11 @@ def test_sampler_errors(schedule, z_T):
         D.sample(jax_model(False), z, method="ddim", distill_steps=20, **kw)
     with pytest.raises(ValueError, match="num_steps"):
         D.sample(jax_model(False), z, method="codi", schedule=schedule, prediction_type="epsilon", num_steps=60)
+
+
+@pytest.mark.parametrize("method", ["codi", "dpmpp_2m"])
+def test_unroll_is_only_a_compilation_choice(method, schedule, z_T):
+    kw = dict(method=method, num_steps=3, schedule=schedule, prediction_type="v_prediction")
+    rolled = jax.jit(lambda z: D.sample(jax_model(False), z, **kw))(jnp.asarray(z_T))
+    unrolled = jax.jit(lambda z: D.sample(jax_model(False), z, unroll=True, **kw))(jnp.asarray(z_T))
+    np.testing.assert_allclose(np.asarray(unrolled), np.asarray(rolled), atol=1e-6)

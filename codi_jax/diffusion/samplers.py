@@ -49,8 +49,8 @@ def sample(model_fn: Callable, z_T: jax.Array, *, method: str, num_steps: int, s
     model_fn(z, timesteps) -> raw output, or (cond, uncond) when guidance_scale != 1; timesteps is (B,) int32 indices
     (float32 for euler with 'linspace' spacing, whose timesteps are fractional as in diffusers).
     kw: steps_offset (1), set_alpha_to_one (False) as in SD1.5's scheduler config; unroll (1): lax.fori_loop's
-    unroll, True for a straight-line program (one network copy per step: longer compiles, but on GPU a few-step loop
-    runs faster unrolled); for 'codi': distill_steps (50), timestep_scaling (10), sigma_data (0.5), stochastic (False;
+    unroll (True: straight-line, one network copy per step, longer compiles; 4 codi steps of a small UNet ran no faster
+    so on an H200); for 'codi': distill_steps (50), timestep_scaling (10), sigma_data (0.5), stochastic (False;
     needs rng).
     """
     pz.check_prediction_type(prediction_type)
