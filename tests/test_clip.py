@@ -1,10 +1,5 @@
 """CLIP text encoder: parity with transformers' CLIPTextModel, weight import/export round trip, presets, options."""
 
-import sys
-
-# torchvision is installed but does not import beside this torch build; transformers imports it when present.
-sys.modules.setdefault("torchvision", None)
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

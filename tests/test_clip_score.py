@@ -1,10 +1,5 @@
 """CLIPModel parity with transformers, CLIP image preprocessing, and the CLIP score formula."""
 
-import sys
-
-# torchvision is installed but does not import beside this torch build; transformers imports it when present.
-sys.modules.setdefault("torchvision", None)
-
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -1,8 +1,6 @@
 """LPIPS: our Flax network against the `lpips` package itself (lpips==0.1.4), random backbone + the package's real
 linear heads, exported to safetensors exactly as the codi_jax.metrics.lpips docstring tells users to."""
 
-import glob
-import importlib.util
 import os
 
 import numpy as np
@@ -15,30 +13,8 @@ from codi_jax.metrics import lpips as lpips_metric
 # lpips passes torchvision the old `pretrained=False` argument; torchvision warns that it means weights=None.
 pytestmark = pytest.mark.filterwarnings("ignore:.*(pretrained|weight enum).*:UserWarning")
 
-_TORCHVISION_SCHEMAS = None
-
-
 def _import_lpips():
-    """Imports the real lpips package beside our CPU torch.
-
-    The PyPI torchvision wheel for torch 2.13.0 (torchvision==0.28.0) is a CUDA build: its C++ ops library links
-    libtorch_cuda and cannot load beside the CPU torch, and torchvision's import then stops while registering fake
-    (meta) kernels for its ops `nms` and `qnms`, which do not exist. lpips uses only torchvision's pure-Python model
-    definitions (alexnet, vgg16), never those ops. So, only when the library really cannot load, we declare the two
-    op schemas (no kernels: calling them would still fail) and torchvision imports unchanged.
-    """
-    global _TORCHVISION_SCHEMAS
-    spec = importlib.util.find_spec("torchvision")
-    assert spec is not None, "torchvision is required by lpips==0.1.4"
-    libs = glob.glob(os.path.join(next(iter(spec.submodule_search_locations)), "_C*.so"))
-    try:
-        torch.ops.load_library(libs[0])
-    except (OSError, IndexError):
-        if _TORCHVISION_SCHEMAS is None:
-            lib = torch.library.Library("torchvision", "DEF")
-            lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-            lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-            _TORCHVISION_SCHEMAS = lib  # the schemas live as long as this object
+    """The real lpips package; tests/conftest.py makes torchvision (which lpips imports) importable first."""
     import lpips
     return lpips
 

@@ -1,10 +1,5 @@
 """AutoencoderKL: parity with diffusers, weight import/export round trip, posterior maths, presets, options."""
 
-import sys
-
-# torchvision is installed but does not import beside this torch build; diffusers/transformers import it when present.
-sys.modules.setdefault("torchvision", None)
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
