@@ -23,12 +23,13 @@ from codi_jax import data  # noqa: E402
 from codi_jax.data import scenes, scenes_tfds  # noqa: E402
 
 
-def _render_ms(size: int, n: int) -> float:
+def _render_ms(size: int, n: int) -> tuple[float, float]:
+  """(wall, CPU) ms per image; CPU time is what the renderer costs, wall what it got on a shared box."""
   scenes.render_example(0, 10_000, "train", size)  # warm caches / imports
-  t = time.perf_counter()
+  t, c = time.perf_counter(), time.process_time()
   for i in range(n):
     scenes.render_example(0, i, "train", size)
-  return (time.perf_counter() - t) / n * 1000
+  return (time.perf_counter() - t) / n * 1000, (time.process_time() - c) / n * 1000
 
 
 def _throughput(task: str, size: int, batch: int, workers: int, batches: int, **overrides) -> dict:
@@ -52,15 +53,20 @@ def main() -> None:
   p.add_argument("--batches", type=int, default=6, help="timed batches per case (after one warm-up batch)")
   p.add_argument("--quick", action="store_true", help="2 timed batches per case, fewer renders")
   a = p.parse_args()
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  tfds.disable_progress_bar()
   batches = 2 if a.quick else a.batches
   out = {
       # Shared CI/dev boxes are often busy; the load average says how much of the CPU these numbers had.
       "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                   "loadavg_1min_start": round(os.getloadavg()[0], 2)},
-      "render_ms_per_image": {"32px": round(_render_ms(32, 10 if a.quick else 40), 2),
-                              "256px": round(_render_ms(256, 1 if a.quick else 3), 1)},
+      "render_ms_per_image": {},
       "pipeline": [],
   }
+  for size, n in ((32, 10 if a.quick else 40), (256, 1 if a.quick else 3)):
+    wall, cpu = _render_ms(size, n)
+    out["render_ms_per_image"][f"{size}px"] = {"wall": round(wall, 1), "cpu": round(cpu, 1)}
   for task, size, batch in (("depth", 32, 64), ("sr", 128, 16)):
     for workers in (0, 2):
       out["pipeline"].append(_throughput(task, size, batch, workers, batches))
