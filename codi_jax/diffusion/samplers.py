@@ -50,8 +50,8 @@ def sample(model_fn: Callable, z_T: jax.Array, *, method: str, num_steps: int, s
     (float32 for euler with 'linspace' spacing, whose timesteps are fractional as in diffusers).
     kw: steps_offset (1), set_alpha_to_one (False) as in SD1.5's scheduler config; unroll (1): lax.fori_loop's
     unroll (True: straight-line, one network copy per step, longer compiles; 4 codi steps of a small UNet ran no faster
-    so on an H200); for 'codi': distill_steps (50), timestep_scaling (10), sigma_data (0.5), stochastic (False;
-    needs rng).
+    that way on an H200); for 'codi': distill_steps (50), timestep_scaling (10), sigma_data (0.5), stochastic (False;
+    needs rng). 'codi' walks the training grid of distill_steps, so timestep_spacing does not apply to it.
     """
     pz.check_prediction_type(prediction_type)
     if method not in METHODS:
