@@ -1,5 +1,7 @@
 """Task conditions, Real-ESRGAN degradation statistics, inpaint masks, tokenizers and the text cache."""
 
+import json
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -129,6 +131,13 @@ def test_tokenizer_folder_round_trip(tmp_path):
   caps = ["a red sphere left of a blue box", "make the green cylinder shiny"]
   np.testing.assert_array_equal(tokenizer.tokenize(str(tmp_path / "tok"), caps),
                                 tokenizer.tokenize(tokenizer.BUILTIN_SCENES, caps))
+  # Stable Diffusion's tokenizer/ layout: vocab.json + merges.txt (no tokenizer.json).
+  vocab, merges = tokenizer.builtin_vocab_and_merges()
+  sd = tmp_path / "sd_tokenizer"
+  sd.mkdir()
+  (sd / "vocab.json").write_text(json.dumps(vocab))
+  (sd / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+  np.testing.assert_array_equal(tokenizer.tokenize(str(sd), caps), tokenizer.tokenize(tokenizer.BUILTIN_SCENES, caps))
   with pytest.raises(ValueError, match="tokenizer"):
     tokenizer.load_tokenizer(str(tmp_path / "nope"))
   (tmp_path / "empty").mkdir()
