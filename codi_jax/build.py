@@ -294,7 +294,7 @@ class Recipe:
         latents = sample_latents(
             self.networks(frozen).apply, params, inputs, rng_s, method=method, num_steps=num_steps,
             schedule=self.schedule, prediction_type=self.config.model.prediction_type,
-            guidance_scale=guidance_scale, codi_kw=self.codi_kw(),
+            guidance_scale=guidance_scale, codi_kw=self.codi_kw(), timestep_spacing=self.timestep_spacing(),
         )
         images = self.vae.apply({"params": frozen["vae"]}, latents / self.vae_scale, method="decode")
         return jnp.clip(images.astype(jnp.float32), -1.0, 1.0)
@@ -303,6 +303,10 @@ class Recipe:
         o = self.config.objective
         return {"distill_steps": int(o.distill_steps), "timestep_scaling": float(o.timestep_scaling),
                 "sigma_data": float(o.sigma_data)}
+
+    def timestep_spacing(self) -> str:
+        # GD students are distilled on DDIM's 'trailing' grid (objectives.gd_timesteps) and sampled on it.
+        return "trailing" if self.mode == "gd" else "leading"
 
     def default_sampler(self) -> tuple[str, int]:
         if self.mode in ("codi", "pe_codi", "cm"):

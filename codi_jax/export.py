@@ -109,6 +109,7 @@ def export(recipe, state, frozen: dict, path: str) -> None:
     meta = {"mode": recipe.mode, "task": config.task, "prediction_type": config.model.prediction_type,
             "schedule": config.schedule.to_dict(), "image_size": int(config.data.image_size),
             "max_length": int(config.data.max_length), "default_sampler": list(recipe.default_sampler()),
+            "timestep_spacing": recipe.timestep_spacing() if recipe.mode != "vae" else "leading",
             **(recipe.codi_kw() if recipe.mode != "vae" else {})}
     index = {"_class_name": "StableDiffusionPipeline", "_codi_jax": meta, **components}
     with open(os.path.join(path, "model_index.json"), "w") as f:

@@ -24,7 +24,8 @@ from codi_jax import diffusion
 
 
 def sample_latents(apply: Callable, params: Any, inputs: dict, rng: jax.Array, *, method: str, num_steps: int,
-                   schedule, prediction_type: str, guidance_scale: float = 1.0, codi_kw: dict | None = None):
+                   schedule, prediction_type: str, guidance_scale: float = 1.0, codi_kw: dict | None = None,
+                   timestep_spacing: str = "leading"):
     """apply(params, z, t, inputs) -> raw network output; inputs has 'latents' (for the shape), 'text', 'text_null'."""
     rng_z, rng_s = jax.random.split(rng)
     z_T = jax.random.normal(rng_z, inputs["latents"].shape, jnp.float32)
@@ -38,7 +39,8 @@ def sample_latents(apply: Callable, params: Any, inputs: dict, rng: jax.Array, *
 
     kw = dict(codi_kw or {}) if method == "codi" else {}
     return diffusion.sample(model_fn, z_T, method=method, num_steps=num_steps, schedule=schedule,
-                            prediction_type=prediction_type, guidance_scale=guidance_scale, rng=rng_s, **kw)
+                            prediction_type=prediction_type, timestep_spacing=timestep_spacing,
+                            guidance_scale=guidance_scale, rng=rng_s, **kw)
 
 
 def to_uint8(images) -> np.ndarray:
@@ -95,7 +97,8 @@ class Pipeline:
                 apply = lambda p, z, t, x: self.model.apply({"params": p}, z, t, x["text"], x["cond"])  # noqa: E731
                 latents = sample_latents(apply, params["model"], inputs, rng, method=method, num_steps=steps,
                                          schedule=self.schedule, prediction_type=self.meta["prediction_type"],
-                                         guidance_scale=guidance_scale, codi_kw=codi_kw)
+                                         guidance_scale=guidance_scale, codi_kw=codi_kw,
+                                         timestep_spacing=self.meta.get("timestep_spacing", "leading"))
                 images = self.vae.apply({"params": params["vae"]}, latents / self.scale, method="decode")
                 return jnp.clip(images, -1.0, 1.0)
 
