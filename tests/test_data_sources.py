@@ -14,189 +14,189 @@ from codi_jax.data import contact_sheet, prepare_depth, scenes, scenes_tfds, sou
 
 
 def _write_images(folder, n, size=(40, 48), captions=True, start=0):
-  folder.mkdir(parents=True, exist_ok=True)
-  for i in range(start, start + n):
-    img = scenes.render_example(1, i, "train", 48)["image"][: size[0], : size[1]]
-    Image.fromarray(img).save(folder / f"img{i:02d}.png")
-    if captions:
-      (folder / f"img{i:02d}.txt").write_text(f"caption {i}\n")
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(start, start + n):
+        img = scenes.render_example(1, i, "train", 48)["image"][: size[0], : size[1]]
+        Image.fromarray(img).save(folder / f"img{i:02d}.png")
+        if captions:
+            (folder / f"img{i:02d}.txt").write_text(f"caption {i}\n")
 
 
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
-  root = tmp_path_factory.mktemp("folder")
-  _write_images(root / "train", 6)
-  _write_images(root / "test", 2, start=6)
-  # A truncated PNG and a file that is not an image at all.
-  good = (root / "train" / "img00.png").read_bytes()
-  (root / "train" / "truncated.png").write_bytes(good[: len(good) // 2])
-  (root / "train" / "garbage.jpg").write_bytes(b"this is not a jpeg")
-  return root
+    root = tmp_path_factory.mktemp("folder")
+    _write_images(root / "train", 6)
+    _write_images(root / "test", 2, start=6)
+    # A truncated PNG and a file that is not an image at all.
+    good = (root / "train" / "img00.png").read_bytes()
+    (root / "train" / "truncated.png").write_bytes(good[: len(good) // 2])
+    (root / "train" / "garbage.jpg").write_bytes(b"this is not a jpeg")
+    return root
 
 
 def _folder_cfg(root, **kw):
-  cfg = data.default_config()
-  cfg.update({"dataset": "folder", "data_dir": str(root), "task": "t2i", "image_size": 16, **kw})
-  return cfg
+    cfg = data.default_config()
+    cfg.update({"dataset": "folder", "data_dir": str(root), "task": "t2i", "image_size": 16, **kw})
+    return cfg
 
 
 def test_folder_source_reads_images_and_captions(image_folder):
-  src = sources.FolderSource(str(image_folder), split="train", image_size=16)
-  assert isinstance(src, grain.sources.RandomAccessDataSource) and len(src) == 8
-  rec = src[src.files.index(os.path.join("train", "img03.png"))]
-  assert rec["image"].shape == (16, 16, 3) and rec["caption"] == "caption 3" and not rec["bad"]
+    src = sources.FolderSource(str(image_folder), split="train", image_size=16)
+    assert isinstance(src, grain.sources.RandomAccessDataSource) and len(src) == 8
+    rec = src[src.files.index(os.path.join("train", "img03.png"))]
+    assert rec["image"].shape == (16, 16, 3) and rec["caption"] == "caption 3" and not rec["bad"]
 
 
 def test_bad_files_are_skipped_counted_and_logged(image_folder, caplog):
-  src = sources.FolderSource(str(image_folder), split="train", image_size=16)
-  before = sources.skipped_count()
-  with caplog.at_level(logging.WARNING):
-    bad = [src[i]["bad"] for i in range(len(src))]
-  assert sum(bad) == 2 and src.skipped == 2 and sources.skipped_count() == before + 2
-  assert "truncated.png" in caplog.text and "garbage.jpg" in caplog.text
-  validated = sources.FolderSource(str(image_folder), split="train", image_size=16, validate=True)
-  assert len(validated) == 6 and validated.skipped == 2
-  # The pipeline filters them: an epoch of 6 good records never yields an all-zero (bad) image.
-  it = iter(data.make_train_loader(_folder_cfg(image_folder), global_batch_size=3, seed=0, process_index=0,
-                                   process_count=1))
-  imgs = np.concatenate([next(it)["image"] for _ in range(4)])
-  assert (imgs.reshape(len(imgs), -1) != -1).any(axis=1).all()
-  assert len({x.tobytes() for x in imgs}) == 6
+    src = sources.FolderSource(str(image_folder), split="train", image_size=16)
+    before = sources.skipped_count()
+    with caplog.at_level(logging.WARNING):
+        bad = [src[i]["bad"] for i in range(len(src))]
+    assert sum(bad) == 2 and src.skipped == 2 and sources.skipped_count() == before + 2
+    assert "truncated.png" in caplog.text and "garbage.jpg" in caplog.text
+    validated = sources.FolderSource(str(image_folder), split="train", image_size=16, validate=True)
+    assert len(validated) == 6 and validated.skipped == 2
+    # The pipeline filters them: an epoch of 6 good records never yields an all-zero (bad) image.
+    it = iter(data.make_train_loader(_folder_cfg(image_folder), global_batch_size=3, seed=0, process_index=0,
+                                     process_count=1))
+    imgs = np.concatenate([next(it)["image"] for _ in range(4)])
+    assert (imgs.reshape(len(imgs), -1) != -1).any(axis=1).all()
+    assert len({x.tobytes() for x in imgs}) == 6
 
 
 def test_folder_errors_are_clear(tmp_path, image_folder):
-  (tmp_path / "empty").mkdir()
-  with pytest.raises(ValueError, match="no images"):
-    sources.FolderSource(str(tmp_path / "empty"), split="train", image_size=16)
-  with pytest.raises(ValueError, match="image_size"):
-    data.validate(_bad_size(image_folder))
-  with pytest.raises(ValueError, match="prepare_depth"):
-    sources.FolderSource(str(image_folder), split="train", image_size=16, need_depth=True)
-  meta = tmp_path / "meta"
-  _write_images(meta, 2, captions=False)
-  (meta / "metadata.jsonl").write_text(json.dumps({"file_name": "img00.png", "prompt": "x"}) + "\n")
-  with pytest.raises(ValueError, match="caption column 'text'"):
-    sources.FolderSource(str(meta), split="train", image_size=16, test_fraction=0.0)
-  src = sources.FolderSource(str(meta), split="train", image_size=16, caption_key="prompt", test_fraction=0.0)
-  assert src[src.files.index("img00.png")]["caption"] == "x"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        sources.FolderSource(str(tmp_path / "empty"), split="train", image_size=16)
+    with pytest.raises(ValueError, match="image_size"):
+        data.validate(_bad_size(image_folder))
+    with pytest.raises(ValueError, match="prepare_depth"):
+        sources.FolderSource(str(image_folder), split="train", image_size=16, need_depth=True)
+    meta = tmp_path / "meta"
+    _write_images(meta, 2, captions=False)
+    (meta / "metadata.jsonl").write_text(json.dumps({"file_name": "img00.png", "prompt": "x"}) + "\n")
+    with pytest.raises(ValueError, match="caption column 'text'"):
+        sources.FolderSource(str(meta), split="train", image_size=16, test_fraction=0.0)
+    src = sources.FolderSource(str(meta), split="train", image_size=16, caption_key="prompt", test_fraction=0.0)
+    assert src[src.files.index("img00.png")]["caption"] == "x"
 
 
 def _bad_size(root):
-  cfg = _folder_cfg(root)
-  cfg.image_size = 20
-  return cfg
+    cfg = _folder_cfg(root)
+    cfg.image_size = 20
+    return cfg
 
 
 def test_edit_folder_layout(tmp_path):
-  for sub in ("input", "edited"):
-    _write_images(tmp_path / sub, 3, captions=False)
-  (tmp_path / "instruction").mkdir()
-  for i in range(3):
-    (tmp_path / "instruction" / f"img{i:02d}.txt").write_text(f"make it {i}")
-  cfg = _folder_cfg(tmp_path, task="edit")
-  src = sources.EditFolderSource(str(tmp_path), split="train", image_size=16, test_fraction=0.0)
-  assert isinstance(src, grain.sources.RandomAccessDataSource)
-  assert len(src) == 3 and src[1]["caption"] == "make it 1" and src[1]["input_image"].shape == (16, 16, 3)
-  with pytest.raises(ValueError, match="instruction"):
-    sources.EditFolderSource(str(tmp_path / "input"), split="train", image_size=16)
-  assert data.cond_channels(cfg) == 3
+    for sub in ("input", "edited"):
+        _write_images(tmp_path / sub, 3, captions=False)
+    (tmp_path / "instruction").mkdir()
+    for i in range(3):
+        (tmp_path / "instruction" / f"img{i:02d}.txt").write_text(f"make it {i}")
+    cfg = _folder_cfg(tmp_path, task="edit")
+    src = sources.EditFolderSource(str(tmp_path), split="train", image_size=16, test_fraction=0.0)
+    assert isinstance(src, grain.sources.RandomAccessDataSource)
+    assert len(src) == 3 and src[1]["caption"] == "make it 1" and src[1]["input_image"].shape == (16, 16, 3)
+    with pytest.raises(ValueError, match="instruction"):
+        sources.EditFolderSource(str(tmp_path / "input"), split="train", image_size=16)
+    assert data.cond_channels(cfg) == 3
 
 
 @pytest.fixture(scope="module")
 def tfds_dir(tmp_path_factory):
-  d = tmp_path_factory.mktemp("tfds")
-  name = scenes_tfds.prepare(str(d), image_size=16, num_train=12, num_test=4)
-  return str(d), name
+    d = tmp_path_factory.mktemp("tfds")
+    name = scenes_tfds.prepare(str(d), image_size=16, num_train=12, num_test=4)
+    return str(d), name
 
 
 def test_tfds_builder_prepares_and_reads_back(tfds_dir):
-  import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds
 
-  d, name = tfds_dir
-  assert name == "codi_scenes/16px_12_4"
-  assert any(f.endswith(".array_record-00000-of-00001") for f in os.listdir(os.path.join(d, name, "1.0.0")))
-  ds = tfds.data_source(name, split="train", data_dir=d)
-  assert len(ds) == 12 and len(tfds.data_source(name, split="test", data_dir=d)) == 4
-  ref = scenes.render_example(0, 5, "train", 16, edit=True)
-  rec = ds[5]
-  np.testing.assert_array_equal(rec["image"], ref["input_image"])
-  np.testing.assert_array_equal(rec["edited_image"], ref["image"])
-  np.testing.assert_array_equal(rec["depth"], ref["depth"])
-  assert rec["caption"].decode() == ref["caption"] and rec["instruction"].decode() == ref["instruction"]
+    d, name = tfds_dir
+    assert name == "codi_scenes/16px_12_4"
+    assert any(f.endswith(".array_record-00000-of-00001") for f in os.listdir(os.path.join(d, name, "1.0.0")))
+    ds = tfds.data_source(name, split="train", data_dir=d)
+    assert len(ds) == 12 and len(tfds.data_source(name, split="test", data_dir=d)) == 4
+    ref = scenes.render_example(0, 5, "train", 16, edit=True)
+    rec = ds[5]
+    np.testing.assert_array_equal(rec["image"], ref["input_image"])
+    np.testing.assert_array_equal(rec["edited_image"], ref["image"])
+    np.testing.assert_array_equal(rec["depth"], ref["depth"])
+    assert rec["caption"].decode() == ref["caption"] and rec["instruction"].decode() == ref["instruction"]
 
 
 def test_tfds_pipeline_and_missing_feature(tfds_dir):
-  d, name = tfds_dir
-  cfg = data.default_config()
-  cfg.update(dataset="tfds", tfds_name=name, data_dir=d, image_size=16, task="depth")
-  b = next(iter(data.make_train_loader(cfg, global_batch_size=4, seed=0, process_index=0, process_count=1)))
-  assert b["cond"].shape == (4, 16, 16, 1) and b["input_ids"].shape == (4, 77)
-  cfg.update(task="edit", tfds_image_key="edited_image", tfds_caption_key="instruction", tfds_edit_input_key="image")
-  (e,) = data.make_eval_batches(cfg, batch_size=4, num_examples=4, seed=0)
-  assert all(c.startswith("make the") for c in e["caption"]) and e["cond"].shape == (4, 16, 16, 3)
-  cfg.tfds_caption_key = "text"
-  with pytest.raises(ValueError, match="text"):
-    data.make_train_loader(cfg, global_batch_size=4, seed=0, process_index=0, process_count=1)
+    d, name = tfds_dir
+    cfg = data.default_config()
+    cfg.update(dataset="tfds", tfds_name=name, data_dir=d, image_size=16, task="depth")
+    b = next(iter(data.make_train_loader(cfg, global_batch_size=4, seed=0, process_index=0, process_count=1)))
+    assert b["cond"].shape == (4, 16, 16, 1) and b["input_ids"].shape == (4, 77)
+    cfg.update(task="edit", tfds_image_key="edited_image", tfds_caption_key="instruction", tfds_edit_input_key="image")
+    (e,) = data.make_eval_batches(cfg, batch_size=4, num_examples=4, seed=0)
+    assert all(c.startswith("make the") for c in e["caption"]) and e["cond"].shape == (4, 16, 16, 3)
+    cfg.tfds_caption_key = "text"
+    with pytest.raises(ValueError, match="text"):
+        data.make_train_loader(cfg, global_batch_size=4, seed=0, process_index=0, process_count=1)
 
 
 @pytest.fixture(scope="module")
 def tiny_depth_model(tmp_path_factory):
-  prepare_depth._hide_broken_torchvision()
-  import torch
-  from transformers import GLPNConfig, GLPNForDepthEstimation
-  from transformers.models.glpn.image_processing_pil_glpn import GLPNImageProcessorPil
+    prepare_depth._hide_broken_torchvision()
+    import torch
+    from transformers import GLPNConfig, GLPNForDepthEstimation
+    from transformers.models.glpn.image_processing_pil_glpn import GLPNImageProcessorPil
 
-  torch.manual_seed(0)
-  cfg = GLPNConfig(num_channels=3, num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16],
-                   patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 1], mlp_ratios=[2, 2],
-                   decoder_hidden_size=8, max_depth=10, head_in_index=-1)
-  path = tmp_path_factory.mktemp("glpn")
-  GLPNForDepthEstimation(cfg).eval().save_pretrained(path)
-  GLPNImageProcessorPil().save_pretrained(path)
-  assert (path / "model.safetensors").exists()
-  return str(path)
+    torch.manual_seed(0)
+    cfg = GLPNConfig(num_channels=3, num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16],
+                     patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 1], mlp_ratios=[2, 2],
+                     decoder_hidden_size=8, max_depth=10, head_in_index=-1)
+    path = tmp_path_factory.mktemp("glpn")
+    GLPNForDepthEstimation(cfg).eval().save_pretrained(path)
+    GLPNImageProcessorPil().save_pretrained(path)
+    assert (path / "model.safetensors").exists()
+    return str(path)
 
 
 def test_prepare_depth_with_a_tiny_model(tmp_path, tiny_depth_model):
-  from transformers import AutoImageProcessor, pipeline
+    from transformers import AutoImageProcessor, pipeline
 
-  images = tmp_path / "imgs"
-  _write_images(images / "train", 2)
-  _write_images(images / "test", 1, start=2)
-  (images / "train" / "broken.png").write_bytes(b"\x89PNG broken")
-  stats = prepare_depth.prepare_depth(str(images), tiny_depth_model)
-  assert stats == {"written": 3, "skipped": 1}
-  out = images / "depth" / "train" / "img01.png"
-  written = np.asarray(Image.open(out))
-  assert written.shape == (40, 48) and written.dtype == np.uint16
-  assert written.min() == 0 and written.max() == 65535
-  # GLPN predicts metric depth, so the map is its inverse: the farthest prediction is the darkest pixel.
-  processor = AutoImageProcessor.from_pretrained(tiny_depth_model, backend="pil")
-  pred = pipeline("depth-estimation", model=tiny_depth_model, image_processor=processor)(
-      Image.open(images / "train" / "img01.png"))
-  pred = pred["predicted_depth"].detach().numpy().squeeze()
-  np.testing.assert_array_equal(written, prepare_depth.to_disparity_u16(pred, metric=True))
-  assert written.ravel()[pred.argmax()] == 0
-  # And the folder pipeline now serves the depth task.
-  cfg = _folder_cfg(images, task="depth")
-  b = next(iter(data.make_train_loader(cfg, global_batch_size=2, seed=0, process_index=0, process_count=1)))
-  assert b["cond"].shape == (2, 16, 16, 1) and b["cond"].min() >= -1 and b["cond"].max() <= 1
+    images = tmp_path / "imgs"
+    _write_images(images / "train", 2)
+    _write_images(images / "test", 1, start=2)
+    (images / "train" / "broken.png").write_bytes(b"\x89PNG broken")
+    stats = prepare_depth.prepare_depth(str(images), tiny_depth_model)
+    assert stats == {"written": 3, "skipped": 1}
+    out = images / "depth" / "train" / "img01.png"
+    written = np.asarray(Image.open(out))
+    assert written.shape == (40, 48) and written.dtype == np.uint16
+    assert written.min() == 0 and written.max() == 65535
+    # GLPN predicts metric depth, so the map is its inverse: the farthest prediction is the darkest pixel.
+    processor = AutoImageProcessor.from_pretrained(tiny_depth_model, backend="pil")
+    pred = pipeline("depth-estimation", model=tiny_depth_model, image_processor=processor)(
+        Image.open(images / "train" / "img01.png"))
+    pred = pred["predicted_depth"].detach().numpy().squeeze()
+    np.testing.assert_array_equal(written, prepare_depth.to_disparity_u16(pred, metric=True))
+    assert written.ravel()[pred.argmax()] == 0
+    # And the folder pipeline now serves the depth task.
+    cfg = _folder_cfg(images, task="depth")
+    b = next(iter(data.make_train_loader(cfg, global_batch_size=2, seed=0, process_index=0, process_count=1)))
+    assert b["cond"].shape == (2, 16, 16, 1) and b["cond"].min() >= -1 and b["cond"].max() <= 1
 
 
 def test_prepare_depth_without_a_model_errors_clearly(tmp_path, capsys):
-  _write_images(tmp_path / "imgs", 1)
-  with pytest.raises(ValueError, match="--model is required"):
-    prepare_depth.prepare_depth(str(tmp_path / "imgs"), None)
-  assert prepare_depth.main(["--images", str(tmp_path / "imgs")]) == 2
-  assert "--model is required" in capsys.readouterr().err
-  (tmp_path / "pickled").mkdir()
-  (tmp_path / "pickled" / "pytorch_model.bin").write_bytes(b"")
-  with pytest.raises(ValueError, match="safetensors"):
-    prepare_depth.prepare_depth(str(tmp_path / "imgs"), str(tmp_path / "pickled"))
+    _write_images(tmp_path / "imgs", 1)
+    with pytest.raises(ValueError, match="--model is required"):
+        prepare_depth.prepare_depth(str(tmp_path / "imgs"), None)
+    assert prepare_depth.main(["--images", str(tmp_path / "imgs")]) == 2
+    assert "--model is required" in capsys.readouterr().err
+    (tmp_path / "pickled").mkdir()
+    (tmp_path / "pickled" / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match="safetensors"):
+        prepare_depth.prepare_depth(str(tmp_path / "imgs"), str(tmp_path / "pickled"))
 
 
 def test_contact_sheet_command(tmp_path, capsys):
-  out = tmp_path / "sheet.png"
-  contact_sheet.main(["--out", str(out), "--rows", "2", "--size", "16"])
-  im = Image.open(out)
-  assert im.mode == "RGB" and im.width > 6 * 128 and im.height > 2 * 128 and "wrote" in capsys.readouterr().out
+    out = tmp_path / "sheet.png"
+    contact_sheet.main(["--out", str(out), "--rows", "2", "--size", "16"])
+    im = Image.open(out)
+    assert im.mode == "RGB" and im.width > 6 * 128 and im.height > 2 * 128 and "wrote" in capsys.readouterr().out

@@ -11,152 +11,152 @@ from codi_jax.data import degradations, masks, scenes, tasks, text_cache, tokeni
 
 @pytest.fixture(scope="module")
 def record():
-  return scenes.render_example(0, 2, "train", 32, edit=True)
+    return scenes.render_example(0, 2, "train", 32, edit=True)
 
 
 @pytest.mark.parametrize("task,channels", [("depth", 1), ("sr", 3), ("inpaint", 4), ("edit", 3), ("t2i", 0)])
 def test_condition_shape_and_range(record, task, channels):
-  ex = tasks.make_example(task, record, np.random.default_rng(0))
-  assert ex["image"].shape == (32, 32, 3) and ex["image"].dtype == np.float32
-  assert -1 <= ex["image"].min() and ex["image"].max() <= 1
-  if channels == 0:
-    assert "cond" not in ex
-    return
-  c = ex["cond"]
-  assert c.shape == (32, 32, channels) and c.dtype == np.float32
-  assert -1 <= c.min() and c.max() <= 1 and c.std() > 0.05
+    ex = tasks.make_example(task, record, np.random.default_rng(0))
+    assert ex["image"].shape == (32, 32, 3) and ex["image"].dtype == np.float32
+    assert -1 <= ex["image"].min() and ex["image"].max() <= 1
+    if channels == 0:
+        assert "cond" not in ex
+        return
+    c = ex["cond"]
+    assert c.shape == (32, 32, channels) and c.dtype == np.float32
+    assert -1 <= c.min() and c.max() <= 1 and c.std() > 0.05
 
 
 def test_depth_condition_is_disparity_near_bright(record):
-  c = tasks.disparity_condition(record)[..., 0]
-  near, far = np.unravel_index(record["depth"].argmin(), c.shape), np.unravel_index(record["depth"].argmax(), c.shape)
-  assert c[near] == pytest.approx(1.0) and c[far] == pytest.approx(-1.0)
-  # Monotone: ordering of disparity is the reverse ordering of depth.
-  order = np.argsort(record["depth"].ravel())
-  assert np.all(np.diff(c.ravel()[order]) <= 1e-6)
+    c = tasks.disparity_condition(record)[..., 0]
+    near, far = np.unravel_index(record["depth"].argmin(), c.shape), np.unravel_index(record["depth"].argmax(), c.shape)
+    assert c[near] == pytest.approx(1.0) and c[far] == pytest.approx(-1.0)
+    # Monotone: ordering of disparity is the reverse ordering of depth.
+    order = np.argsort(record["depth"].ravel())
+    assert np.all(np.diff(c.ravel()[order]) <= 1e-6)
 
 
 def test_inpaint_condition_hides_the_holes(record):
-  image = tasks.to_signed(record["image"])
-  mask = masks.random_mask(np.random.default_rng(1), 32, 32, 0.3)
-  c = tasks.inpaint_condition(image, mask)
-  assert np.all(c[mask > 0, :3] == 0) and np.allclose(c[mask == 0, :3], image[mask == 0])
-  assert set(np.unique(c[..., 3])) == {-1.0, 1.0}
+    image = tasks.to_signed(record["image"])
+    mask = masks.random_mask(np.random.default_rng(1), 32, 32, 0.3)
+    c = tasks.inpaint_condition(image, mask)
+    assert np.all(c[mask > 0, :3] == 0) and np.allclose(c[mask == 0, :3], image[mask == 0])
+    assert set(np.unique(c[..., 3])) == {-1.0, 1.0}
 
 
 def test_edit_condition_is_the_input_image(record):
-  ex = tasks.make_example("edit", record, np.random.default_rng(0))
-  assert np.array_equal(ex["cond"], tasks.to_signed(record["input_image"]))
-  assert np.array_equal(ex["image"], tasks.to_signed(record["image"]))
+    ex = tasks.make_example("edit", record, np.random.default_rng(0))
+    assert np.array_equal(ex["cond"], tasks.to_signed(record["input_image"]))
+    assert np.array_equal(ex["image"], tasks.to_signed(record["image"]))
 
 
 @pytest.mark.parametrize("fraction", [0.15, 0.4])
 def test_masks_cover_the_configured_fraction(fraction):
-  rng = np.random.default_rng(0)
-  cover = [masks.random_mask(rng, 32, 32, fraction).mean() for _ in range(150)]
-  assert abs(np.mean(cover) - fraction) < 0.02
-  assert np.std(cover) < 0.05  # each mask is near the target, not just the average
+    rng = np.random.default_rng(0)
+    cover = [masks.random_mask(rng, 32, 32, fraction).mean() for _ in range(150)]
+    assert abs(np.mean(cover) - fraction) < 0.02
+    assert np.std(cover) < 0.05  # each mask is near the target, not just the average
 
 
 def _high_freq_fraction(img):
-  g = img.mean(-1)
-  power = np.abs(np.fft.fftshift(np.fft.fft2(g - g.mean()))) ** 2
-  h, w = g.shape
-  yy, xx = np.mgrid[-h // 2:h // 2, -w // 2:w // 2]
-  return power[np.hypot(yy / (h / 2), xx / (w / 2)) > 0.5].sum() / power.sum()
+    g = img.mean(-1)
+    power = np.abs(np.fft.fftshift(np.fft.fft2(g - g.mean()))) ** 2
+    h, w = g.shape
+    yy, xx = np.mgrid[-h // 2:h // 2, -w // 2:w // 2]
+    return power[np.hypot(yy / (h / 2), xx / (w / 2)) > 0.5].sum() / power.sum()
 
 
 def _flat_noise(img, flat):
-  g = img.mean(-1)
-  r = g - ndimage.uniform_filter(g, 5)
-  return np.sqrt((r[flat] ** 2).mean())
+    g = img.mean(-1)
+    r = g - ndimage.uniform_filter(g, 5)
+    return np.sqrt((r[flat] ** 2).mean())
 
 
 def test_sr_degradation_statistics():
-  """Degraded-and-upsampled images lose high frequencies, and carry more noise than a clean bicubic down-up."""
-  hf_in, hf_out, noise_deg, noise_bic = [], [], [], []
-  for i in range(16):
-    img = scenes.render_example(0, i, "train", 64)["image"].astype(np.float32) / 255
-    g = img.mean(-1)
-    # Noise is measured where the clean image is flat, so blur cannot hide it and edges cannot fake it.
-    flat = ndimage.uniform_filter((g - ndimage.uniform_filter(g, 5)) ** 2, 9) < 1e-4
-    cond = degradations.sr_condition(img, np.random.default_rng(i), 4)
-    assert cond.shape == img.shape and 0 <= cond.min() and cond.max() <= 1
-    bicubic = degradations.resize(degradations.resize(img, 16, 16, "bicubic"), 64, 64, "bicubic")
-    hf_in.append(_high_freq_fraction(img))
-    hf_out.append(_high_freq_fraction(cond))
-    noise_deg.append(_flat_noise(cond, flat))
-    noise_bic.append(_flat_noise(bicubic, flat))
-  assert np.mean(hf_out) < 0.5 * np.mean(hf_in)
-  assert np.mean(noise_deg) > 2 * np.mean(noise_bic)
+    """Degraded-and-upsampled images lose high frequencies, and carry more noise than a clean bicubic down-up."""
+    hf_in, hf_out, noise_deg, noise_bic = [], [], [], []
+    for i in range(16):
+        img = scenes.render_example(0, i, "train", 64)["image"].astype(np.float32) / 255
+        g = img.mean(-1)
+        # Noise is measured where the clean image is flat, so blur cannot hide it and edges cannot fake it.
+        flat = ndimage.uniform_filter((g - ndimage.uniform_filter(g, 5)) ** 2, 9) < 1e-4
+        cond = degradations.sr_condition(img, np.random.default_rng(i), 4)
+        assert cond.shape == img.shape and 0 <= cond.min() and cond.max() <= 1
+        bicubic = degradations.resize(degradations.resize(img, 16, 16, "bicubic"), 64, 64, "bicubic")
+        hf_in.append(_high_freq_fraction(img))
+        hf_out.append(_high_freq_fraction(cond))
+        noise_deg.append(_flat_noise(cond, flat))
+        noise_bic.append(_flat_noise(bicubic, flat))
+    assert np.mean(hf_out) < 0.5 * np.mean(hf_in)
+    assert np.mean(noise_deg) > 2 * np.mean(noise_bic)
 
 
 def test_degradation_is_deterministic_and_x4():
-  img = scenes.render_example(0, 0, "train", 32)["image"].astype(np.float32) / 255
-  a = degradations.degrade(img, np.random.default_rng(5))
-  b = degradations.degrade(img, np.random.default_rng(5))
-  assert a.shape == (8, 8, 3) and np.array_equal(a, b)
+    img = scenes.render_example(0, 0, "train", 32)["image"].astype(np.float32) / 255
+    a = degradations.degrade(img, np.random.default_rng(5))
+    b = degradations.degrade(img, np.random.default_rng(5))
+    assert a.shape == (8, 8, 3) and np.array_equal(a, b)
 
 
 def test_kernels_are_normalised():
-  cfg = degradations.DegradationConfig()
-  rng = np.random.default_rng(0)
-  for _ in range(20):
-    k = degradations.random_mixed_kernel(rng, 11, cfg, cfg.blur_sigma)
-    assert k.shape == (11, 11) and k.sum() == pytest.approx(1.0)
-  s = degradations.sinc_kernel(np.pi / 3, 13)
-  assert s.sum() == pytest.approx(1.0) and s[6, 6] == s.max()
+    cfg = degradations.DegradationConfig()
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        k = degradations.random_mixed_kernel(rng, 11, cfg, cfg.blur_sigma)
+        assert k.shape == (11, 11) and k.sum() == pytest.approx(1.0)
+    s = degradations.sinc_kernel(np.pi / 3, 13)
+    assert s.sum() == pytest.approx(1.0) and s[6, 6] == s.max()
 
 
 def test_builtin_tokenizer_is_clip_shaped():
-  tok = tokenizer.load_tokenizer(tokenizer.BUILTIN_SCENES)
-  assert len(tok) == tokenizer.builtin_vocab_size()
-  for w in scenes.caption_words():
-    assert len(tok(w, add_special_tokens=False)["input_ids"]) == 1, w
-  cap = scenes.caption(scenes.sample_scene(0, 0))
-  ids = tokenizer.tokenize(tokenizer.BUILTIN_SCENES, [cap, ""], 77)
-  assert ids.shape == (2, 77) and ids.dtype == np.int32
-  bos, eos = tok.convert_tokens_to_ids("<|startoftext|>"), tok.convert_tokens_to_ids("<|endoftext|>")
-  n = len(cap.replace(",", " ,").split())
-  assert ids[0, 0] == bos and ids[0, n + 1] == eos and np.all(ids[0, n + 1:] == eos)  # CLIP pads with eos
-  assert ids[1, 0] == bos and np.all(ids[1, 1:] == eos)
-  # Words outside the grammar fall back to byte tokens and still round-trip.
-  odd = tok("a zebra on mars")["input_ids"]
-  assert tok.decode(odd, skip_special_tokens=True).strip() == "a zebra on mars"
+    tok = tokenizer.load_tokenizer(tokenizer.BUILTIN_SCENES)
+    assert len(tok) == tokenizer.builtin_vocab_size()
+    for w in scenes.caption_words():
+        assert len(tok(w, add_special_tokens=False)["input_ids"]) == 1, w
+    cap = scenes.caption(scenes.sample_scene(0, 0))
+    ids = tokenizer.tokenize(tokenizer.BUILTIN_SCENES, [cap, ""], 77)
+    assert ids.shape == (2, 77) and ids.dtype == np.int32
+    bos, eos = tok.convert_tokens_to_ids("<|startoftext|>"), tok.convert_tokens_to_ids("<|endoftext|>")
+    n = len(cap.replace(",", " ,").split())
+    assert ids[0, 0] == bos and ids[0, n + 1] == eos and np.all(ids[0, n + 1:] == eos)  # CLIP pads with eos
+    assert ids[1, 0] == bos and np.all(ids[1, 1:] == eos)
+    # Words outside the grammar fall back to byte tokens and still round-trip.
+    odd = tok("a zebra on mars")["input_ids"]
+    assert tok.decode(odd, skip_special_tokens=True).strip() == "a zebra on mars"
 
 
 def test_tokenizer_folder_round_trip(tmp_path):
-  tok = tokenizer.load_tokenizer(tokenizer.BUILTIN_SCENES)
-  tok.save_pretrained(tmp_path / "tok")
-  caps = ["a red sphere left of a blue box", "make the green cylinder shiny"]
-  np.testing.assert_array_equal(tokenizer.tokenize(str(tmp_path / "tok"), caps),
-                                tokenizer.tokenize(tokenizer.BUILTIN_SCENES, caps))
-  # Stable Diffusion's tokenizer/ layout: vocab.json + merges.txt (no tokenizer.json).
-  vocab, merges = tokenizer.builtin_vocab_and_merges()
-  sd = tmp_path / "sd_tokenizer"
-  sd.mkdir()
-  (sd / "vocab.json").write_text(json.dumps(vocab))
-  (sd / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-  np.testing.assert_array_equal(tokenizer.tokenize(str(sd), caps), tokenizer.tokenize(tokenizer.BUILTIN_SCENES, caps))
-  with pytest.raises(ValueError, match="tokenizer"):
-    tokenizer.load_tokenizer(str(tmp_path / "nope"))
-  (tmp_path / "empty").mkdir()
-  with pytest.raises(ValueError, match="vocab.json"):
-    tokenizer.load_tokenizer(str(tmp_path / "empty"))
+    tok = tokenizer.load_tokenizer(tokenizer.BUILTIN_SCENES)
+    tok.save_pretrained(tmp_path / "tok")
+    caps = ["a red sphere left of a blue box", "make the green cylinder shiny"]
+    np.testing.assert_array_equal(tokenizer.tokenize(str(tmp_path / "tok"), caps),
+                                  tokenizer.tokenize(tokenizer.BUILTIN_SCENES, caps))
+    # Stable Diffusion's tokenizer/ layout: vocab.json + merges.txt (no tokenizer.json).
+    vocab, merges = tokenizer.builtin_vocab_and_merges()
+    sd = tmp_path / "sd_tokenizer"
+    sd.mkdir()
+    (sd / "vocab.json").write_text(json.dumps(vocab))
+    (sd / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    np.testing.assert_array_equal(tokenizer.tokenize(str(sd), caps), tokenizer.tokenize(tokenizer.BUILTIN_SCENES, caps))
+    with pytest.raises(ValueError, match="tokenizer"):
+        tokenizer.load_tokenizer(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="vocab.json"):
+        tokenizer.load_tokenizer(str(tmp_path / "empty"))
 
 
 def test_text_embedding_cache(tmp_path):
-  calls = []
+    calls = []
 
-  def encode(texts):
-    calls.append(list(texts))
-    return np.stack([np.full((2, 3), len(t), np.float32) for t in texts])
+    def encode(texts):
+        calls.append(list(texts))
+        return np.stack([np.full((2, 3), len(t), np.float32) for t in texts])
 
-  path = str(tmp_path / "emb.npz")
-  text_cache.build_cache(["bb", "a", "bb", "ccc"], encode, path, batch_size=2)
-  assert sum(len(c) for c in calls) == 3  # each distinct caption encoded once
-  cache = text_cache.TextEmbeddingCache(path)
-  out = cache.lookup(["ccc", "a", "bb"])
-  assert out.shape == (3, 2, 3) and out[:, 0, 0].tolist() == [3, 1, 2]
-  with pytest.raises(KeyError, match="not in the text-embedding cache"):
-    cache.lookup(["zzz"])
+    path = str(tmp_path / "emb.npz")
+    text_cache.build_cache(["bb", "a", "bb", "ccc"], encode, path, batch_size=2)
+    assert sum(len(c) for c in calls) == 3  # each distinct caption encoded once
+    cache = text_cache.TextEmbeddingCache(path)
+    out = cache.lookup(["ccc", "a", "bb"])
+    assert out.shape == (3, 2, 3) and out[:, 0, 0].tolist() == [3, 1, 2]
+    with pytest.raises(KeyError, match="not in the text-embedding cache"):
+        cache.lookup(["zzz"])

@@ -23,189 +23,191 @@ DATASETS = ("scenes", "folder", "tfds")
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """Data config; the defaults are the embedded CPU setting (procedural scenes, 32 px, builtin tokenizer)."""
-  c = ml_collections.ConfigDict()
-  c.dataset = "scenes"  # 'scenes' | 'folder' | 'tfds'
-  c.task = "depth"  # 'depth' | 'sr' | 'inpaint' | 'edit' | 't2i'
-  c.image_size = 32  # positive multiple of 8
-  c.data_dir = ""  # folder root (dataset='folder') or tfds data_dir (dataset='tfds'; '' = tfds default)
-  c.tfds_name = ""  # e.g. 'codi_scenes/32px' or any array_record-prepared tfds dataset
-  c.tfds_train_split = "train"
-  c.tfds_eval_split = "test"
-  c.tfds_image_key = "image"  # for edit: the edited (target) image
-  c.tfds_caption_key = "caption"  # for edit: the instruction
-  c.tfds_depth_key = "depth"  # metric depth (larger = farther), used by task 'depth'
-  c.tfds_edit_input_key = "input_image"  # used by task 'edit'
-  c.folder_caption_key = "text"  # caption column of an optional metadata.jsonl in the image folder
-  c.folder_validate = False  # decode every folder image once at start-up, so skipped files are counted up front
-  c.tokenizer = tokenizer.BUILTIN_SCENES  # or a local folder with a CLIP tokenizer, e.g. <sd>/tokenizer
-  c.max_length = 77
-  c.num_workers = 0  # grain worker processes per host (0 = in the main process)
-  c.worker_buffer_size = 2
-  c.shuffle = True  # global index shuffle (grain IndexSampler); no shuffle buffer is needed
-  c.scenes_num_train = 50_000
-  c.scenes_num_test = 1_000
-  c.scenes_seed = 0  # which procedural world; the loader `seed` only changes order and augmentation randomness
-  c.scenes_min_objects = 1
-  c.scenes_max_objects = 3
-  c.scenes_supersample = 2  # rays per pixel per axis (anti-aliasing); 1 is 4x faster at 256 px
-  c.mask_fraction = 0.3  # inpaint: mean hole fraction
-  c.sr_scale = 4
-  c.text_dropout = 0.0  # probability of an empty caption (classifier-free guidance training)
-  return c
+    """Data config; the defaults are the embedded CPU setting (procedural scenes, 32 px, builtin tokenizer)."""
+    c = ml_collections.ConfigDict()
+    c.dataset = "scenes"  # 'scenes' | 'folder' | 'tfds'
+    c.task = "depth"  # 'depth' | 'sr' | 'inpaint' | 'edit' | 't2i'
+    c.image_size = 32  # positive multiple of 8
+    c.data_dir = ""  # folder root (dataset='folder') or tfds data_dir (dataset='tfds'; '' = tfds default)
+    c.tfds_name = ""  # e.g. 'codi_scenes/32px' or any array_record-prepared tfds dataset
+    c.tfds_train_split = "train"
+    c.tfds_eval_split = "test"
+    c.tfds_image_key = "image"  # for edit: the edited (target) image
+    c.tfds_caption_key = "caption"  # for edit: the instruction
+    c.tfds_depth_key = "depth"  # metric depth (larger = farther), used by task 'depth'
+    c.tfds_edit_input_key = "input_image"  # used by task 'edit'
+    c.folder_caption_key = "text"  # caption column of an optional metadata.jsonl in the image folder
+    c.folder_validate = False  # decode every folder image once at start-up, so skipped files are counted up front
+    c.tokenizer = tokenizer.BUILTIN_SCENES  # or a local folder with a CLIP tokenizer, e.g. <sd>/tokenizer
+    c.max_length = 77
+    c.num_workers = 0  # grain worker processes per host (0 = in the main process)
+    c.worker_buffer_size = 2
+    c.shuffle = True  # global index shuffle (grain IndexSampler); no shuffle buffer is needed
+    c.scenes_num_train = 50_000
+    c.scenes_num_test = 1_000
+    c.scenes_seed = 0  # which procedural world; the loader `seed` only changes order and augmentation randomness
+    c.scenes_min_objects = 1
+    c.scenes_max_objects = 3
+    c.scenes_supersample = 2  # rays per pixel per axis (anti-aliasing); 1 is 4x faster at 256 px
+    c.mask_fraction = 0.3  # inpaint: mean hole fraction
+    c.sr_scale = 4
+    c.text_dropout = 0.0  # probability of an empty caption (classifier-free guidance training)
+    return c
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the first bad field."""
-  if cfg.dataset not in DATASETS:
-    raise ValueError(f"dataset must be one of {DATASETS}, got {cfg.dataset!r}")
-  if cfg.task not in tasks.TASKS:
-    raise ValueError(f"task must be one of {tasks.TASKS}, got {cfg.task!r}")
-  if not isinstance(cfg.image_size, int) or cfg.image_size <= 0 or cfg.image_size % 8:
-    raise ValueError(f"image_size must be a positive multiple of 8, got {cfg.image_size!r}")
-  if cfg.dataset == "folder" and not cfg.data_dir:
-    raise ValueError("data_dir must name the image folder when dataset='folder'")
-  if cfg.dataset == "tfds" and not cfg.tfds_name:
-    raise ValueError("tfds_name must be set when dataset='tfds'")
-  if not isinstance(cfg.max_length, int) or cfg.max_length < 2:
-    raise ValueError(f"max_length must be an int >= 2, got {cfg.max_length!r}")
-  if not isinstance(cfg.num_workers, int) or cfg.num_workers < 0:
-    raise ValueError(f"num_workers must be an int >= 0, got {cfg.num_workers!r}")
-  if not 0.0 < cfg.mask_fraction < 1.0:
-    raise ValueError(f"mask_fraction must be in (0, 1), got {cfg.mask_fraction!r}")
-  if cfg.sr_scale not in (2, 4, 8) or cfg.image_size % cfg.sr_scale:
-    raise ValueError(f"sr_scale must be 2, 4 or 8 and divide image_size, got {cfg.sr_scale!r}")
-  if not 0.0 <= cfg.text_dropout < 1.0:
-    raise ValueError(f"text_dropout must be in [0, 1), got {cfg.text_dropout!r}")
-  if cfg.dataset == "scenes":
-    for f in ("scenes_num_train", "scenes_num_test", "scenes_min_objects", "scenes_supersample"):
-      if int(cfg[f]) < 1:
-        raise ValueError(f"{f} must be >= 1, got {cfg[f]!r}")
-    if cfg.scenes_max_objects < cfg.scenes_min_objects or cfg.scenes_max_objects > 5:
-      raise ValueError(f"scenes_max_objects must be in [scenes_min_objects, 5], got {cfg.scenes_max_objects!r}")
-  if not cfg.tokenizer:
-    raise ValueError("tokenizer must be 'builtin:scenes' or a local CLIP tokenizer folder")
+    """Raises ValueError naming the first bad field."""
+    if cfg.dataset not in DATASETS:
+        raise ValueError(f"dataset must be one of {DATASETS}, got {cfg.dataset!r}")
+    if cfg.task not in tasks.TASKS:
+        raise ValueError(f"task must be one of {tasks.TASKS}, got {cfg.task!r}")
+    if not isinstance(cfg.image_size, int) or cfg.image_size <= 0 or cfg.image_size % 8:
+        raise ValueError(f"image_size must be a positive multiple of 8, got {cfg.image_size!r}")
+    if cfg.dataset == "folder" and not cfg.data_dir:
+        raise ValueError("data_dir must name the image folder when dataset='folder'")
+    if cfg.dataset == "tfds" and not cfg.tfds_name:
+        raise ValueError("tfds_name must be set when dataset='tfds'")
+    if not isinstance(cfg.max_length, int) or cfg.max_length < 2:
+        raise ValueError(f"max_length must be an int >= 2, got {cfg.max_length!r}")
+    if not isinstance(cfg.num_workers, int) or cfg.num_workers < 0:
+        raise ValueError(f"num_workers must be an int >= 0, got {cfg.num_workers!r}")
+    if not 0.0 < cfg.mask_fraction < 1.0:
+        raise ValueError(f"mask_fraction must be in (0, 1), got {cfg.mask_fraction!r}")
+    if cfg.sr_scale not in (2, 4, 8) or cfg.image_size % cfg.sr_scale:
+        raise ValueError(f"sr_scale must be 2, 4 or 8 and divide image_size, got {cfg.sr_scale!r}")
+    if not 0.0 <= cfg.text_dropout < 1.0:
+        raise ValueError(f"text_dropout must be in [0, 1), got {cfg.text_dropout!r}")
+    if cfg.dataset == "scenes":
+        for f in ("scenes_num_train", "scenes_num_test", "scenes_min_objects", "scenes_supersample"):
+            if int(cfg[f]) < 1:
+                raise ValueError(f"{f} must be >= 1, got {cfg[f]!r}")
+        if cfg.scenes_max_objects < cfg.scenes_min_objects or cfg.scenes_max_objects > 5:
+            raise ValueError(f"scenes_max_objects must be in [scenes_min_objects, 5], got {cfg.scenes_max_objects!r}")
+    if not cfg.tokenizer:
+        raise ValueError("tokenizer must be 'builtin:scenes' or a local CLIP tokenizer folder")
 
 
 def cond_channels(cfg) -> int:
-  """Channels of the condition image: depth 1, sr 3, inpaint 4, edit 3, t2i 0."""
-  task = cfg if isinstance(cfg, str) else cfg.task
-  if task not in tasks.COND_CHANNELS:
-    raise ValueError(f"task must be one of {tasks.TASKS}, got {task!r}")
-  return tasks.COND_CHANNELS[task]
+    """Channels of the condition image: depth 1, sr 3, inpaint 4, edit 3, t2i 0."""
+    task = cfg if isinstance(cfg, str) else cfg.task
+    if task not in tasks.COND_CHANNELS:
+        raise ValueError(f"task must be one of {tasks.TASKS}, got {task!r}")
+    return tasks.COND_CHANNELS[task]
 
 
 def make_source(cfg, split: str):
-  """The raw record source of a split ('train' or 'test')."""
-  validate(cfg)
-  if cfg.dataset == "scenes":
-    n = cfg.scenes_num_train if split == "train" else cfg.scenes_num_test
-    return sources.SceneSource(split=split, num_examples=n, image_size=cfg.image_size, seed=cfg.scenes_seed,
-                               edit=cfg.task == "edit", min_objects=cfg.scenes_min_objects,
-                               max_objects=cfg.scenes_max_objects, supersample=cfg.scenes_supersample)
-  if cfg.dataset == "folder":
+    """The raw record source of a split ('train' or 'test')."""
+    validate(cfg)
+    if cfg.dataset == "scenes":
+        n = cfg.scenes_num_train if split == "train" else cfg.scenes_num_test
+        return sources.SceneSource(split=split, num_examples=n, image_size=cfg.image_size, seed=cfg.scenes_seed,
+                                   edit=cfg.task == "edit", min_objects=cfg.scenes_min_objects,
+                                   max_objects=cfg.scenes_max_objects, supersample=cfg.scenes_supersample)
+    if cfg.dataset == "folder":
+        if cfg.task == "edit":
+            return sources.EditFolderSource(cfg.data_dir, split=split, image_size=cfg.image_size)
+        return sources.FolderSource(cfg.data_dir, split=split, image_size=cfg.image_size,
+                                    need_depth=cfg.task == "depth",
+                                    caption_key=cfg.folder_caption_key, validate=cfg.folder_validate)
+    keys = {"image": cfg.tfds_image_key, "caption": cfg.tfds_caption_key}
+    if cfg.task == "depth":
+        keys["depth"] = cfg.tfds_depth_key
     if cfg.task == "edit":
-      return sources.EditFolderSource(cfg.data_dir, split=split, image_size=cfg.image_size)
-    return sources.FolderSource(cfg.data_dir, split=split, image_size=cfg.image_size, need_depth=cfg.task == "depth",
-                                caption_key=cfg.folder_caption_key, validate=cfg.folder_validate)
-  keys = {"image": cfg.tfds_image_key, "caption": cfg.tfds_caption_key}
-  if cfg.task == "depth":
-    keys["depth"] = cfg.tfds_depth_key
-  if cfg.task == "edit":
-    keys["input_image"] = cfg.tfds_edit_input_key
-  tfds_split = cfg.tfds_train_split if split == "train" else cfg.tfds_eval_split
-  return sources.TfdsSource(cfg.tfds_name, split=tfds_split, data_dir=cfg.data_dir or None,
-                            image_size=cfg.image_size, keys=keys)
+        keys["input_image"] = cfg.tfds_edit_input_key
+    tfds_split = cfg.tfds_train_split if split == "train" else cfg.tfds_eval_split
+    return sources.TfdsSource(cfg.tfds_name, split=tfds_split, data_dir=cfg.data_dir or None,
+                              image_size=cfg.image_size, keys=keys)
 
 
 class _DropBad(grain.FilterTransform):
-  def filter(self, element) -> bool:
-    return not element["bad"]
+    def filter(self, element) -> bool:
+        return not element["bad"]
 
 
 class _Task(grain.RandomMapTransform):
-  """Builds the task condition; grain hands each record its own rng derived from (seed, record index)."""
+    """Builds the task condition; grain hands each record its own rng derived from (seed, record index)."""
 
-  def __init__(self, task: str, sr_scale: int, mask_fraction: float, text_dropout: float):
-    self.task, self.sr_scale, self.mask_fraction, self.text_dropout = task, sr_scale, mask_fraction, text_dropout
+    def __init__(self, task: str, sr_scale: int, mask_fraction: float, text_dropout: float):
+        self.task, self.sr_scale, self.mask_fraction, self.text_dropout = task, sr_scale, mask_fraction, text_dropout
 
-  def random_map(self, element, rng: np.random.Generator):
-    return tasks.make_example(self.task, element, rng, sr_scale=self.sr_scale, mask_fraction=self.mask_fraction,
-                              text_dropout=self.text_dropout)
+    def random_map(self, element, rng: np.random.Generator):
+        return tasks.make_example(self.task, element, rng, sr_scale=self.sr_scale, mask_fraction=self.mask_fraction,
+                                  text_dropout=self.text_dropout)
 
 
 class _Tokenize(grain.MapTransform):
-  """Caption -> CLIP input_ids; strings never reach the batch (they cannot cross grain's shared memory)."""
+    """Caption -> CLIP input_ids; strings never reach the batch (they cannot cross grain's shared memory)."""
 
-  def __init__(self, spec: str, max_length: int):
-    self.spec, self.max_length = spec, max_length
+    def __init__(self, spec: str, max_length: int):
+        self.spec, self.max_length = spec, max_length
 
-  def map(self, element):
-    ids = tokenizer.tokenize_cached(self.spec, element.pop("caption"), self.max_length)
-    return {**element, "input_ids": ids}
+    def map(self, element):
+        ids = tokenizer.tokenize_cached(self.spec, element.pop("caption"), self.max_length)
+        return {**element, "input_ids": ids}
 
 
 def _process_shard(process_index, process_count) -> grain.ShardOptions:
-  if process_index is None and process_count is None:
-    return grain.ShardByJaxProcess(drop_remainder=True)
-  if process_index is None or process_count is None:
-    raise ValueError("pass both process_index and process_count, or neither (then JAX's are used)")
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} out of range for process_count {process_count}")
-  return grain.ShardOptions(shard_index=process_index, shard_count=process_count, drop_remainder=True)
+    if process_index is None and process_count is None:
+        return grain.ShardByJaxProcess(drop_remainder=True)
+    if process_index is None or process_count is None:
+        raise ValueError("pass both process_index and process_count, or neither (then JAX's are used)")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} out of range for process_count {process_count}")
+    return grain.ShardOptions(shard_index=process_index, shard_count=process_count, drop_remainder=True)
 
 
 def make_train_loader(cfg, *, global_batch_size: int, seed: int, process_index: int | None = None,
                       process_count: int | None = None) -> grain.DataLoader:
-  """A grain DataLoader repeating forever over this process's shard, yielding its slice of each global batch."""
-  validate(cfg)
-  shard = _process_shard(process_index, process_count)
-  if global_batch_size % shard.shard_count:
-    raise ValueError(f"global_batch_size {global_batch_size} is not divisible by {shard.shard_count} processes")
-  local_batch = global_batch_size // shard.shard_count
-  if cfg.num_workers > 0 and not flags.FLAGS.is_parsed():
-    # grain's worker processes read absl flags; outside app.run (tests, notebooks) they are still unparsed.
-    flags.FLAGS.mark_as_parsed()
-  source = make_source(cfg, "train")
-  if len(source) < shard.shard_count:
-    raise ValueError(f"dataset has {len(source)} records, fewer than the {shard.shard_count} processes")
-  sampler = grain.IndexSampler(num_records=len(source), shard_options=shard, shuffle=cfg.shuffle, num_epochs=None,
-                               seed=int(seed))
-  ops = [_DropBad(), _Task(cfg.task, cfg.sr_scale, cfg.mask_fraction, cfg.text_dropout),
-         _Tokenize(cfg.tokenizer, cfg.max_length), grain.Batch(local_batch, drop_remainder=True)]
-  return grain.DataLoader(data_source=source, sampler=sampler, operations=ops, worker_count=cfg.num_workers,
-                          worker_buffer_size=cfg.worker_buffer_size,
-                          # Few threads: records are CPU-bound numpy work and the GIL serialises them anyway.
-                          read_options=grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(2 * local_batch, 16)))
+    """A grain DataLoader repeating forever over this process's shard, yielding its slice of each global batch."""
+    validate(cfg)
+    shard = _process_shard(process_index, process_count)
+    if global_batch_size % shard.shard_count:
+        raise ValueError(f"global_batch_size {global_batch_size} is not divisible by {shard.shard_count} processes")
+    local_batch = global_batch_size // shard.shard_count
+    if cfg.num_workers > 0 and not flags.FLAGS.is_parsed():
+        # grain's worker processes read absl flags; outside app.run (tests, notebooks) they are still unparsed.
+        flags.FLAGS.mark_as_parsed()
+    source = make_source(cfg, "train")
+    if len(source) < shard.shard_count:
+        raise ValueError(f"dataset has {len(source)} records, fewer than the {shard.shard_count} processes")
+    sampler = grain.IndexSampler(num_records=len(source), shard_options=shard, shuffle=cfg.shuffle, num_epochs=None,
+                                 seed=int(seed))
+    ops = [_DropBad(), _Task(cfg.task, cfg.sr_scale, cfg.mask_fraction, cfg.text_dropout),
+           _Tokenize(cfg.tokenizer, cfg.max_length), grain.Batch(local_batch, drop_remainder=True)]
+    return grain.DataLoader(data_source=source, sampler=sampler, operations=ops, worker_count=cfg.num_workers,
+                            worker_buffer_size=cfg.worker_buffer_size,
+                            # Few threads: records are CPU-bound numpy work and the GIL serialises them anyway.
+                            read_options=grain.ReadOptions(num_threads=2,
+                                                           prefetch_buffer_size=max(2 * local_batch, 16)))
 
 
 def make_eval_batches(cfg, *, batch_size: int, num_examples: int, seed: int) -> list[dict[str, Any]]:
-  """The first `num_examples` test-split records as deterministic batches (same keys as training, plus 'caption').
+    """The first `num_examples` test-split records as deterministic batches (same keys as training, plus 'caption').
 
-  Task randomness (masks, degradations) is drawn from (seed, record index), so every call returns the same batches.
-  Unreadable files are skipped; the last batch may be smaller.
-  """
-  validate(cfg)
-  source = make_source(cfg, "test")
-  if num_examples > len(source):
-    raise ValueError(f"num_examples {num_examples} exceeds the {len(source)} test records")
-  examples = []
-  for i in range(len(source)):
-    if len(examples) == num_examples:
-      break
-    rec = source[i]
-    if rec["bad"]:
-      continue
-    ex = tasks.make_example(cfg.task, rec, np.random.default_rng([int(seed), i]), sr_scale=cfg.sr_scale,
-                            mask_fraction=cfg.mask_fraction, text_dropout=0.0)
-    examples.append(ex)
-  batches = []
-  for start in range(0, len(examples), batch_size):
-    chunk = examples[start:start + batch_size]
-    caps = [e["caption"] for e in chunk]
-    b = {"image": np.stack([e["image"] for e in chunk]), "caption": caps,
-         "input_ids": tokenizer.tokenize(cfg.tokenizer, caps, cfg.max_length)}
-    if "cond" in chunk[0]:
-      b["cond"] = np.stack([e["cond"] for e in chunk])
-    batches.append(b)
-  return batches
+    Task randomness (masks, degradations) is drawn from (seed, record index), so every call returns the same batches.
+    Unreadable files are skipped; the last batch may be smaller.
+    """
+    validate(cfg)
+    source = make_source(cfg, "test")
+    if num_examples > len(source):
+        raise ValueError(f"num_examples {num_examples} exceeds the {len(source)} test records")
+    examples = []
+    for i in range(len(source)):
+        if len(examples) == num_examples:
+            break
+        rec = source[i]
+        if rec["bad"]:
+            continue
+        ex = tasks.make_example(cfg.task, rec, np.random.default_rng([int(seed), i]), sr_scale=cfg.sr_scale,
+                                mask_fraction=cfg.mask_fraction, text_dropout=0.0)
+        examples.append(ex)
+    batches = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        caps = [e["caption"] for e in chunk]
+        b = {"image": np.stack([e["image"] for e in chunk]), "caption": caps,
+             "input_ids": tokenizer.tokenize(cfg.tokenizer, caps, cfg.max_length)}
+        if "cond" in chunk[0]:
+            b["cond"] = np.stack([e["cond"] for e in chunk])
+        batches.append(b)
+    return batches

@@ -7,4 +7,4 @@ config values to train from it. Depth maps for your own images are `python -m co
 from codi_jax.data.scenes_tfds import main
 
 if __name__ == "__main__":
-  main()
+    main()

@@ -17,48 +17,48 @@ COND_CHANNELS = {"depth": 1, "sr": 3, "inpaint": 4, "edit": 3, "t2i": 0}
 
 
 def to_signed(u8: np.ndarray) -> np.ndarray:
-  return (np.asarray(u8, np.float32) / 127.5 - 1.0).astype(np.float32)
+    return (np.asarray(u8, np.float32) / 127.5 - 1.0).astype(np.float32)
 
 
 def disparity_condition(rec: dict[str, Any]) -> np.ndarray:
-  """(H,W,1) in [-1,1], near = bright: MiDaS-style relative inverse depth, min-max normalised per image."""
-  if "disparity" in rec:
-    disp = np.asarray(rec["disparity"], np.float32)
-  elif "depth" in rec:
-    disp = 1.0 / np.maximum(np.asarray(rec["depth"], np.float32), 1e-3)
-  else:
-    raise ValueError("task 'depth' needs a 'depth' or 'disparity' field in the records")
-  lo, hi = float(disp.min()), float(disp.max())
-  norm = (disp - lo) / (hi - lo) if hi > lo else np.zeros_like(disp)
-  return (norm * 2 - 1)[..., None].astype(np.float32)
+    """(H,W,1) in [-1,1], near = bright: MiDaS-style relative inverse depth, min-max normalised per image."""
+    if "disparity" in rec:
+        disp = np.asarray(rec["disparity"], np.float32)
+    elif "depth" in rec:
+        disp = 1.0 / np.maximum(np.asarray(rec["depth"], np.float32), 1e-3)
+    else:
+        raise ValueError("task 'depth' needs a 'depth' or 'disparity' field in the records")
+    lo, hi = float(disp.min()), float(disp.max())
+    norm = (disp - lo) / (hi - lo) if hi > lo else np.zeros_like(disp)
+    return (norm * 2 - 1)[..., None].astype(np.float32)
 
 
 def inpaint_condition(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-  """Masked image (holes set to 0, i.e. mid-grey) and the mask in [-1,1] (1 = hole): (H,W,4)."""
-  keep = (1.0 - mask)[..., None]
-  return np.concatenate([image * keep, (mask * 2 - 1)[..., None]], -1).astype(np.float32)
+    """Masked image (holes set to 0, i.e. mid-grey) and the mask in [-1,1] (1 = hole): (H,W,4)."""
+    keep = (1.0 - mask)[..., None]
+    return np.concatenate([image * keep, (mask * 2 - 1)[..., None]], -1).astype(np.float32)
 
 
 def make_example(task: str, rec: dict[str, Any], rng: np.random.Generator, *, sr_scale: int = 4,
                  mask_fraction: float = 0.3, text_dropout: float = 0.0) -> dict[str, Any]:
-  if task not in TASKS:
-    raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-  image = to_signed(rec["image"])
-  out: dict[str, Any] = {"image": image, "caption": rec.get("caption", "")}
-  if task == "depth":
-    out["cond"] = disparity_condition(rec)
-  elif task == "sr":
-    hr = np.asarray(rec["image"], np.float32) / 255.0
-    out["cond"] = degradations.sr_condition(hr, rng, sr_scale) * 2 - 1
-  elif task == "inpaint":
-    out["cond"] = inpaint_condition(image, masks.random_mask(rng, image.shape[0], image.shape[1], mask_fraction))
-  elif task == "edit":
-    if "input_image" not in rec:
-      raise ValueError("task 'edit' needs an 'input_image' field (edit folders, tfds_edit_input_key, or scenes)")
-    out["cond"] = to_signed(rec["input_image"])
-  # Empty captions teach the unconditional branch for classifier-free guidance.
-  if text_dropout > 0 and rng.random() < text_dropout:
-    out["caption"] = ""
-  if "cond" in out:
-    out["cond"] = out["cond"].astype(np.float32)
-  return out
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    image = to_signed(rec["image"])
+    out: dict[str, Any] = {"image": image, "caption": rec.get("caption", "")}
+    if task == "depth":
+        out["cond"] = disparity_condition(rec)
+    elif task == "sr":
+        hr = np.asarray(rec["image"], np.float32) / 255.0
+        out["cond"] = degradations.sr_condition(hr, rng, sr_scale) * 2 - 1
+    elif task == "inpaint":
+        out["cond"] = inpaint_condition(image, masks.random_mask(rng, image.shape[0], image.shape[1], mask_fraction))
+    elif task == "edit":
+        if "input_image" not in rec:
+            raise ValueError("task 'edit' needs an 'input_image' field (edit folders, tfds_edit_input_key, or scenes)")
+        out["cond"] = to_signed(rec["input_image"])
+    # Empty captions teach the unconditional branch for classifier-free guidance.
+    if text_dropout > 0 and rng.random() < text_dropout:
+        out["caption"] = ""
+    if "cond" in out:
+        out["cond"] = out["cond"].astype(np.float32)
+    return out
