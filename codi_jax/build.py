@@ -164,6 +164,9 @@ class Recipe:
             self.objective = objectives.OBJECTIVES["pretrain"]
             return
 
+        if self.mode in ("cm", "gd") and not config.init_from and not abstract:
+            raise ValueError(f"config.init_from: mode {self.mode!r} distils a fine-tuned teacher: set it to the "
+                             "workdir of a finished finetune run")
         # Conditional modes: the adapted UNet (paper 4.1 / 4.4).
         from codi_jax.models import conditional as cond_lib
 

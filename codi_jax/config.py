@@ -242,8 +242,6 @@ def validate(c: ml_collections.ConfigDict) -> None:
             fail("stages", f"unknown stage {stage!r} (known: vae, pretrain)")
         if int(c.stage_steps[stage]) <= 0:
             fail(f"stage_steps.{stage}", "must be positive for a stage that runs")
-    if c.mode in ("cm", "gd") and not c.init_from:
-        fail("init_from", f"mode {c.mode!r} distils a fine-tuned teacher: set init_from to the finetune workdir")
     if int(c.gd_rounds) < 1:
         fail("gd_rounds", f"must be >= 1, got {c.gd_rounds}")
     for step in c.eval.steps:

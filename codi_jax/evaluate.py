@@ -214,7 +214,9 @@ def main(argv):
     del argv
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     steps = tuple(int(s) for s in FLAGS.steps.split(",")) if FLAGS.steps else None
-    run(FLAGS.config, FLAGS.workdir, steps)
+    from codi_jax import config as config_lib
+
+    run(config_lib.finalize(FLAGS.config), FLAGS.workdir, steps)
 
 
 if __name__ == "__main__":

@@ -76,11 +76,14 @@ def main(argv):
         tf.config.set_visible_devices([], "GPU")
     except Exception:  # noqa: BLE001 - TF is optional at this point.
         pass
+    from codi_jax import config as config_lib
     from codi_jax import train
 
     logging.info("JAX %s, process %d/%d, %d local / %d global devices (%s)", jax.__version__, jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
-    if not train.train_and_evaluate(FLAGS.config, FLAGS.workdir):
+    # --config.key=value overrides land after get_config: derive the mode-dependent fields and validate again.
+    config = config_lib.finalize(FLAGS.config)
+    if not train.train_and_evaluate(config, FLAGS.workdir):
         # Stopped early by a preemption signal after checkpointing: a distinct status (EX_TEMPFAIL) tells
         # supervisors that the run is not finished and should be restarted from the same workdir.
         raise SystemExit(75)
