@@ -65,7 +65,11 @@ def test_init_from_unet_copies(setup):
         for a, b in zip(jax.tree.leaves(p["control"][name]), jax.tree.leaves(params[name])):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     hint = p["control"]["controlnet_cond_embedding"]
-    assert _abs_sum(hint["conv_out"]) == 0.0 and _abs_sum(hint["conv_in"]) > 0
+    assert _abs_sum(hint["conv_out"]) == 0.0
+    k_in = np.asarray(hint["conv_in"]["kernel"])  # lecun-normal scale: std * sqrt(fan_in) ~ 1
+    assert k_in.shape == (3, 3, 3, 8) and 0.6 < k_in.std() * np.sqrt(27) < 1.4
+    assert np.abs(k_in).max() <= 2 / np.sqrt(27) / 0.8796 + 1e-6  # truncated at 2 sigma
+    assert not np.array_equal(k_in, np.asarray(hint["blocks_0"]["kernel"])[:, :, :3])
     assert not any(k.startswith("controlnet_down_blocks") for k in p["control"])  # mu form: no zero convs
     _, pc = cond_lib.init_from_unet(jax.random.key(1), cond_lib.ConditionalConfig.tiny("controlnet"), params)
     assert "mu" not in pc and _abs_sum({k: v for k, v in pc["control"].items() if k.startswith("controlnet_")

@@ -16,8 +16,9 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from codi_jax.models.controlnet import ControlNetConditioningEmbedding, ControlNetConfig, ControlNetModel
+from codi_jax.models.controlnet import ControlNetConfig, ControlNetModel
 from codi_jax.models.unet import UNet2DConditionModel, UNetConfig
 
 MODES = ("mu", "controlnet")
@@ -90,30 +91,46 @@ def copy_encoder_from_unet(control_params: Mapping, unet_params: Mapping) -> dic
             if jax.tree.structure(out[k]) != jax.tree.structure(v) or any(
                     a.shape != b.shape for a, b in zip(jax.tree.leaves(out[k]), jax.tree.leaves(v))):
                 raise ValueError(f"control encoder {k!r} does not match the UNet's (shapes or structure differ)")
-            out[k] = jax.tree.map(lambda a: jnp.array(a, copy=True), v)
+            out[k] = jax.tree.map(lambda a: np.array(a, copy=True), v)  # host copy: no per-shape device op
     return out
+
+
+def _init_hint(key, shapes: Mapping) -> dict:
+    """The hint net's fresh weights on the host: lecun-normal kernels (truncated at 2 sigma, as flax's default),
+    zero biases, zero last conv. Drawn with numpy from `key`: XLA's CPU compile of the threefry init takes ~10 s."""
+    data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    rng = np.random.default_rng(np.asarray(data, np.uint32).ravel().tolist())
+
+    def draw(path, s):
+        names = [getattr(p, "key", "") for p in path]
+        if names[-1] != "kernel" or names[0] == "conv_out":
+            return np.zeros(s.shape, np.float32)
+        x = rng.standard_normal(s.shape)
+        while np.any(np.abs(x) > 2):  # resample the tails: a truncated normal
+            bad = np.abs(x) > 2
+            x[bad] = rng.standard_normal(int(bad.sum()))
+        std = 1.0 / np.sqrt(np.prod(s.shape[:-1])) / 0.87962566103423978  # unit variance after truncation
+        return (x * std).astype(np.float32)
+    return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def init_from_unet(key, config: ConditionalConfig, unet_params: Mapping) -> tuple[ConditionalUNet, dict]:
     """(module, params) with pretrained `unet_params`, a control encoder copied from them, a fresh hint net (last conv
     zero), zero convs, and mu = 0. Params are plain arrays (no partitioning boxes).
 
-    Only the hint net is initialised by running code; the encoder's shapes come from eval_shape, so this costs no
-    compile of the full encoder.
+    Shapes come from eval_shape and the few fresh weights are drawn on the host, so this compiles nothing.
     """
     unet_params = nn.meta.unbox(unet_params)
     c = config.control
     shapes = nn.meta.unbox(jax.eval_shape(ControlNetModel(c).init, key, *init_inputs(config))["params"])
-    hint = ControlNetConditioningEmbedding(c.block_out_channels[0], c.conditioning_embedding_out_channels,
-                                           dtype=c.dtype)
-    cond = jnp.zeros((1, c.hint_factor, c.hint_factor, c.conditioning_channels), jnp.float32)
-    control = {"controlnet_cond_embedding": nn.meta.unbox(jax.jit(hint.init)(key, cond)["params"])}
+    control = {"controlnet_cond_embedding": _init_hint(key, shapes["controlnet_cond_embedding"])}
     for k, v in shapes.items():
         if k.startswith("controlnet_") and k != "controlnet_cond_embedding":  # zero convs: weight and bias zero
-            control[k] = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), v)
+            control[k] = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), v)
         elif k not in control:
             control[k] = v
-    params = {"unet": unet_params, "control": copy_encoder_from_unet(control, unet_params)}
+    # The encoder gets its own buffers (a donated train state must not alias the UNet's).
+    params = {"unet": unet_params, "control": jax.device_put(copy_encoder_from_unet(control, unet_params))}
     leftover = [k for k, v in params["control"].items() if any(isinstance(x, jax.ShapeDtypeStruct)
                                                                for x in jax.tree.leaves(v))]
     if leftover:
