@@ -327,6 +327,17 @@ def _shade(scene: Scene, o, d, reflect: bool) -> np.ndarray:
     return colour
 
 
+@functools.lru_cache(maxsize=4)
+def _centre_hits(scene: Scene, height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pixel-centre rays and their nearest hits (t, ids); cached because sampling a scene already cast them once."""
+    cam = scene.camera
+    centre = _primary_rays(cam, height, width, [(0.5, 0.5)])[0]
+    t, ids, _ = _intersect(scene, np.broadcast_to(np.asarray(cam.position, np.float64), centre.shape), centre)
+    for a in (centre, t, ids):
+        a.flags.writeable = False
+    return centre, t, ids
+
+
 def render(scene: Scene, height: int, width: int | None = None, supersample: int = 2) -> dict[str, np.ndarray]:
     """Ray-casts a scene.
 
@@ -338,8 +349,7 @@ def render(scene: Scene, height: int, width: int | None = None, supersample: int
     cam = scene.camera
     origin = np.asarray(cam.position, np.float64)
     fwd, _, _ = _camera_basis(cam)
-    centre = _primary_rays(cam, height, width, [(0.5, 0.5)])[0]
-    t, ids, _ = _intersect(scene, np.broadcast_to(origin, centre.shape), centre)
+    centre, t, ids = _centre_hits(scene, height, width)
     depth = np.where(np.isfinite(t), t * (centre @ fwd), FAR).clip(max=FAR)
     s = max(int(supersample), 1)
     offsets = [((i + 0.5) / s, (j + 0.5) / s) for j in range(s) for i in range(s)]
@@ -424,9 +434,7 @@ _GROUNDS = ((0.42, 0.42, 0.40), (0.50, 0.44, 0.36), (0.33, 0.38, 0.33), (0.55, 0
 
 def visible_pixels(scene: Scene, resolution: int = 32) -> np.ndarray:
     """Pixel count of each object in the id buffer at `resolution` (one ray per pixel)."""
-    cam = scene.camera
-    d = _primary_rays(cam, resolution, resolution, [(0.5, 0.5)])[0]
-    _, ids, _ = _intersect(scene, np.broadcast_to(np.asarray(cam.position), d.shape), d)
+    _, _, ids = _centre_hits(scene, resolution, resolution)
     return np.bincount(ids[ids >= 0], minlength=len(scene.objects))
 
 
