@@ -160,3 +160,16 @@ def test_text_embedding_cache(tmp_path):
     assert out.shape == (3, 2, 3) and out[:, 0, 0].tolist() == [3, 1, 2]
     with pytest.raises(KeyError, match="not in the text-embedding cache"):
         cache.lookup(["zzz"])
+
+
+def test_scene_captions_fit_25_tokens():
+    tok = tokenizer.load_tokenizer(tokenizer.BUILTIN_SCENES)
+    lengths = [len(tok(scenes.caption(scenes.sample_scene(0, i)))["input_ids"]) for i in range(150)]
+    assert max(lengths) <= 25 and min(lengths) >= 5
+
+
+def test_text_dropout_empties_some_captions(record):
+    caps = [tasks.make_example("depth", record, np.random.default_rng(i), text_dropout=0.3)["caption"]
+            for i in range(200)]
+    frac = np.mean([c == "" for c in caps])
+    assert 0.2 < frac < 0.4 and record["caption"] in caps
