@@ -188,5 +188,11 @@ def test_presets_and_configs():
         jax.random.key(0), *unet_lib.init_inputs(unet_lib.UNet2DConditionModel(unet_lib.UNetConfig.sd15()))))
     n = sum(np.prod(p.shape) for p in jax.tree.leaves(shapes))
     assert n == 859_520_964, n
+    # config.json lists become tuples (the config is a hashable module attribute).
+    c = unet_lib.UNetConfig.from_diffusers({**unet_lib.UNetConfig.sd21().to_diffusers(),
+                                            "only_cross_attention": [False] * 4, "sample_size": [96, 96]})
+    assert hash(c) == hash(unet_lib.UNetConfig.sd21()) and c == unet_lib.UNetConfig.sd21()
+    with pytest.raises(ValueError, match="SDXL"):
+        unet_lib.UNetConfig(transformer_layers_per_block=[[1, 2], 1, 1, 1])
     with pytest.raises(ValueError, match="divisible"):
         unet_lib.UNetConfig.tiny(attention_head_dim=7)

@@ -76,6 +76,11 @@ class EncoderConfig:
     remat: bool = False  # rematerialise each down/mid/up block in the backward pass
 
     def __post_init__(self):
+        # Lists (from config.json) become tuples: the config must stay hashable as a flax module attribute.
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, list):
+                object.__setattr__(self, f.name, tuple(tuple(x) if isinstance(x, list) else x for x in v))
         n = len(self.down_block_types)
         for name in ("down_block_types", "block_out_channels"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
@@ -88,6 +93,7 @@ class EncoderConfig:
             raise ValueError(f"unsupported mid block type {self.mid_block_type!r}; supported: {_MID_TYPES}")
         if any(as_tuple(self.only_cross_attention, n, "only_cross_attention")):
             raise ValueError("only_cross_attention=True is not supported (not used by SD 1.x/2.x)")
+        object.__setattr__(self, "only_cross_attention", False)
         if self.norm_num_groups is None:
             raise ValueError("norm_num_groups=None is not supported")
         cad = self.cross_attention_dim
@@ -97,8 +103,6 @@ class EncoderConfig:
             object.__setattr__(self, "cross_attention_dim", int(cad[0]))
         for name in ("layers_per_block", "transformer_layers_per_block", "attention_head_dim", "num_attention_heads"):
             v = getattr(self, name)
-            if isinstance(v, list):
-                object.__setattr__(self, name, tuple(v))
             if isinstance(v, (list, tuple)) and any(isinstance(x, (list, tuple)) for x in v):
                 raise ValueError(f"nested {name}={v} is not supported (SDXL-style)")
         for name in ("layers_per_block", "transformer_layers_per_block", "attention_head_dim"):
