@@ -11,7 +11,7 @@ as a copy of the pretrained one and the adapted model's output equals the pretra
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Mapping
 
 import flax.linen as nn
 import jax
@@ -39,8 +39,9 @@ class ConditionalConfig:
         if self.control.zero_convs != want_zero:
             object.__setattr__(self, "control", dataclasses.replace(self.control, zero_convs=want_zero))
         u, c = self.unet, self.control
-        for k in ("in_channels", "flip_sin_to_cos", "freq_shift", "act_fn", "block_out_channels", "down_block_types", "layers", "heads", "transformer_layers",
-                  "norm_num_groups", "cross_attention_dim", "use_linear_projection"):
+        for k in ("in_channels", "flip_sin_to_cos", "freq_shift", "act_fn", "block_out_channels", "down_block_types",
+                  "layers", "heads", "transformer_layers", "norm_num_groups", "cross_attention_dim",
+                  "use_linear_projection"):
             if getattr(u, k) != getattr(c, k):
                 raise ValueError(f"control encoder {k}={getattr(c, k)} differs from the UNet's {getattr(u, k)}; "
                                  "it must mirror the UNet encoder to be initialised from it")

@@ -7,7 +7,7 @@ carries logical axis names (see DESIGN.md / the shared model conventions) so the
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax

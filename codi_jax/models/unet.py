@@ -3,18 +3,17 @@
 The encoder half (conv_in, time embedding, down blocks, mid block) is shared with the ControlNet / CoDi conditional
 encoder: `encoder_features` builds it inside whichever module calls it, so both get diffusers' top-level names.
 
-Encoder features h_theta = (skips, mid): `skips` are conv_in's output and every resnet/attention/downsample output of the
-down blocks, in order (exactly the tensors ControlNet adds residuals to); `mid` is the mid-block output. Full CoDi
+Encoder features h_theta = (skips, mid): `skips` are conv_in's output and every resnet/attention/downsample output
+of the down blocks, in order (exactly the tensors ControlNet adds residuals to); `mid` is the mid-block output. Full CoDi
 (paper eq. 12) mixes them as they enter the decoder: `unet.apply(p, z, t, ctx, mix_features=h_eta, mix_weight=mu)`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from codi_jax.models import layers
@@ -379,8 +378,9 @@ class UNet2DConditionModel(nn.Module):
         for i, btype in enumerate(cfg.up_block_types):
             n = rev_layers[i] + 1
             block_skips, skips = skips[-n:], skips[:-n]
-            h = up_cls(cfg, rev_ch[i], n, rev_heads[i], rev_tl[i], add_upsample=i < cfg.num_blocks - 1,
-                       with_attention=btype == "CrossAttnUpBlock2D", name=f"up_blocks_{i}")(h, block_skips, emb, context)
+            block = up_cls(cfg, rev_ch[i], n, rev_heads[i], rev_tl[i], add_upsample=i < cfg.num_blocks - 1,
+                           with_attention=btype == "CrossAttnUpBlock2D", name=f"up_blocks_{i}")
+            h = block(h, block_skips, emb, context)
             h = layers.constrain_image(h)
         h = layers.GroupNorm(cfg.norm_num_groups, cfg.norm_eps, dtype=cfg.dtype, name="conv_norm_out")(h)
         h = layers.get_activation(cfg.act_fn)(h)

@@ -95,7 +95,9 @@ def param_shapes(module, component: str, config: dict | None = None):
 
 
 def load_diffusers(path: str, component: str, **module_kw):
-    """Load one component -> (module, params of float32 arrays). module_kw go to from_diffusers_config (dtype, remat)."""
+    """Load one component -> (module, params of float32 arrays).
+
+    module_kw go to the model file's from_diffusers_config (e.g. dtype, remat)."""
     comp = _component(component)
     folder = resolve_folder(path, component)
     with open(os.path.join(folder, "config.json")) as f:
@@ -116,7 +118,8 @@ def load_diffusers(path: str, component: str, **module_kw):
 def save_diffusers(path: str, component: str, module, params) -> str:
     """Write config.json + safetensors that diffusers/transformers from_pretrained loads; returns the folder.
 
-    A model_index.json already in `path` (a pipeline folder) is left untouched; then the component goes in path/component.
+    A model_index.json already in `path` (a pipeline folder) is left untouched; the component then goes in
+    path/component.
     """
     comp = _component(component)
     path = os.fspath(path)

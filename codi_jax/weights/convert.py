@@ -1,8 +1,8 @@
 """Generic PyTorch <-> Flax weight conversion and safetensors I/O (no pickle, ever).
 
 Flax module names mirror the torch attribute names, with ModuleList indices joined by '_' (`down_blocks_0` <->
-`down_blocks.0`), so one rule set converts every model: leaf `kernel` <-> `weight` (conv HWIO <-> OIHW, dense transposed),
-`scale`/`embedding` <-> `weight`, `bias` <-> `bias`.
+`down_blocks.0`), so one rule set converts every model: leaf `kernel` <-> `weight` (conv HWIO <-> OIHW, dense
+transposed), `scale`/`embedding` <-> `weight`, `bias` <-> `bias`.
 """
 
 from __future__ import annotations
