@@ -97,3 +97,11 @@ def test_round_trip_and_errors(case, tmp_path):
         cn_lib.from_diffusers_config({**cfg, "addition_embed_type": "text"})
     with pytest.raises(ValueError, match="UNetMidBlock2D"):
         cn_lib.from_diffusers_config({**cfg, "mid_block_type": "UNetMidBlock2D"})
+
+
+def test_sd15_size():
+    """The SD1.5 ControlNet built from the UNet preset has diffusers' parameter count (361,279,120)."""
+    from codi_jax.models.unet import UNetConfig
+    module = cn_lib.ControlNetModel(cn_lib.ControlNetConfig.from_unet(UNetConfig.sd15()))
+    shapes = jax.eval_shape(module.init, jax.random.key(0), *cn_lib.init_inputs(module))
+    assert sum(np.prod(p.shape) for p in jax.tree.leaves(shapes)) == 361_279_120

@@ -188,6 +188,9 @@ def test_presets_and_configs():
         jax.random.key(0), *unet_lib.init_inputs(unet_lib.UNet2DConditionModel(unet_lib.UNetConfig.sd15()))))
     n = sum(np.prod(p.shape) for p in jax.tree.leaves(shapes))
     assert n == 859_520_964, n
+    sd21 = unet_lib.UNet2DConditionModel(unet_lib.UNetConfig.sd21())
+    shapes = jax.eval_shape(lambda: sd21.init(jax.random.key(0), *unet_lib.init_inputs(sd21)))
+    assert sum(np.prod(p.shape) for p in jax.tree.leaves(shapes)) == 865_910_724  # diffusers' count for SD 2.1
     # config.json lists become tuples (the config is a hashable module attribute).
     c = unet_lib.UNetConfig.from_diffusers({**unet_lib.UNetConfig.sd21().to_diffusers(),
                                             "only_cross_attention": [False] * 4, "sample_size": [96, 96]})
