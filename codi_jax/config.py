@@ -131,7 +131,7 @@ def tiny(c: ml_collections.ConfigDict) -> None:
     c.data.dataset = "scenes"
     c.data.image_size = 32
     c.data.tokenizer = "builtin:scenes"
-    c.data.max_length = 16
+    c.data.max_length = 32  # scene captions run up to 25 tokens
     c.data.num_workers = 0
     c.eval.num_examples = 256
     c.eval.batch_size = 64

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def make_random_pipeline(path: str, *, max_length: int = 16, seed: int = 0, tokenizer: str = "builtin:scenes",
+def make_random_pipeline(path: str, *, max_length: int = 32, seed: int = 0, tokenizer: str = "builtin:scenes",
                          prediction_type: str = "epsilon") -> str:
     from codi_jax import weights
     from codi_jax.data import load_tokenizer
