@@ -148,3 +148,19 @@ def test_bf16_remat_runs(setup):
     assert err.mean() < 0.05 and err.max() < 0.5, (err.mean(), err.max())
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(g))
     assert _abs_sum(g["control"]) > 0 and _abs_sum(g["unet"]) > 0 and np.isfinite(float(g["mu"]))
+
+
+def test_every_param_has_logical_axes():
+    """Every param (UNet, encoder, hint, zero convs, mu) carries logical names from the shared vocabulary."""
+    vocab = {"embed", "mlp", "heads", "vocab", "position", "conv_in", "conv_out", "norm", None}
+    for mode in ("mu", "controlnet"):
+        cfg = cond_lib.ConditionalConfig.tiny(mode)
+        boxed = jax.eval_shape(cond_lib.ConditionalUNet(cfg).init, jax.random.key(0), *cond_lib.init_inputs(cfg))
+        leaves = jax.tree.leaves(boxed["params"], is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+        assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
+        for x in leaves:
+            assert len(x.names) == x.value.ndim and set(x.names) <= vocab, x.names
+        specs = nn.get_partition_spec(boxed["params"])
+        assert specs["unet"]["conv_in"]["kernel"] == jax.sharding.PartitionSpec(None, None, "conv_in", "conv_out")
+        if mode == "mu":
+            assert specs["mu"] == jax.sharding.PartitionSpec()
