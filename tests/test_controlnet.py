@@ -1,9 +1,7 @@
 """ControlNet parity vs diffusers ControlNetModel (residuals), the raw-feature (mu-form) encoder, round trip, errors."""
 
 import json
-import sys
 
-sys.modules.setdefault("torchvision", None)  # the installed torchvision does not import beside this torch build
 
 import jax
 import numpy as np

@@ -1,8 +1,6 @@
 """LPIPS: our Flax network against the `lpips` package itself (lpips==0.1.4), random backbone + the package's real
 linear heads, exported to safetensors exactly as the codi_jax.metrics.lpips docstring tells users to."""
 
-import os
-
 import numpy as np
 import pytest
 import torch

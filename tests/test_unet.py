@@ -2,10 +2,6 @@
 round trip through save_diffusers, bf16/remat variants and the loader's errors."""
 
 import json
-import os
-import sys
-
-sys.modules.setdefault("torchvision", None)  # the installed torchvision does not import beside this torch build
 
 import jax
 import jax.numpy as jnp
