@@ -16,7 +16,6 @@ import functools
 import json
 import os
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,9 +61,6 @@ def load_clip(path: str | None, *, dtype=jnp.float32):
         params = convert.torch_to_flax(convert.read_safetensors(path), target, ignore=clip_lib.IGNORE_KEYS)
     except convert.WeightsMismatchError as e:
         raise convert.WeightsMismatchError(f"CLIP weights in {path!r}: {e}") from None
-    # reshape: convert.torch_to_flax returns 0-d tensors (logit_scale) as shape (1,) (np.ascontiguousarray promotes
-    # scalars to 1-d); restore the module's shapes.
-    params = jax.tree.map(lambda a, t: jnp.asarray(a).reshape(t.shape), params, nn.meta.unbox(target))
     return model, params, load_tokenizer(path)
 
 

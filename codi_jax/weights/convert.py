@@ -103,7 +103,8 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], target: Mapping, *, igno
             misshaped.append(f"{key}: checkpoint {tuple(np.shape(state_dict[key]))} -> {tuple(arr.shape)} in flax "
                              f"layout, module expects {tuple(spec.shape)}")
             continue
-        out[path] = np.ascontiguousarray(arr, dtype=np.float32)
+        # np.array, not np.ascontiguousarray: the latter turns 0-d tensors (CLIP's logit_scale) into shape (1,).
+        out[path] = np.array(arr, dtype=np.float32, order="C")
     patterns = [re.compile(p) for p in ignore]
     unexpected = sorted(k for k in state_dict if k not in used and not any(p.search(k) for p in patterns))
     if missing or unexpected or misshaped:
@@ -120,8 +121,8 @@ def flax_to_torch(params: Mapping) -> dict[str, np.ndarray]:
     """Flax params -> torch-named, torch-layout float32 numpy arrays."""
     out = {}
     for path, v in _flatten(_unbox(params)).items():
-        out[flax_path_to_torch_key(path)] = np.ascontiguousarray(
-            _flax_to_torch_array(path[-1], np.asarray(v, dtype=np.float32)))
+        out[flax_path_to_torch_key(path)] = np.array(
+            _flax_to_torch_array(path[-1], np.asarray(v, dtype=np.float32)), order="C")
     return out
 
 
@@ -201,7 +202,7 @@ def write_safetensors(folder: str, state_dict: Mapping[str, np.ndarray], filenam
     from safetensors.numpy import save_file
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, filename)
-    save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, path, metadata={"format": "pt"})
+    save_file({k: np.array(v, order="C") for k, v in state_dict.items()}, path, metadata={"format": "pt"})
     return path
 
 
