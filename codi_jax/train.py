@@ -432,6 +432,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> bool:
 
     for stage in config.stages:
         stage_cfg = common.stage_config(config, stage)
+        # '@stage' names are relative to the top workdir, not to the stage's own folder.
+        for field in ("teacher", "vae_from", "text_encoder_from"):
+            stage_cfg[field] = build.resolve(stage_cfg[field], workdir)
         stage_dir = os.path.join(workdir, stage)
         if os.path.isfile(os.path.join(stage_dir, "export", "DONE")):
             logging.info("stage %s already done in %s", stage, stage_dir)
