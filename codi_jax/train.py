@@ -380,21 +380,22 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def _make_sampler(recipe: build.Recipe, frozen: dict, config, mesh):
-    """Image grid of EMA samples on a fixed held-out batch (jitted once)."""
+    """Image grid of EMA samples on a fixed held-out batch (jitted once; frozen weights passed, not captured)."""
     from codi_jax import data as data_lib
 
     n = int(config.num_sample_images)
-    batch = next(iter(data_lib.make_eval_batches(config.data, batch_size=n, num_examples=n, seed=config.eval.seed)))
-    batch = {k: jnp.asarray(v) for k, v in batch.items() if k in ("image", "cond", "input_ids")}
+    host = next(iter(data_lib.make_eval_batches(config.data, batch_size=n, num_examples=n, seed=config.eval.seed)))
+    host = {k: np.asarray(v) for k, v in host.items() if k in ("image", "cond", "input_ids")}
+    batch = parallel.put_global(host, {k: parallel.replicated(mesh) for k in host})
     method, steps = recipe.default_sampler()
-    fn = jax.jit(lambda params: recipe.sample(params, frozen, batch, jax.random.PRNGKey(config.eval.seed),
-                                              method=method, num_steps=steps))
+    fn = jax.jit(lambda params, frozen, batch: recipe.sample(
+        params, frozen, batch, jax.random.PRNGKey(config.eval.seed), method=method, num_steps=steps))
 
     def sample(state):
-        images = np.asarray(jax.device_get(fn(state.ema_params)))
-        rows = [images, np.asarray(batch["image"])]
-        if "cond" in batch and recipe.mode != "vae":
-            cond = np.asarray(batch["cond"])
+        images = np.asarray(multihost_utils.process_allgather(fn(state.ema_params, frozen, batch), tiled=True))
+        rows = [images, host["image"]]
+        if "cond" in host and recipe.mode != "vae":
+            cond = host["cond"]
             cond = cond[..., :3] if cond.shape[-1] >= 3 else np.repeat(cond[..., :1], 3, axis=-1)
             rows.insert(0, cond)
         grid = np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)

@@ -18,7 +18,8 @@ def test_main_tiny_pipeline_then_evaluate_and_sample(tmp_path):
     env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
     cmd = [sys.executable, "-m", "codi_jax.main", "--config=configs/depth.py:tiny", f"--workdir={workdir}",
            "--config.stage_steps.vae=4", "--config.stage_steps.pretrain=4", "--config.total_steps=4",
-           "--config.batch_size=8", "--config.log_every=2", "--config.checkpoint_every=2",
+           "--config.batch_size=8", "--config.log_every=2", "--config.checkpoint_every=2", "--config.sample_every=4",
+           "--config.num_sample_images=4",
            "--config.eval.num_examples=8", "--config.eval.batch_size=8", "--config.eval.steps=(1,2)",
            "--config.eval.teacher_steps=2"]
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
@@ -30,7 +31,12 @@ def test_main_tiny_pipeline_then_evaluate_and_sample(tmp_path):
         assert (workdir / stage / "export" / "DONE").is_file()
         assert (workdir / stage / "checkpoints" / "4").is_dir()
     assert (workdir / "checkpoints" / "4").is_dir()
-    assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
+    events = [name for name in os.listdir(workdir) if name.startswith("events.out.tfevents")]
+    assert events
+    import tensorflow as tf
+
+    tags = {v.tag for e in tf.compat.v1.train.summary_iterator(str(workdir / events[0])) for v in e.summary.value}
+    assert {"loss", "steps_per_sec", "samples", "grad_norm", "mu"} <= tags, tags
     with open(workdir / "vae" / "export" / "vae" / "config.json") as f:
         assert json.load(f)["scaling_factor"] != 1.0  # set from the latent statistics
 
