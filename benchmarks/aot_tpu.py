@@ -1,0 +1,352 @@
+"""The TPU pod plan: the SD1.5-size full-CoDi train step compiled ahead of time (never run) by the real TPU compiler
+for TPU v4 slices, on a machine without a TPU. Prints JSON (and writes benchmarks/results/aot_tpu.json).
+
+    python -m venv /tmp/venv-tpu
+    /tmp/venv-tpu/bin/pip install -r requirements.txt "jax[tpu]==0.10.2"     # libtpu: the compiler, from pip
+    /tmp/venv-tpu/bin/python benchmarks/aot_tpu.py                          # v4-8, v4-32, v4-128; batch 256 + search
+    /tmp/venv-tpu/bin/python benchmarks/aot_tpu.py --topology=v4-32 --compiles=1          # the goal batch only
+
+The step is exactly the one train.setup compiles: configs/depth.py (SD1.5 presets, mode codi: UNet + duplicated
+encoder + mu, bf16 compute, fp32 params / AdamW / EMA, remat) at 512 px (64x64 latents), with the state, frozen parts
+(VAE, text encoder) and batch given as ShapeDtypeStructs carrying their shardings, so no weight exists anywhere. The
+mesh is FSDP over the whole slice (data=1, fsdp=-1, tensor=1) unless --mesh says otherwise.
+
+Per device: memory_analysis() of the compiled executable; total = argument + output + temp - alias (donated state is
+aliased to the new state), and a configuration fits when total + generated code < --hbm_gib (v4: 32 GiB HBM per chip).
+flops: cost_analysis() of the partitioned program, i.e. per device per step.
+Largest batch: the goal batch, its double (or half), then predictions from a line through the compiled totals, each
+compiled, until batches B (fits) and B + devices (does not) are both compiled or --compiles is spent; every compile
+is listed under trials.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # run as a script from a checkout without installing the package
+
+# Slice name -> (libtpu topology name in chips per axis, wrap-around links). With chip_config_name='megacore' a v4 chip
+# is one JAX device with its two TensorCores and 32 GiB HBM, as on a real v4 VM, so v4-N has N/2 devices (without it
+# libtpu describes each TensorCore as a device). Only a full 4x4x4 cube has wrap-around (torus) links.
+TOPOLOGIES = {"v4-8": ("v4:2x2x1", False), "v4-32": ("v4:2x2x4", False), "v4-128": ("v4:4x4x4", True)}
+GIB = 1 << 30
+
+
+def load_config(arg: str | None, image_size: int, mesh: dict, rules: str | None):
+    spec = importlib.util.spec_from_file_location("depth_config", os.path.join(REPO, "configs", "depth.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config(arg or None)
+    c.data.image_size = image_size
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh["data"], mesh["fsdp"], mesh["tensor"]
+    if rules:
+        c.logical_axis_rules = tuple(tuple(r) for r in json.loads(rules))
+    return c
+
+
+class Planner:
+    """Everything batch-independent for one topology (devices, mesh, abstract state and shardings); compile(batch)."""
+
+    def __init__(self, config, topology: tuple[str, bool], compiler_options: dict):
+        import flax.linen as nn
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+        from jax.experimental import topologies
+
+        from codi_jax import build, checkpoint, parallel, train
+
+        self.config, self.compiler_options = config, compiler_options
+        name, wrap = topology
+        self.devices = topologies.get_topology_desc(
+            platform="tpu", topology_name=name, chip_config_name="megacore", chips_per_host_bounds=(2, 2, 1),
+            num_slices=1, wrap=(wrap,) * 3).devices
+        self.mesh = parallel.make_mesh(config.mesh.to_dict(), self.devices)
+        self.rules = parallel.rules_from_config(config.logical_axis_rules)
+        self.recipe = build.Recipe(config, tempfile.gettempdir(), abstract=True)
+        tx, lr_schedule = train.make_optimizer(config)
+        recipe = self.recipe
+
+        def init_boxed_state(rng):  # as train.setup, evaluated abstractly only
+            params = recipe.init_fn(rng)
+            return train.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                                    ema_params=params, rng=rng)
+
+        with nn.logical_axis_rules(self.rules):
+            abstract_boxed = jax.eval_shape(init_boxed_state, jax.random.PRNGKey(config.seed))
+            self.state_shardings = parallel.logical_shardings(abstract_boxed, self.mesh, self.rules)
+            self.frozen_shardings = parallel.logical_shardings(recipe.frozen_abstract, self.mesh, self.rules)
+        self.abstract_state = checkpoint.abstract_with_shardings(nn.meta.unbox(abstract_boxed), self.state_shardings)
+        self.abstract_frozen = checkpoint.abstract_with_shardings(nn.meta.unbox(recipe.frozen_abstract),
+                                                                  self.frozen_shardings)
+        count = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))  # noqa: E731
+        self.trainable = count(self.abstract_state.params)
+        self.frozen = count({k: v for k, v in self.abstract_frozen.items() if k != "null_ids"})
+        self.step_fn = train.make_train_step(recipe, tx, lr_schedule, config)
+
+    def compile(self, batch: int) -> dict:
+        import flax.linen as nn
+        import jax
+
+        from codi_jax import parallel, train
+
+        self.config.batch_size = batch
+        spec = train._batch_spec(self.config)
+        abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=parallel.batch_sharding(self.mesh, v.ndim))
+                          for k, v in spec.items()}
+        batch_shardings = {k: v.sharding for k, v in abstract_batch.items()}
+        out = {"batch": batch, "per_device_batch": batch // parallel.data_parallel_size(self.mesh)}
+        with nn.logical_axis_rules(self.rules), jax.set_mesh(self.mesh):
+            jitted = jax.jit(self.step_fn, in_shardings=(self.state_shardings, self.frozen_shardings, batch_shardings),
+                             out_shardings=(self.state_shardings, parallel.replicated(self.mesh)), donate_argnums=(0,))
+            t0 = time.time()
+            lowered = jitted.lower(self.abstract_state, self.abstract_frozen, abstract_batch)
+            t1 = time.time()
+            try:
+                compiled = lowered.compile(compiler_options=self.compiler_options or None)
+            except jax.errors.JaxRuntimeError as e:
+                # The TPU compiler refuses a program whose buffers cannot fit in HBM: that is the answer "does not
+                # fit", with the compiler's own figure for what it needed.
+                if "RESOURCE_EXHAUSTED" not in str(e):
+                    raise
+                out.update(fits=False, compiler_error=str(e).splitlines()[0][:500],
+                           lower_seconds=round(t1 - t0, 1), compile_seconds=round(time.time() - t1, 1))
+                m = re.search(r"HLO temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", str(e))
+                if m:
+                    out["required_temp_gib"], out["available_hbm_gib"] = float(m.group(1)), float(m.group(2))
+                return out
+            t2 = time.time()
+        mem = compiled.memory_analysis()
+        out.update({
+            "argument_bytes": int(mem.argument_size_in_bytes),
+            "output_bytes": int(mem.output_size_in_bytes),
+            "temp_bytes": int(mem.temp_size_in_bytes),
+            "alias_bytes": int(mem.alias_size_in_bytes),
+            "generated_code_bytes": int(mem.generated_code_size_in_bytes),
+        })
+        out["total_bytes"] = out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"] - out["alias_bytes"]
+        out["total_gib"] = round(out["total_bytes"] / GIB, 3)
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        out["flops_per_device"] = float(cost.get("flops", 0.0)) if cost else None
+        out["lower_seconds"] = round(t1 - t0, 1)
+        out["compile_seconds"] = round(t2 - t1, 1)
+        return out
+
+
+def _need_bytes(r: dict) -> float:
+    """What a trial needs per device; for a refused compile the compiler's temporaries figure (a lower bound)."""
+    if "total_bytes" in r:
+        return r["total_bytes"] + r["generated_code_bytes"]
+    return r.get("required_temp_gib", 0.0) * (1 << 30)
+
+
+def summarize(row: dict, goal_batch: int) -> None:
+    """The goal-batch figures and the fit bracket of a topology row, from all its trials."""
+    trials = sorted(row["trials"], key=lambda r: r["batch"])
+    row["trials"] = trials
+    goal = next((r for r in trials if r["batch"] == goal_batch), None)
+    if goal is not None:
+        row.update({k: goal[k] for k in ("batch", "argument_bytes", "output_bytes", "temp_bytes", "alias_bytes",
+                                         "generated_code_bytes", "total_bytes", "total_gib", "flops_per_device",
+                                         "compile_seconds", "fits", "required_temp_gib") if k in goal})
+    ok = [r["batch"] for r in trials if r["fits"]]
+    row["largest_batch_that_fits"] = max(ok) if ok else None
+    # None: no larger batch was compiled, so largest_batch_that_fits is only a lower bound.
+    row["smallest_batch_that_does_not_fit"] = min(
+        [r["batch"] for r in trials if not r["fits"] and (not ok or r["batch"] > max(ok))], default=None)
+
+
+def search(planner: Planner, goal: int, hbm_bytes: int, max_compiles: int, log):
+    """The largest global batch (a multiple of the device count) whose total + generated code fits in hbm_bytes.
+
+    Compiles the goal batch and its double (or half), then repeatedly predicts the boundary from a straight line
+    through the trials so far (activation memory grows linearly in the batch; state does not) and compiles the
+    prediction inside the bracket until a fitting batch and one a device-count step above it that does not fit are
+    both compiled, or max_compiles is spent. Every answer is a compiled result; the line only picks what to compile.
+    Returns (trials, largest batch that fits or None, smallest batch above it that does not fit or None).
+    """
+    import numpy as np
+
+    n = len(planner.devices)
+    trials: dict[int, dict] = {}
+
+    def fits(b):
+        if b not in trials:
+            r = planner.compile(b)
+            if "fits" not in r:
+                r["fits"] = r["total_bytes"] + r["generated_code_bytes"] < hbm_bytes
+            trials[b] = r
+            log(r)
+        return trials[b]["fits"]
+
+    def bracket():
+        ok = [b for b, r in trials.items() if r["fits"]]
+        bad = [b for b, r in trials.items() if not r["fits"]]
+        lo = max(ok) if ok else None
+        return lo, min([b for b in bad if lo is None or b > lo], default=None)
+
+    goal = max(n, goal // n * n)
+    if max_compiles >= 1:
+        fits(goal)
+    if max_compiles >= 2:
+        fits(goal * 2 if trials[goal]["fits"] else max(n, goal // 2 // n * n))
+    while len(trials) < max_compiles:
+        lo, hi = bracket()
+        if (lo is not None and hi is not None and hi - lo <= n) or (lo is None and min(trials) <= n):
+            break
+        xs = np.array(sorted(trials), float)
+        ys = np.array([_need_bytes(trials[b]) for b in sorted(trials)], float)
+        slope, intercept = np.polyfit(xs, ys, 1)
+        if slope > 0:
+            predicted = int((hbm_bytes - intercept) / slope) // n * n
+        else:  # no growth seen (should not happen): double the largest that fits
+            predicted = 2 * lo if lo is not None else n
+        low = lo + n if lo is not None else n
+        high = hi - n if hi is not None else max(predicted, low)
+        b = min(max(predicted, low), high)
+        if b in trials:  # the prediction sits on a compiled trial: test its neighbour inside the bracket
+            b = b + n if trials[b]["fits"] else b - n
+        if b in trials or b < n:
+            break
+        fits(b)
+    lo, hi = bracket()
+    return sorted(trials.values(), key=lambda r: r["batch"]), lo, hi
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--topology", action="append", choices=sorted(TOPOLOGIES),
+                    help="slice(s) to plan; default: v4-8, v4-32, v4-128")
+    ap.add_argument("--batch", type=int, default=256, help="goal global batch")
+    ap.add_argument("--batches", default="", help="comma-separated global batches to compile instead of the search")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override, e.g. optimizer.grad_accum_steps=2 (recorded in the row and its name)")
+    ap.add_argument("--compiles", type=int, default=4,
+                    help="compiles per topology for the largest-batch search (1: only the goal batch)")
+    ap.add_argument("--image_size", type=int, default=512)
+    ap.add_argument("--config_arg", default="", help="configs/depth.py variants, e.g. 'tiny' for a quick smoke run")
+    ap.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor sizes (-1 fills)")
+    ap.add_argument("--rules", default="", help="JSON list of [logical, mesh axes] overriding the default rules")
+    ap.add_argument("--xla", action="append", default=[], help="compiler option key=value (repeatable)")
+    ap.add_argument("--hbm_gib", type=float, default=32.0, help="HBM per device (v4: 32 GiB)")
+    ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "aot_tpu.json"))
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="compile nothing: combine the topologies of earlier outputs (e.g. one process per topology, "
+                         "run in parallel) into --out")
+    args = ap.parse_args()
+    if args.merge:
+        merged = None
+        for path in args.merge:
+            with open(path) as f:
+                part = json.load(f)
+            if merged is None:
+                merged = part
+            elif part["config"] != merged["config"]:
+                raise ValueError(f"{path} was compiled with another configuration: {part['config']} vs "
+                                 f"{merged['config']}")
+            else:
+                for key, row in part["topologies"].items():
+                    if key in merged["topologies"]:  # the same slice and overrides, compiled in several runs
+                        seen = {r["batch"] for r in merged["topologies"][key]["trials"]}
+                        merged["topologies"][key]["trials"] += [r for r in row["trials"] if r["batch"] not in seen]
+                    else:
+                        merged["topologies"][key] = row
+        for row in merged["topologies"].values():
+            summarize(row, int(merged.get("goal_batch", args.batch)))
+        text = json.dumps(merged, indent=2)
+        print(text)
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+        return
+    # The host computations (eval_shape of the abstract models) stay on the CPU; libtpu is loaded only as the compiler
+    # for the topology, so no TPU needs to be attached.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no GCE metadata server here: libtpu must not wait for one
+    import jax
+
+    data, fsdp, tensor = (int(x) for x in args.mesh.split(","))
+    config = load_config(args.config_arg, args.image_size, {"data": data, "fsdp": fsdp, "tensor": tensor}, args.rules)
+    overrides = {}
+    for kv in args.set:
+        key, value = kv.split("=", 1)
+        node, *path = key.split(".")
+        parent = config
+        for part in [node, *path][:-1]:
+            parent = parent[part]
+        leaf = key.split(".")[-1]
+        parent[leaf] = type(parent[leaf])(json.loads(value) if not isinstance(parent[leaf], str) else value)
+        overrides[key] = parent[leaf]
+    options = dict(kv.split("=", 1) for kv in args.xla)
+    topologies = args.topology or ["v4-8", "v4-32", "v4-128"]
+    out = {
+        "what": "SD1.5-size full-CoDi train step (configs/depth.py, mode codi), compiled ahead of time for TPU, not run",
+        "host": {"python": platform.python_version(), "jax": jax.__version__, "cpus": os.cpu_count()},
+        "config": {"image_size": args.image_size, "latent_size": None, "mode": config.mode, "dtype": config.dtype,
+                   "remat": bool(config.remat), "preset": config.model.preset, "max_length": config.data.max_length,
+                   "mesh": config.mesh.to_dict(), "logical_axis_rules": args.rules or "parallel.DEFAULT_RULES",
+                   "compiler_options": options, "optimizer": "adamw (fp32 moments) + EMA, grad clip"},
+        "goal": f"per-device total < {args.hbm_gib} GiB at global batch {args.batch} on v4-32",
+        "goal_batch": args.batch,
+        "hbm_gib_per_device": args.hbm_gib,
+        "topologies": {},
+    }
+
+    def save():
+        text = json.dumps(out, indent=2)
+        if args.out:
+            os.makedirs(os.path.dirname(args.out), exist_ok=True)
+            with open(args.out, "w") as f:
+                f.write(text + "\n")
+        return text
+
+    for name in topologies:
+        t0 = time.time()
+        planner = Planner(config, TOPOLOGIES[name], options)
+        out["config"]["latent_size"] = planner.recipe.latent_size
+        row = {
+            "slice": name,
+            "config_overrides": overrides,
+            "topology": TOPOLOGIES[name][0],
+            "devices": len(planner.devices),
+            "device_kind": planner.devices[0].device_kind,
+            "mesh": dict(planner.mesh.shape),
+            "trainable_parameters": planner.trainable,
+            "frozen_parameters": planner.frozen,
+            "setup_seconds": round(time.time() - t0, 1),
+            "trials": [],
+        }
+        key = name + "".join(f" {k}={v}" for k, v in overrides.items())
+        out["topologies"][key] = row
+
+        def log(r, row=row):
+            row["trials"].append(r)
+            print(f"[aot_tpu] {key}: batch {r['batch']} -> {r.get('total_gib', r.get('required_temp_gib'))} GiB/device, "
+                  f"fits={r['fits']}, compile {r['compile_seconds']} s", file=sys.stderr, flush=True)
+            save()
+
+        if args.batches:
+            for b in (int(x) for x in args.batches.split(",")):
+                r = planner.compile(b)
+                if "fits" not in r:
+                    r["fits"] = _need_bytes(r) < args.hbm_gib * GIB
+                log(r)
+        else:
+            search(planner, args.batch, int(args.hbm_gib * GIB), args.compiles, log)
+        summarize(row, args.batch)
+        save()
+    print(save())
+
+
+if __name__ == "__main__":
+    main()
