@@ -1,6 +1,7 @@
 """The paper's Table 2 and Figure 7 ablations in miniature, on the embedded depth task.
 
-    python benchmarks/table2.py --workdir=runs/table2 [--steps=1000] [--stage-steps=600,1500] [--examples=256]
+    python benchmarks/table2.py --workdir=runs/table2 [--steps=1000] [--stage-steps=600,1500] [--examples=256] \
+        [--eval-steps=1,2,4,8]
 
 One shared VAE and text-to-image teacher (the embedded default's stages), then, each in <workdir>/<method>:
   finetune   conditional fine-tuning of the adapted model (ControlNet form, UNet trained) -> DDIM 4/50, DPM-Solver++ 4
@@ -67,6 +68,7 @@ def main(argv=None) -> int:
     parser.add_argument("--stage-steps", default="600,1500", help="VAE,teacher pretraining steps")
     parser.add_argument("--examples", type=int, default=256, help="held-out examples for the evaluation")
     parser.add_argument("--methods", default=",".join(METHODS), help="subset, comma-separated")
+    parser.add_argument("--eval-steps", default="1,2,4,8", help="sampling steps to evaluate (finetune adds DDIM 50)")
     args = parser.parse_args(argv)
 
     from absl import logging
@@ -103,7 +105,7 @@ def main(argv=None) -> int:
 
     eval_cfg = method_config("tiny", "codi", workdir, args.steps)
     eval_cfg.eval.num_examples = args.examples
-    eval_cfg.eval.steps = (1, 2, 4, 8)
+    eval_cfg.eval.steps = tuple(int(x) for x in args.eval_steps.split(","))
     report = evaluate.run(eval_cfg, workdir)
     report["meta"]["train_seconds"] = timings
     report["meta"]["machine"] = f"{os.cpu_count()} CPU cores"
