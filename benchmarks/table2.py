@@ -89,7 +89,8 @@ def main(argv=None) -> int:
             if stage == "pretrain":
                 cfg.vae_from = os.path.join(workdir, "vae", "export")
             t0 = time.time()
-            train.train(cfg, stage_dir)
+            if not train.train(cfg, stage_dir).finished:
+                return 75  # stopped by SIGTERM after a checkpoint: rerun to resume
             timings[stage] = time.time() - t0
     names = [n for n in args.methods.split(",") if n]
     unknown = set(names) - set(METHODS)
@@ -100,7 +101,8 @@ def main(argv=None) -> int:
         if os.path.isfile(os.path.join(method_dir, "export", "DONE")):
             continue
         t0 = time.time()
-        train.train(method_config("tiny", name, workdir, args.steps), method_dir)
+        if not train.train(method_config("tiny", name, workdir, args.steps), method_dir).finished:
+            return 75  # stopped by SIGTERM after a checkpoint: rerun to resume
         timings[name] = time.time() - t0
 
     eval_cfg = method_config("tiny", "codi", workdir, args.steps)
