@@ -45,7 +45,8 @@ def _preset(component: str, name: str) -> str:
     return _PRESETS[name][component]
 
 
-def _with_compute(module: nn.Module, dtype, remat: bool) -> nn.Module:
+def with_compute(module: nn.Module, dtype, remat: bool) -> nn.Module:
+    """The same module with another compute dtype / remat setting (params are unaffected)."""
     cfg = module.config
     updates = {}
     if hasattr(cfg, "dtype"):
@@ -91,7 +92,7 @@ class Recipe:
             logging.info("VAE from %s", vae_from)
         else:
             vae, vae_params = vae_lib.AutoencoderKL(vae_lib.VAEConfig.preset(_preset("vae", config.model.preset))), None
-        self.vae = _with_compute(vae, self.dtype, False)
+        self.vae = with_compute(vae, self.dtype, False)
         self.vae_scale = float(self.vae.config.scaling_factor)
         self.latent_size = self.image_size // (2 ** (len(self.vae.config.block_out_channels) - 1))
         self.latent_channels = int(self.vae.config.latent_channels)
@@ -126,7 +127,7 @@ class Recipe:
             text = clip_lib.CLIPTextEncoder(clip_lib.CLIPTextConfig.preset(_preset("text", config.model.preset),
                                                                            **vocab))
             text_params = None
-        self.text_encoder = _with_compute(text, self.dtype, False)
+        self.text_encoder = with_compute(text, self.dtype, False)
         ids = jnp.zeros((1, int(config.data.max_length)), jnp.int32)
         self.frozen_abstract["text_encoder"] = jax.eval_shape(self.text_encoder.init, jax.random.key(0), ids)["params"]
         if text_params is None and not abstract:
@@ -150,7 +151,7 @@ class Recipe:
             unet_cfg = getattr(unet_lib.UNetConfig, _preset("unet", config.model.preset))(
                 cross_attention_dim=int(self.text_encoder.config.hidden_size))
             unet, unet_params = unet_lib.UNet2DConditionModel(unet_cfg), None
-        self.unet = _with_compute(unet, self.dtype, config.remat)
+        self.unet = with_compute(unet, self.dtype, config.remat)
         z = jnp.zeros((1, self.latent_size, self.latent_size, self.latent_channels), jnp.float32)
         t = jnp.zeros((1,), jnp.int32)
         ctx = jnp.zeros((1, int(config.data.max_length), self.unet.config.cross_attention_dim), jnp.float32)

@@ -29,12 +29,9 @@ def _host(tree: Any) -> Any:
 
 
 def _float32(module):
-    cfg = module.config
-    if hasattr(cfg, "dtype"):
-        cfg = dataclasses.replace(cfg, dtype=jnp.float32)
-    if hasattr(cfg, "remat"):
-        cfg = dataclasses.replace(cfg, remat=False)
-    return type(module)(cfg)
+    from codi_jax.build import with_compute
+
+    return with_compute(module, jnp.float32, False)
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:

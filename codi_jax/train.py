@@ -284,7 +284,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Setup:
 
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     if start == 0:
-        writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
+        writer.write_hparams(_flatten(config.to_dict()))
     hooks = [periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
                                              every_steps=config.log_every)]
     if jax.process_index() == 0 and config.profile_steps > 0:
