@@ -191,18 +191,62 @@ class Upsample2D(nn.Module):
 # Attention and transformer blocks.
 
 
-def dot_product_attention(q, k, v, *, heads: int, upcast: bool = True):
-    """Multi-head scaled dot-product attention on (B, L, heads*d). Softmax always in float32 (stable in bf16)."""
+# Memory-efficient attention: above this many scores per head (query length x key length) the queries are processed in
+# chunks of at most this many scores each, every chunk under jax.checkpoint, so neither the forward nor the backward
+# pass ever holds more than one chunk's float32 logits / probabilities. SD at 512 px has 4096 tokens at the 64x64 level:
+# the exact path would hold (batch, heads, 4096, 4096) float32 (512 MiB per image per layer, ~1.5 GiB per image with
+# the backward's copies), which is what kept the SD1.5 train step off 32 GiB TPU v4 chips. 0 or None: always exact.
+# The chunked result is the same computation row by row (each query row's softmax sees every key), so it agrees with
+# the exact path to float rounding. Tiny models (short sequences) never reach the threshold.
+ATTENTION_CHUNK_SCORES = 1 << 21
+
+
+def _attention_exact(q, k, v, scale):
+    """(B, Lq, H, D) x (B, Lk, H, D) -> (B, Lq, H, D); logits in q/k's dtype, softmax in float32, probs in v's dtype."""
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def _query_chunk(lq: int, lk: int, max_scores: Optional[int]) -> int:
+    """Queries per chunk (lq: no chunking): at most max_scores // lk rows, balanced so the padding is < one chunk."""
+    if not max_scores or lq * lk <= max_scores or lq <= 1:
+        return lq
+    rows = max(1, max_scores // lk)
+    n = -(-lq // rows)
+    return -(-lq // n)
+
+
+def dot_product_attention(q, k, v, *, heads: int, upcast: bool = True, chunk_scores: Optional[int] = -1):
+    """Multi-head scaled dot-product attention on (B, L, heads*d). Softmax always in float32 (stable in bf16).
+
+    chunk_scores: the most query x key scores per head computed at once (-1: ATTENTION_CHUNK_SCORES; 0 / None: never
+    chunk). Longer sequences go through query chunks (lax.map, each chunk rematerialised in the backward pass); a
+    query length that the chunk does not divide is padded with zero queries, whose rows are dropped.
+    """
     b, lq, inner = q.shape
+    lk = k.shape[1]
     d = inner // heads
     q = q.reshape(b, lq, heads, d)
-    k = k.reshape(b, k.shape[1], heads, d)
-    v = v.reshape(b, v.shape[1], heads, d)
+    k = k.reshape(b, lk, heads, d)
+    v = v.reshape(b, lk, heads, d)
     if upcast:  # upcast_attention: q.k in float32 (SD2.1 needs it in fp16/bf16)
         q, k = q.astype(jnp.float32), k.astype(jnp.float32)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (1.0 / math.sqrt(d))
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    scale = 1.0 / math.sqrt(d)
+    chunk = _query_chunk(lq, lk, ATTENTION_CHUNK_SCORES if chunk_scores == -1 else chunk_scores)
+    if chunk >= lq:
+        return _attention_exact(q, k, v, scale).reshape(b, lq, inner)
+    n = -(-lq // chunk)
+    pad = n * chunk - lq
+    if pad:
+        q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    # (n, B, chunk, H, D): the batch axis keeps its sharding; only the query axis is split.
+    qs = jnp.moveaxis(q.reshape(b, n, chunk, heads, d), 1, 0)
+    # prevent_cse=False: inside lax.map (a scan) the rematerialisation cannot be CSE'd away, and the flag would only
+    # add optimisation barriers.
+    per_chunk = jax.checkpoint(lambda qc: _attention_exact(qc, k, v, scale), prevent_cse=False)
+    out = jax.lax.map(per_chunk, qs)
+    out = jnp.moveaxis(out, 0, 1).reshape(b, n * chunk, heads, d)[:, :lq]
     return out.reshape(b, lq, inner)
 
 
