@@ -79,6 +79,7 @@ def base(task: str) -> ml_collections.ConfigDict:
     c.optimizer.grad_clip = 1.0  # global norm; 0 disables
     c.optimizer.grad_accum_steps = 1  # micro-batches per optimizer step (scanned inside the step)
     c.ema_decay = 0.9999
+    c.ema_warmup = True  # decay_n = min(ema_decay, (1 + n) / (10 + n)), so short runs' EMA forgets the init
     # GD-II: progressive rounds, each halving the student's steps down to objective.gd_student_steps.
     c.gd_rounds = 2
 
@@ -114,7 +115,7 @@ def tiny(c: ml_collections.ConfigDict) -> None:
     """Embedded default: the whole pipeline on a 2-core CPU with nothing downloaded (~30 minutes)."""
     c.model.preset = "tiny"
     c.model.hint_channels = (16, 32, 32)  # 3 entries: the condition is 4x the latent size (tiny VAE)
-    c.model.prediction_type = "epsilon"
+    c.model.prediction_type = "v_prediction"  # eps-prediction blew up x0 at high t in short CPU runs
     c.dtype = "float32"
     c.remat = False
     c.batch_size = 32
@@ -144,7 +145,7 @@ def tiny(c: ml_collections.ConfigDict) -> None:
         c.run_eval = True
     c.stage_steps = ml_collections.ConfigDict({"vae": 600, "pretrain": 1500})
     c.stage_learning_rate = ml_collections.ConfigDict({"vae": 1e-3, "pretrain": 4e-4})
-    c.total_steps = 1000
+    c.total_steps = 600
 
 
 def stage_config(c: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:

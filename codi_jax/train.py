@@ -102,7 +102,11 @@ def make_train_step(recipe: build.Recipe, tx: optax.GradientTransformation, lr_s
             metrics = jax.tree.map(lambda m: m / accum, metrics)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+        # Warm-up (as tf.train.ExponentialMovingAverage with num_updates): a fixed 0.999 after 600 steps would still
+        # weigh the random init by 0.999**600 = 55 %, which made short runs' exported EMA models useless.
+        n = state.step.astype(jnp.float32)
+        d = jnp.minimum(decay, (1.0 + n) / (10.0 + n)) if config.ema_warmup else jnp.float32(decay)
+        ema = jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype), state.ema_params, params)
         metrics = dict(metrics)
         metrics.update(
             grad_norm=_tree_norm(grads), param_norm=_tree_norm(params), update_norm=_tree_norm(updates),

@@ -102,7 +102,7 @@ class VAEConfig:
         presets = {
             "sd": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
                        sample_size=512, scaling_factor=0.18215),
-            "tiny": dict(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16, sample_size=32,
+            "tiny": dict(block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8, sample_size=32,
                          scaling_factor=1.0),
             "tiny2x": dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16, sample_size=32,
                            scaling_factor=1.0),
