@@ -209,3 +209,33 @@ def test_two_processes_then_restore_on_another_mesh(teacher, tmp_path):
     assert ckpt.read(4, "config")["mode"] == "codi"
     assert ckpt.read(2, "meta")["process_count"] == 2 and ckpt.read(4, "meta")["process_count"] == 1
     ckpt.close()
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_ema_warmup_forgets_the_init(warmup):
+    """With warm-up the EMA decay is min(ema_decay, (1 + n) / (10 + n)): a short run's EMA no longer holds most of
+    the random init (0.999**600 = 55 % without it)."""
+    import jax.numpy as jnp
+    import optax
+
+    from codi_jax import train
+
+    class Quadratic:  # stands in for build.Recipe: only .loss is used by the step
+        @staticmethod
+        def loss(params, ema_params, frozen, batch, rng):
+            loss = jnp.sum((params["w"] - batch["target"]) ** 2)
+            return loss, {"loss": loss}
+
+    c = load_config("tiny")
+    c.ema_decay, c.ema_warmup = 0.999, warmup
+    tx = optax.sgd(0.5)  # w -> target in one step from any start: (w - 0.5 * 2 (w - target))
+    step = jax.jit(train.make_train_step(Quadratic(), tx, lambda n: 0.5, c))
+    w0 = jnp.zeros(3)
+    state = train.TrainState(step=jnp.zeros((), jnp.int32), params={"w": w0}, opt_state=tx.init({"w": w0}),
+                             ema_params={"w": w0}, rng=jax.random.key_data(jax.random.key(0)))
+    target = jnp.ones(3)
+    for _ in range(600):
+        state, _ = step(state, {}, {"target": target})
+    expected_init_weight = (np.prod([min(0.999, (1 + n) / (10 + n)) for n in range(600)]) if warmup else 0.999 ** 600)
+    np.testing.assert_allclose(np.asarray(state.ema_params["w"]), 1.0 - expected_init_weight, rtol=1e-4)
+    assert (expected_init_weight < 1e-3) if warmup else (expected_init_weight > 0.5)
