@@ -145,7 +145,7 @@ def tiny(c: ml_collections.ConfigDict) -> None:
         c.run_eval = True
     c.stage_steps = ml_collections.ConfigDict({"vae": 600, "pretrain": 1500})
     c.stage_learning_rate = ml_collections.ConfigDict({"vae": 1e-3, "pretrain": 4e-4})
-    c.total_steps = 600
+    c.total_steps = 400
 
 
 def stage_config(c: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
