@@ -11,7 +11,7 @@ from diffusers import AutoencoderKL as TorchAutoencoderKL
 from codi_jax.models import vae
 from codi_jax.weights import flax_to_torch, load_diffusers, save_diffusers
 
-CHANNELS = (32, 64, 64)  # 4x down, as the embedded default
+CHANNELS = (16, 32, 64)  # 4x down, as the embedded default
 ALLOWED_AXES = {"embed", "mlp", "heads", "conv_in", "conv_out", "norm", None}
 
 
