@@ -98,7 +98,7 @@ class VAEConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "VAEConfig":
-        """sd: the SD 1.x/2.x VAE (8x down). tiny: (32, 64, 64), 4x down. tiny2x: (32, 64), 2x down."""
+        """sd: the SD 1.x/2.x VAE (8x down). tiny: (16, 32, 64), 4x down. tiny2x: (32, 64), 2x down."""
         presets = {
             "sd": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
                        sample_size=512, scaling_factor=0.18215),
