@@ -17,7 +17,7 @@ from absl import logging
 
 class Checkpointer:
     def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
-        self.directory = os.path.join(workdir, "checkpoints")
+        self.directory = os.path.join(_absolute(workdir), "checkpoints")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save
         )
@@ -77,12 +77,17 @@ class Checkpointer:
         self.manager.close()
 
 
+def _absolute(path: str) -> str:
+    """Orbax (tensorstore's OCDBT) rejects relative local paths mid-save; gs:// and other URLs pass unchanged."""
+    return path if "://" in path else os.path.abspath(path)
+
+
 def restore_params(path: str, abstract_params: Any) -> tuple[Any, Any]:
     """(params, ema_params) of another run (config.init_from): a workdir, its checkpoints/ folder or one step folder.
 
     Only these two subtrees are read (partial restore), so the other run may have used another optimizer.
     """
-    path = path.rstrip("/")
+    path = _absolute(path.rstrip("/"))
     if os.path.isdir(os.path.join(path, "checkpoints")):
         path = os.path.join(path, "checkpoints")
     if os.path.basename(path) == "checkpoints" or not os.path.isdir(os.path.join(path, "state")):

@@ -157,6 +157,23 @@ def test_interrupted_checkpoint_write_leaves_older_one_restorable(tmp_path):
     ckpt.close()
 
 
+
+def test_relative_workdir_checkpoints(tmp_path, monkeypatch):
+    """`--workdir=runs/x` (as in the README): Orbax's OCDBT writer rejects relative paths in the middle of a save."""
+    import jax.numpy as jnp
+
+    from codi_jax import checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    state = {"params": {"w": jnp.arange(6, dtype=jnp.float32)}, "step": jnp.int32(3)}
+    ckpt = checkpoint.Checkpointer("runs/rel", keep=2)
+    ckpt.save(3, state)
+    ckpt.close()
+    assert (tmp_path / "runs" / "rel" / "checkpoints" / "3" / "state").is_dir()
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    restored = checkpoint.Checkpointer("runs/rel").restore(abstract)
+    np.testing.assert_array_equal(np.asarray(restored["params"]["w"]), np.arange(6))
+
 @pytest.mark.slow
 def test_non_finite_loss_stops_with_intact_checkpoint(teacher, tmp_path):
     from codi_jax import train
