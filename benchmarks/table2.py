@@ -101,7 +101,12 @@ def main(argv=None) -> int:
         if os.path.isfile(os.path.join(method_dir, "export", "DONE")):
             continue
         t0 = time.time()
-        if not train.train(method_config("tiny", name, workdir, args.steps), method_dir).finished:
+        cfg = method_config("tiny", name, workdir, args.steps)
+        if cfg.mode == "gd" and cfg.gd_rounds > 1:  # progressive rounds, as the main entry point runs them
+            finished = train._gd_rounds(cfg, method_dir)
+        else:
+            finished = train.train(cfg, method_dir).finished
+        if not finished:
             return 75  # stopped by SIGTERM after a checkpoint: rerun to resume
         timings[name] = time.time() - t0
 
