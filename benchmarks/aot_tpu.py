@@ -238,6 +238,8 @@ def main() -> None:
     ap.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor sizes (-1 fills)")
     ap.add_argument("--rules", default="", help="JSON list of [logical, mesh axes] overriding the default rules")
     ap.add_argument("--xla", action="append", default=[], help="compiler option key=value (repeatable)")
+    ap.add_argument("--attention_chunk_scores", type=int, default=-1,
+                    help="layers.ATTENTION_CHUNK_SCORES for the compile (-1: the library default; 0: exact attention)")
     ap.add_argument("--hbm_gib", type=float, default=32.0, help="HBM per device (v4: 32 GiB)")
     ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "aot_tpu.json"))
     ap.add_argument("--merge", nargs="+", metavar="JSON",
@@ -275,6 +277,10 @@ def main() -> None:
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no GCE metadata server here: libtpu must not wait for one
     import jax
 
+    from codi_jax.models import layers
+
+    if args.attention_chunk_scores != -1:
+        layers.ATTENTION_CHUNK_SCORES = args.attention_chunk_scores
     data, fsdp, tensor = (int(x) for x in args.mesh.split(","))
     config = load_config(args.config_arg, args.image_size, {"data": data, "fsdp": fsdp, "tensor": tensor}, args.rules)
     overrides = {}
@@ -295,7 +301,8 @@ def main() -> None:
         "config": {"image_size": args.image_size, "latent_size": None, "mode": config.mode, "dtype": config.dtype,
                    "remat": bool(config.remat), "preset": config.model.preset, "max_length": config.data.max_length,
                    "mesh": config.mesh.to_dict(), "logical_axis_rules": args.rules or "parallel.DEFAULT_RULES",
-                   "compiler_options": options, "optimizer": "adamw (fp32 moments) + EMA, grad clip"},
+                   "compiler_options": options, "attention_chunk_scores": layers.ATTENTION_CHUNK_SCORES,
+                   "optimizer": "adamw (fp32 moments) + EMA, grad clip"},
         "goal": f"per-device total < {args.hbm_gib} GiB at global batch {args.batch} on v4-32",
         "goal_batch": args.batch,
         "hbm_gib_per_device": args.hbm_gib,
