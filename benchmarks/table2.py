@@ -101,12 +101,7 @@ def main(argv=None) -> int:
         if os.path.isfile(os.path.join(method_dir, "export", "DONE")):
             continue
         t0 = time.time()
-        cfg = method_config("tiny", name, workdir, args.steps)
-        if cfg.mode == "gd" and cfg.gd_rounds > 1:  # progressive rounds, as the main entry point runs them
-            finished = train._gd_rounds(cfg, method_dir)
-        else:
-            finished = train.train(cfg, method_dir).finished
-        if not finished:
+        if not train.train_mode(method_config("tiny", name, workdir, args.steps), method_dir):
             return 75  # stopped by SIGTERM after a checkpoint: rerun to resume
         timings[name] = time.time() - t0
 

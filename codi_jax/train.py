@@ -430,6 +430,14 @@ def _gd_rounds(config: ml_collections.ConfigDict, workdir: str) -> bool:
     return True
 
 
+def train_mode(config: ml_collections.ConfigDict, workdir: str) -> bool:
+    """The main mode alone (no stages, no evaluation): GD-II's progressive rounds or one train(). False if preempted."""
+    if config.mode == "gd" and config.gd_rounds > 1:
+        return _gd_rounds(config, workdir)
+    logging.info("=== %s in %s", config.mode, workdir)
+    return train(config, workdir).finished
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> bool:
     """Runs the prerequisite stages (embedded default: VAE, then the text-to-image teacher), the main mode, and
     optionally the evaluation, each resuming where it stopped. False when a preemption stopped it early."""
@@ -447,13 +455,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> bool:
         logging.info("=== stage %s (%d steps) in %s", stage, stage_cfg.total_steps, stage_dir)
         if not train(stage_cfg, stage_dir).finished:
             return False
-    if config.mode == "gd" and config.gd_rounds > 1:
-        if not _gd_rounds(config, workdir):
-            return False
-    else:
-        logging.info("=== %s in %s", config.mode, workdir)
-        if not train(config, workdir).finished:
-            return False
+    if not train_mode(config, workdir):
+        return False
     if config.run_eval:
         from codi_jax import evaluate
 
