@@ -256,3 +256,37 @@ def test_ema_warmup_forgets_the_init(warmup):
     expected_init_weight = (np.prod([min(0.999, (1 + n) / (10 + n)) for n in range(600)]) if warmup else 0.999 ** 600)
     np.testing.assert_allclose(np.asarray(state.ema_params["w"]), 1.0 - expected_init_weight, rtol=1e-4)
     assert (expected_init_weight < 1e-3) if warmup else (expected_init_weight > 0.5)
+
+
+def test_grad_accumulation_equals_one_big_batch():
+    """accum micro-batches of a per-example-mean loss give the full batch's gradient, hence the same update; the
+    metrics are the micro-batch average (here the batch mean, since every micro-batch has the same size)."""
+    import jax.numpy as jnp
+    import optax
+
+    from codi_jax import train
+
+    class Regression:  # loss depends on each example, so a dropped or repeated row changes the gradient
+        @staticmethod
+        def loss(params, ema_params, frozen, batch, rng):
+            loss = jnp.mean((batch["x"] @ params["w"] - batch["y"]) ** 2)
+            return loss, {"loss": loss}
+
+    rng = np.random.default_rng(0)
+    batch = {"x": jnp.asarray(rng.normal(size=(12, 3)), jnp.float32), "y": jnp.asarray(rng.normal(size=(12,)),
+                                                                                       jnp.float32)}
+    w0 = jnp.asarray([0.3, -0.2, 0.1])
+    results = {}
+    for accum in (1, 3):
+        c = load_config("tiny")
+        c.optimizer.grad_accum_steps = accum
+        tx = optax.sgd(0.1)
+        step = jax.jit(train.make_train_step(Regression(), tx, lambda n: 0.1, c))
+        state = train.TrainState(step=jnp.zeros((), jnp.int32), params={"w": w0}, opt_state=tx.init({"w": w0}),
+                                 ema_params={"w": w0}, rng=jax.random.key_data(jax.random.key(0)))
+        state, metrics = step(state, {}, batch)
+        results[accum] = (np.asarray(state.params["w"]), float(metrics["loss"]), float(metrics["grad_norm"]))
+    np.testing.assert_allclose(results[3][0], results[1][0], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(results[3][2], results[1][2], rtol=1e-5)
+    np.testing.assert_allclose(results[3][1], results[1][1], rtol=1e-5)
+    assert not np.allclose(results[1][0], w0)
