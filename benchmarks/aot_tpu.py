@@ -143,10 +143,117 @@ class Planner:
         return out
 
 
+class BufferStagePlanner:
+    """compile(batch) in a child process that is stopped once the TPU compiler has assigned the step's buffers.
+
+    On this 2-core host the SD1.5 step spends ~4 min in the HLO passes and buffer assignment and then 1 h or more
+    (and > 22 GB of host RAM) generating TPU code, which changes no figure the plan needs. The compiler's HBM check
+    (RESOURCE_EXHAUSTED when the temporaries exceed what the chip can hold) runs before code generation, so a refused
+    batch is refused here exactly as in a full compile. For an accepted one the figures come from the compiler's own
+    buffer assignment (XLA's dump of it): every HBM allocation of the step (arguments, temporaries, outputs), which is
+    the final memory_analysis() less what code generation adds (on the tiny model at 256 px: 6.35 GiB here vs 6.44
+    GiB after codegen; see benchmarks/README.md for the SD1.5 comparison). No flops (cost_analysis needs the
+    finished executable).
+    """
+
+    def __init__(self, name: str, child_args: list[str], hbm_bytes: int, log_dir: str):
+        self.name, self.child_args, self.hbm_bytes, self.log_dir = name, child_args, hbm_bytes, log_dir
+        self.devices = [None] * (int(name.split("-")[1]) // 2)  # megacore: a v4-N slice has N/2 chips / devices
+        self.row = None  # the child's row metadata (mesh, parameter counts), from the first child that finishes setup
+        self.latent_size = None
+
+    def compile(self, batch: int) -> dict:
+        import glob
+        import shutil
+        import subprocess
+
+        dump = tempfile.mkdtemp(prefix=f"aot_{self.name}_{batch}_")
+        child_json = os.path.join(dump, "child.json")
+        env = dict(os.environ, ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_dump_to={dump}/hlo --xla_dump_hlo_as_text"
+                            " --xla_dump_hlo_module_re=jit_train_step").strip()
+        log_path = os.path.join(self.log_dir, f"aot_{self.name}_{batch}.log")
+        t0 = time.time()
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--stage=full", f"--topology={self.name}",
+                                     f"--batches={batch}", f"--out={child_json}", *self.child_args],
+                                    env=env, stdout=log, stderr=subprocess.STDOUT)
+            try:
+                result = None
+                while result is None:
+                    time.sleep(5)
+                    # Written only when the buffers were assigned without an HBM refusal (a refused module gets an
+                    # oom_intermediate_module dump instead); code generation starts right after it.
+                    accepted = glob.glob(f"{dump}/hlo/*jit_train_step*.after_optimizations_after_buffer_assignment.txt")
+                    if accepted and _stable(accepted[0]):
+                        result = _read_buffer_assignment(accepted[0].replace(
+                            "after_optimizations_after_buffer_assignment.txt", "after_optimizations"))
+                        result.update(batch=batch, per_device_batch=batch // len(self.devices), stage="buffer_assignment",
+                                      compile_seconds=round(time.time() - t0, 1))
+                        result["fits"] = result["total_bytes"] < self.hbm_bytes
+                    elif proc.poll() is not None:
+                        child = _read_json(child_json)
+                        if proc.returncode != 0 or child is None:
+                            raise RuntimeError(f"compile of batch {batch} on {self.name} failed; see {log_path}")
+                        result = next(iter(child["topologies"].values()))["trials"][0]
+                        result["stage"] = "full" if "total_bytes" in result else "refused"
+                child = _read_json(child_json)  # written by the child before it compiles: the row's metadata
+                if child is not None and self.row is None:
+                    self.row = {k: v for k, v in next(iter(child["topologies"].values())).items() if k != "trials"}
+                    self.latent_size = child["config"]["latent_size"]
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+                shutil.rmtree(dump, ignore_errors=True)
+        return result
+
+
+def _read_json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _stable(path: str, wait: float = 3.0) -> bool:
+    """The dump file has stopped growing (XLA writes it in one go, but it can be large)."""
+    size = os.path.getsize(path)
+    time.sleep(wait)
+    return os.path.getsize(path) == size
+
+
+def _read_buffer_assignment(prefix: str) -> dict:
+    """Per-device HBM bytes from XLA's buffer-assignment dump: allocations in the default memory space (no color),
+    by kind; total = all of them (equals the memory-usage report's total, which is checked)."""
+    sizes = {"argument_bytes": 0, "temp_bytes": 0, "output_bytes": 0, "other_bytes": 0}
+    with open(prefix + "-buffer-assignment.txt") as f:
+        for line in f:
+            m = re.match(r"allocation \d+: size (\d+), (.*):\s*$", line)
+            if not m or "color" in m.group(2):
+                continue
+            size, tags = int(m.group(1)), m.group(2)
+            if tags.startswith("parameter"):
+                sizes["argument_bytes"] += size
+            elif "preallocated-temp" in tags:
+                sizes["temp_bytes"] += size
+            elif "output" in tags or "maybe-live-out" in tags:
+                sizes["output_bytes"] += size
+            else:  # thread-local scratch, constants
+                sizes["other_bytes"] += size
+    with open(prefix + "-memory-usage-report.txt") as f:
+        report_total = int(re.search(r"Total bytes: (\d+)", f.read()).group(1))
+    total = sum(sizes.values())
+    if total != report_total:
+        raise RuntimeError(f"buffer assignment parse: {total} bytes vs the memory-usage report's {report_total}")
+    return dict(sizes, total_bytes=total, total_gib=round(total / GIB, 3))
+
+
 def _need_bytes(r: dict) -> float:
     """What a trial needs per device; for a refused compile the compiler's temporaries figure (a lower bound)."""
     if "total_bytes" in r:
-        return r["total_bytes"] + r["generated_code_bytes"]
+        return r["total_bytes"] + r.get("generated_code_bytes", 0)
     return r.get("required_temp_gib", 0.0) * (1 << 30)
 
 
@@ -157,8 +264,8 @@ def summarize(row: dict, goal_batch: int) -> None:
     goal = next((r for r in trials if r["batch"] == goal_batch), None)
     if goal is not None:
         row.update({k: goal[k] for k in ("batch", "argument_bytes", "output_bytes", "temp_bytes", "alias_bytes",
-                                         "generated_code_bytes", "total_bytes", "total_gib", "flops_per_device",
-                                         "compile_seconds", "fits", "required_temp_gib") if k in goal})
+                                         "generated_code_bytes", "other_bytes", "total_bytes", "total_gib",
+                                         "flops_per_device", "compile_seconds", "fits", "required_temp_gib", "stage") if k in goal})
     ok = [r["batch"] for r in trials if r["fits"]]
     row["largest_batch_that_fits"] = max(ok) if ok else None
     # None: no larger batch was compiled, so largest_batch_that_fits is only a lower bound.
@@ -240,6 +347,9 @@ def main() -> None:
     ap.add_argument("--xla", action="append", default=[], help="compiler option key=value (repeatable)")
     ap.add_argument("--attention_chunk_scores", type=int, default=-1,
                     help="layers.ATTENTION_CHUNK_SCORES for the compile (-1: the library default; 0: exact attention)")
+    ap.add_argument("--stage", choices=("full", "buffers"), default="full",
+                    help="full: compile to an executable (memory_analysis + cost_analysis); buffers: stop each compile "
+                         "(a child process) once the compiler has assigned its HBM buffers, minutes instead of hours")
     ap.add_argument("--hbm_gib", type=float, default=32.0, help="HBM per device (v4: 32 GiB)")
     ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "aot_tpu.json"))
     ap.add_argument("--merge", nargs="+", metavar="JSON",
@@ -317,26 +427,41 @@ def main() -> None:
                 f.write(text + "\n")
         return text
 
+    child_args = [f"--batch={args.batch}", f"--image_size={args.image_size}", f"--mesh={args.mesh}",
+                  f"--attention_chunk_scores={args.attention_chunk_scores}", f"--hbm_gib={args.hbm_gib}",
+                  *(f"--config_arg={args.config_arg}" for _ in [0] if args.config_arg),
+                  *(f"--rules={args.rules}" for _ in [0] if args.rules),
+                  *(f"--set={kv}" for kv in args.set), *(f"--xla={kv}" for kv in args.xla)]
     for name in topologies:
         t0 = time.time()
-        planner = Planner(config, TOPOLOGIES[name], options)
-        out["config"]["latent_size"] = planner.recipe.latent_size
-        row = {
-            "slice": name,
-            "config_overrides": overrides,
-            "topology": TOPOLOGIES[name][0],
-            "devices": len(planner.devices),
-            "device_kind": planner.devices[0].device_kind,
-            "mesh": dict(planner.mesh.shape),
-            "trainable_parameters": planner.trainable,
-            "frozen_parameters": planner.frozen,
-            "setup_seconds": round(time.time() - t0, 1),
-            "trials": [],
-        }
         key = name + "".join(f" {k}={v}" for k, v in overrides.items())
+        if args.stage == "buffers":
+            planner = BufferStagePlanner(name, child_args, int(args.hbm_gib * GIB),
+                                         os.path.dirname(os.path.abspath(args.out)) if args.out else tempfile.gettempdir())
+            row = {"slice": name, "config_overrides": overrides, "topology": TOPOLOGIES[name][0],
+                   "devices": len(planner.devices), "trials": []}
+        else:
+            planner = Planner(config, TOPOLOGIES[name], options)
+            out["config"]["latent_size"] = planner.recipe.latent_size
+            row = {
+                "slice": name,
+                "config_overrides": overrides,
+                "topology": TOPOLOGIES[name][0],
+                "devices": len(planner.devices),
+                "device_kind": planner.devices[0].device_kind,
+                "mesh": dict(planner.mesh.shape),
+                "trainable_parameters": planner.trainable,
+                "frozen_parameters": planner.frozen,
+                "setup_seconds": round(time.time() - t0, 1),
+                "trials": [],
+            }
         out["topologies"][key] = row
+        save()  # a --stage=buffers parent reads the row's metadata from here before this process compiles
 
         def log(r, row=row):
+            if args.stage == "buffers" and planner.row is not None:
+                row.update({k: v for k, v in planner.row.items() if k not in ("config_overrides", "setup_seconds")})
+                out["config"]["latent_size"] = planner.latent_size
             row["trials"].append(r)
             print(f"[aot_tpu] {key}: batch {r['batch']} -> {r.get('total_gib', r.get('required_temp_gib'))} GiB/device, "
                   f"fits={r['fits']}, compile {r['compile_seconds']} s", file=sys.stderr, flush=True)
