@@ -5,6 +5,7 @@ for TPU v4 slices, on a machine without a TPU. Prints JSON (and writes benchmark
     /tmp/venv-tpu/bin/pip install -r requirements.txt "jax[tpu]==0.10.2"     # libtpu: the compiler, from pip
     /tmp/venv-tpu/bin/python benchmarks/aot_tpu.py                          # v4-8, v4-32, v4-128; batch 256 + search
     /tmp/venv-tpu/bin/python benchmarks/aot_tpu.py --topology=v4-32 --compiles=1          # the goal batch only
+    /tmp/venv-tpu/bin/python benchmarks/aot_tpu.py --stage=buffers --topology=v4-32 --compiles=5   # minutes per trial
 
 The step is exactly the one train.setup compiles: configs/depth.py (SD1.5 presets, mode codi: UNet + duplicated
 encoder + mu, bf16 compute, fp32 params / AdamW / EMA, remat) at 512 px (64x64 latents), with the state, frozen parts
@@ -14,6 +15,8 @@ mesh is FSDP over the whole slice (data=1, fsdp=-1, tensor=1) unless --mesh says
 Per device: memory_analysis() of the compiled executable; total = argument + output + temp - alias (donated state is
 aliased to the new state), and a configuration fits when total + generated code < --hbm_gib (v4: 32 GiB HBM per chip).
 flops: cost_analysis() of the partitioned program, i.e. per device per step.
+--stage=buffers stops each compile after the compiler's HBM check and buffer assignment (before code generation,
+which dominates the SD1.5 compile on a small host) and reports the assigned HBM bytes instead: see BufferStagePlanner.
 Largest batch: the goal batch, its double (or half), then predictions from a line through the compiled totals, each
 compiled, until batches B (fits) and B + devices (does not) are both compiled or --compiles is spent; every compile
 is listed under trials.
