@@ -59,7 +59,7 @@ def load_config(arg: str | None, image_size: int, mesh: dict, rules: str | None)
 class Planner:
     """Everything batch-independent for one topology (devices, mesh, abstract state and shardings); compile(batch)."""
 
-    def __init__(self, config, topology: tuple[str, bool], compiler_options: dict):
+    def __init__(self, config, topology: tuple[str, bool], compiler_options: dict, lower_only: bool = False):
         import flax.linen as nn
         import jax
         import jax.numpy as jnp
@@ -69,11 +69,15 @@ class Planner:
         from codi_jax import build, checkpoint, parallel, train
 
         self.config, self.compiler_options = config, compiler_options
+        self.lower_only = lower_only
         name, wrap = topology
         self.devices = topologies.get_topology_desc(
             platform="tpu", topology_name=name, chip_config_name="megacore", chips_per_host_bounds=(2, 2, 1),
             num_slices=1, wrap=(wrap,) * 3).devices
-        self.mesh = parallel.make_mesh(config.mesh.to_dict(), self.devices)
+        # lower_only: the whole step on one CPU device, whose lowering has an XLA cost analysis (the compile-only TPU
+        # client's has none); its FLOPs are the global step's, divided over the slice's devices.
+        self.slice_mesh = parallel.make_mesh(config.mesh.to_dict(), self.devices)
+        self.mesh = parallel.make_mesh(config.mesh.to_dict(), jax.devices("cpu")[:1]) if lower_only else self.slice_mesh
         self.rules = parallel.rules_from_config(config.logical_axis_rules)
         self.recipe = build.Recipe(config, tempfile.gettempdir(), abstract=True)
         tx, lr_schedule = train.make_optimizer(config)
@@ -107,13 +111,23 @@ class Planner:
         abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=parallel.batch_sharding(self.mesh, v.ndim))
                           for k, v in spec.items()}
         batch_shardings = {k: v.sharding for k, v in abstract_batch.items()}
-        out = {"batch": batch, "per_device_batch": batch // parallel.data_parallel_size(self.mesh)}
+        out = {"batch": batch, "per_device_batch": batch // (len(self.devices) if self.lower_only else
+                                                               parallel.data_parallel_size(self.mesh))}
         with nn.logical_axis_rules(self.rules), jax.set_mesh(self.mesh):
             jitted = jax.jit(self.step_fn, in_shardings=(self.state_shardings, self.frozen_shardings, batch_shardings),
                              out_shardings=(self.state_shardings, parallel.replicated(self.mesh)), donate_argnums=(0,))
             t0 = time.time()
             lowered = jitted.lower(self.abstract_state, self.abstract_frozen, abstract_batch)
             t1 = time.time()
+            if self.lower_only:
+                # XLA's cost analysis of the lowered (global, not yet partitioned) step; a while loop's body counts
+                # once, so lower this with exact attention (--attention_chunk_scores=0) for the full count.
+                cost = lowered.cost_analysis()
+                cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+                flops = float(cost["flops"])
+                out.update(stage="lowered", hlo_flops_global=flops, flops_per_device=flops / len(self.devices),
+                           lower_seconds=round(t1 - t0, 1), compile_seconds=0.0, fits=None)
+                return out
             try:
                 compiled = lowered.compile(compiler_options=self.compiler_options or None)
             except jax.errors.JaxRuntimeError as e:
@@ -350,9 +364,10 @@ def main() -> None:
     ap.add_argument("--xla", action="append", default=[], help="compiler option key=value (repeatable)")
     ap.add_argument("--attention_chunk_scores", type=int, default=-1,
                     help="layers.ATTENTION_CHUNK_SCORES for the compile (-1: the library default; 0: exact attention)")
-    ap.add_argument("--stage", choices=("full", "buffers"), default="full",
+    ap.add_argument("--stage", choices=("full", "buffers", "lower"), default="full",
                     help="full: compile to an executable (memory_analysis + cost_analysis); buffers: stop each compile "
-                         "(a child process) once the compiler has assigned its HBM buffers, minutes instead of hours")
+                         "(a child process) once the compiler has assigned its HBM buffers, minutes instead of hours; "
+                         "lower: no compile, the lowered step's XLA cost analysis (FLOPs) only")
     ap.add_argument("--hbm_gib", type=float, default=32.0, help="HBM per device (v4: 32 GiB)")
     ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "aot_tpu.json"))
     ap.add_argument("--merge", nargs="+", metavar="JSON",
@@ -439,12 +454,16 @@ def main() -> None:
         t0 = time.time()
         key = name + "".join(f" {k}={v}" for k, v in overrides.items())
         if args.stage == "buffers":
+            # FLOPs for every trial from the lowered step with exact attention (chunked attention's lax.map body
+            # would be counted once), on the CPU: a full compile's cost_analysis is what this stage skips.
+            os.environ["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"  # the children load libtpu beside this process
+            flops_planner = Planner(config, TOPOLOGIES[name], options, lower_only=True)
             planner = BufferStagePlanner(name, child_args, int(args.hbm_gib * GIB),
                                          os.path.dirname(os.path.abspath(args.out)) if args.out else tempfile.gettempdir())
             row = {"slice": name, "config_overrides": overrides, "topology": TOPOLOGIES[name][0],
                    "devices": len(planner.devices), "trials": []}
         else:
-            planner = Planner(config, TOPOLOGIES[name], options)
+            planner = Planner(config, TOPOLOGIES[name], options, lower_only=args.stage == "lower")
             out["config"]["latent_size"] = planner.recipe.latent_size
             row = {
                 "slice": name,
@@ -452,7 +471,7 @@ def main() -> None:
                 "topology": TOPOLOGIES[name][0],
                 "devices": len(planner.devices),
                 "device_kind": planner.devices[0].device_kind,
-                "mesh": dict(planner.mesh.shape),
+                "mesh": dict(planner.slice_mesh.shape),
                 "trainable_parameters": planner.trainable,
                 "frozen_parameters": planner.frozen,
                 "setup_seconds": round(time.time() - t0, 1),
@@ -462,9 +481,17 @@ def main() -> None:
         save()  # a --stage=buffers parent reads the row's metadata from here before this process compiles
 
         def log(r, row=row):
-            if args.stage == "buffers" and planner.row is not None:
-                row.update({k: v for k, v in planner.row.items() if k not in ("config_overrides", "setup_seconds")})
-                out["config"]["latent_size"] = planner.latent_size
+            if args.stage == "buffers":
+                if planner.row is not None:
+                    row.update({k: v for k, v in planner.row.items() if k not in ("config_overrides", "setup_seconds")})
+                    out["config"]["latent_size"] = planner.latent_size
+                chunk, layers.ATTENTION_CHUNK_SCORES = layers.ATTENTION_CHUNK_SCORES, 0
+                try:
+                    r["flops_per_device"] = flops_planner.compile(r["batch"])["flops_per_device"]
+                finally:
+                    layers.ATTENTION_CHUNK_SCORES = chunk
+                r["flops_source"] = ("XLA cost analysis of the lowered global step (exact attention), / devices: "
+                                     "before partitioning and the compiler's own rematerialisation")
             row["trials"].append(r)
             print(f"[aot_tpu] {key}: batch {r['batch']} -> {r.get('total_gib', r.get('required_temp_gib'))} GiB/device, "
                   f"fits={r['fits']}, compile {r['compile_seconds']} s", file=sys.stderr, flush=True)
