@@ -42,6 +42,8 @@ sys.path.insert(0, REPO)  # run as a script from a checkout without installing t
 # libtpu describes each TensorCore as a device). Only a full 4x4x4 cube has wrap-around (torus) links.
 TOPOLOGIES = {"v4-8": ("v4:2x2x1", False), "v4-32": ("v4:2x2x4", False), "v4-128": ("v4:4x4x4", True)}
 GIB = 1 << 30
+LOWERED_FLOPS = ("XLA cost analysis of the lowered global step (exact attention) / devices: before partitioning and "
+                 "the compiler's own rematerialisation")
 
 
 def load_config(arg: str | None, image_size: int, mesh: dict, rules: str | None):
@@ -379,7 +381,20 @@ def main() -> None:
         for path in args.merge:
             with open(path) as f:
                 part = json.load(f)
-            if merged is None:
+            lowered = all(r.get("stage") == "lowered" for row in part["topologies"].values() for r in row["trials"])
+            if merged is not None and lowered:
+                # A --stage=lower run (exact attention, so its config differs only there): its FLOPs fill the same
+                # slice's trials of the same batch.
+                same = {k: v for k, v in part["config"].items() if k != "attention_chunk_scores"}
+                if same != {k: v for k, v in merged["config"].items() if k != "attention_chunk_scores"}:
+                    raise ValueError(f"{path} was lowered with another configuration: {part['config']}")
+                for key, row in part["topologies"].items():
+                    flops = {r["batch"]: r["flops_per_device"] for r in row["trials"]}
+                    for r in merged["topologies"].get(key, {"trials": []})["trials"]:
+                        if r["batch"] in flops and r.get("flops_per_device") is None:
+                            r["flops_per_device"] = flops[r["batch"]]
+                            r["flops_source"] = LOWERED_FLOPS
+            elif merged is None:
                 merged = part
             elif part["config"] != merged["config"]:
                 raise ValueError(f"{path} was compiled with another configuration: {part['config']} vs "
@@ -490,8 +505,7 @@ def main() -> None:
                     r["flops_per_device"] = flops_planner.compile(r["batch"])["flops_per_device"]
                 finally:
                     layers.ATTENTION_CHUNK_SCORES = chunk
-                r["flops_source"] = ("XLA cost analysis of the lowered global step (exact attention), / devices: "
-                                     "before partitioning and the compiler's own rematerialisation")
+                r["flops_source"] = LOWERED_FLOPS
             row["trials"].append(r)
             print(f"[aot_tpu] {key}: batch {r['batch']} -> {r.get('total_gib', r.get('required_temp_gib'))} GiB/device, "
                   f"fits={r['fits']}, compile {r['compile_seconds']} s", file=sys.stderr, flush=True)
