@@ -17,8 +17,8 @@ aliased to the new state), and a configuration fits when total + generated code 
 flops: cost_analysis() of the partitioned program, i.e. per device per step.
 --stage=buffers stops each compile after the compiler's HBM check and buffer assignment (before code generation,
 which dominates the SD1.5 compile on a small host) and reports the assigned HBM bytes instead: see BufferStagePlanner.
-Largest batch: the goal batch, its double (or half), then predictions from a line through the compiled totals, each
-compiled, until batches B (fits) and B + devices (does not) are both compiled or --compiles is spent; every compile
+Largest batch: the goal batch, then doubling (or halving) until a fitting and a refused batch bracket it, then
+bisection, until batches B (fits) and B + devices (does not) are both compiled or --compiles is spent; every compile
 is listed under trials.
 """
 
@@ -292,17 +292,15 @@ def summarize(row: dict, goal_batch: int) -> None:
         [r["batch"] for r in trials if not r["fits"] and (not ok or r["batch"] > max(ok))], default=None)
 
 
-def search(planner: Planner, goal: int, hbm_bytes: int, max_compiles: int, log):
+def search(planner, goal: int, hbm_bytes: int, max_compiles: int, log):
     """The largest global batch (a multiple of the device count) whose total + generated code fits in hbm_bytes.
 
-    Compiles the goal batch and its double (or half), then repeatedly predicts the boundary from a straight line
-    through the trials so far (activation memory grows linearly in the batch; state does not) and compiles the
-    prediction inside the bracket until a fitting batch and one a device-count step above it that does not fit are
-    both compiled, or max_compiles is spent. Every answer is a compiled result; the line only picks what to compile.
+    Compiles the goal batch, then doubles (or halves) until a fitting batch and a refused one bracket the answer, then
+    bisects the bracket (in steps of the device count) until the two are one step apart or max_compiles is spent.
+    Bisection, not a fitted line: the TPU compiler rematerialises more as the batch grows, so its memory is far from
+    linear in the batch (SD1.5 on v4-32: 29.2 GiB at 16 examples per device, 30.3 GiB at 33).
     Returns (trials, largest batch that fits or None, smallest batch above it that does not fit or None).
     """
-    import numpy as np
-
     n = len(planner.devices)
     trials: dict[int, dict] = {}
 
@@ -321,30 +319,20 @@ def search(planner: Planner, goal: int, hbm_bytes: int, max_compiles: int, log):
         lo = max(ok) if ok else None
         return lo, min([b for b in bad if lo is None or b > lo], default=None)
 
-    goal = max(n, goal // n * n)
-    if max_compiles >= 1:
-        fits(goal)
-    if max_compiles >= 2:
-        fits(goal * 2 if trials[goal]["fits"] else max(n, goal // 2 // n * n))
-    while len(trials) < max_compiles:
-        lo, hi = bracket()
-        if (lo is not None and hi is not None and hi - lo <= n) or (lo is None and min(trials) <= n):
-            break
-        xs = np.array(sorted(trials), float)
-        ys = np.array([_need_bytes(trials[b]) for b in sorted(trials)], float)
-        slope, intercept = np.polyfit(xs, ys, 1)
-        if slope > 0:
-            predicted = int((hbm_bytes - intercept) / slope) // n * n
-        else:  # no growth seen (should not happen): double the largest that fits
-            predicted = 2 * lo if lo is not None else n
-        low = lo + n if lo is not None else n
-        high = hi - n if hi is not None else max(predicted, low)
-        b = min(max(predicted, low), high)
-        if b in trials:  # the prediction sits on a compiled trial: test its neighbour inside the bracket
-            b = b + n if trials[b]["fits"] else b - n
-        if b in trials or b < n:
-            break
+    b = max(n, goal // n * n)
+    while len(trials) < max_compiles and b not in trials:
         fits(b)
+        lo, hi = bracket()
+        if lo is not None and hi is not None:
+            if hi - lo <= n:
+                break
+            b = (lo + hi) // 2 // n * n
+        elif hi is None:
+            b = 2 * lo
+        elif hi <= n:
+            break
+        else:
+            b = max(n, hi // 2 // n * n)
     lo, hi = bracket()
     return sorted(trials.values(), key=lambda r: r["batch"]), lo, hi
 
