@@ -292,17 +292,19 @@ def summarize(row: dict, goal_batch: int) -> None:
         [r["batch"] for r in trials if not r["fits"] and (not ok or r["batch"] > max(ok))], default=None)
 
 
-def search(planner, goal: int, hbm_bytes: int, max_compiles: int, log):
+def search(planner, goal: int, hbm_bytes: int, max_compiles: int, log, known: list | None = None):
     """The largest global batch (a multiple of the device count) whose total + generated code fits in hbm_bytes.
 
     Compiles the goal batch, then doubles (or halves) until a fitting batch and a refused one bracket the answer, then
     bisects the bracket (in steps of the device count) until the two are one step apart or max_compiles is spent.
     Bisection, not a fitted line: the TPU compiler rematerialises more as the batch grows, so its memory is far from
     linear in the batch (SD1.5 on v4-32: 29.2 GiB at 16 examples per device, 30.3 GiB at 33).
+    known: trials of an earlier run (--resume) that count as compiled; max_compiles counts new compiles only.
     Returns (trials, largest batch that fits or None, smallest batch above it that does not fit or None).
     """
     n = len(planner.devices)
-    trials: dict[int, dict] = {}
+    trials: dict[int, dict] = {r["batch"]: r for r in known or []}
+    max_compiles += len(trials)
 
     def fits(b):
         if b not in trials:
@@ -320,7 +322,7 @@ def search(planner, goal: int, hbm_bytes: int, max_compiles: int, log):
         return lo, min([b for b in bad if lo is None or b > lo], default=None)
 
     b = max(n, goal // n * n)
-    while len(trials) < max_compiles and b not in trials:
+    while len(trials) < max_compiles:
         fits(b)
         lo, hi = bracket()
         if lo is not None and hi is not None:
@@ -333,6 +335,8 @@ def search(planner, goal: int, hbm_bytes: int, max_compiles: int, log):
             break
         else:
             b = max(n, hi // 2 // n * n)
+        if b in trials:  # only a resumed run can land on a compiled batch: nothing left to narrow
+            break
     lo, hi = bracket()
     return sorted(trials.values(), key=lambda r: r["batch"]), lo, hi
 
@@ -360,6 +364,8 @@ def main() -> None:
                          "lower: no compile, the lowered step's XLA cost analysis (FLOPs) only")
     ap.add_argument("--hbm_gib", type=float, default=32.0, help="HBM per device (v4: 32 GiB)")
     ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "aot_tpu.json"))
+    ap.add_argument("--resume", metavar="JSON", help="continue the largest-batch search of an earlier output (same "
+                                                      "slice and overrides): its trials count as compiled")
     ap.add_argument("--merge", nargs="+", metavar="JSON",
                     help="compile nothing: combine the topologies of earlier outputs (e.g. one process per topology, "
                          "run in parallel) into --out")
@@ -506,7 +512,16 @@ def main() -> None:
                     r["fits"] = _need_bytes(r) < args.hbm_gib * GIB
                 log(r)
         else:
-            search(planner, args.batch, int(args.hbm_gib * GIB), args.compiles, log)
+            known = []
+            if args.resume:
+                earlier = _read_json(args.resume)
+                if earlier is None or key not in earlier["topologies"]:
+                    raise ValueError(f"--resume {args.resume}: no row {key!r} to continue")
+                known = earlier["topologies"][key]["trials"]
+                row["trials"] += known
+                row.update({k: v for k, v in earlier["topologies"][key].items()
+                            if k not in row or row[k] is None})
+            search(planner, args.batch, int(args.hbm_gib * GIB), args.compiles, log, known)
         summarize(row, args.batch)
         save()
     print(save())

@@ -60,3 +60,12 @@ def test_read_buffer_assignment(tmp_path):
         f.write("Total bytes: 999\n")
     with pytest.raises(RuntimeError, match="memory-usage report"):
         aot_tpu._read_buffer_assignment(prefix)
+
+
+def test_search_resumes_from_earlier_trials():
+    planner = FakePlanner(64, 2000)
+    known = [{"batch": 256, "fits": True}, {"batch": 512, "fits": True}, {"batch": 5248, "fits": False}]
+    trials, lo, hi = aot_tpu.search(planner, 256, 0, 20, lambda r: None, known)
+    assert (lo, hi) == (1984, 2048)
+    assert not set(planner.compiled) & {256, 512, 5248}  # earlier trials are not compiled again
+    assert planner.compiled[0] == (512 + 5248) // 2 // 64 * 64
