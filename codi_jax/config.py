@@ -44,7 +44,7 @@ def base(task: str) -> ml_collections.ConfigDict:
 
     # Mesh axis name -> size; -1 fills with the remaining devices. FSDP over the whole slice: replicated, the SD1.5
     # CoDi state (fp32 params + AdamW moments + EMA of 1.2 B parameters) alone is ~19 GB per chip; sharded 16 ways
-    # the step at batch 256 was compiled for a v4-32 at 29.2 GiB of HBM per chip (benchmarks/aot_tpu.py).
+    # the step at batch 256 was compiled for a v4-32 at 31.2 GiB of HBM per chip (benchmarks/aot_tpu.py).
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
     # Logical axis -> mesh axes; empty means codi_jax.parallel.DEFAULT_RULES.
     c.logical_axis_rules = ()
