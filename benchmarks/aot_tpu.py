@@ -175,11 +175,10 @@ class BufferStagePlanner:
     upper bound. FLOPs come from the lowered step (Planner lower_only), not from this compile.
     """
 
-    def __init__(self, name: str, child_args: list[str], hbm_bytes: int, log_dir: str):
-        self.name, self.child_args, self.hbm_bytes, self.log_dir = name, child_args, hbm_bytes, log_dir
-        self.devices = [None] * (int(name.split("-")[1]) // 2)  # megacore: a v4-N slice has N/2 chips / devices
-        self.row = None  # the child's row metadata (mesh, parameter counts), from the first child that finishes setup
-        self.latent_size = None
+    def __init__(self, name: str, devices: list, child_args: list[str], hbm_bytes: int, log_dir: str):
+        self.name, self.devices, self.child_args = name, devices, child_args
+        self.hbm_bytes, self.log_dir = hbm_bytes, log_dir
+        os.makedirs(log_dir, exist_ok=True)
 
     def compile(self, batch: int) -> dict:
         import glob
@@ -194,9 +193,9 @@ class BufferStagePlanner:
         log_path = os.path.join(self.log_dir, f"aot_{self.name}_{batch}.log")
         t0 = time.time()
         with open(log_path, "w") as log:
-            proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--stage=full", f"--topology={self.name}",
-                                     f"--batches={batch}", f"--out={child_json}", *self.child_args],
-                                    env=env, stdout=log, stderr=subprocess.STDOUT)
+            argv = [sys.executable, os.path.abspath(__file__), "--stage=full", f"--topology={self.name}",
+                    f"--batches={batch}", f"--out={child_json}", *self.child_args]
+            proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
             try:
                 result = None
                 while result is None:
@@ -207,8 +206,8 @@ class BufferStagePlanner:
                     if accepted and _stable(accepted[0]):
                         result = _read_buffer_assignment(accepted[0].replace(
                             "after_optimizations_after_buffer_assignment.txt", "after_optimizations"))
-                        result.update(batch=batch, per_device_batch=batch // len(self.devices), stage="buffer_assignment",
-                                      compile_seconds=round(time.time() - t0, 1))
+                        result.update(batch=batch, per_device_batch=batch // len(self.devices),
+                                      stage="buffer_assignment", compile_seconds=round(time.time() - t0, 1))
                         result["fits"] = result["total_bytes"] < self.hbm_bytes
                     elif proc.poll() is not None:
                         child = _read_json(child_json)
@@ -216,10 +215,6 @@ class BufferStagePlanner:
                             raise RuntimeError(f"compile of batch {batch} on {self.name} failed; see {log_path}")
                         result = next(iter(child["topologies"].values()))["trials"][0]
                         result["stage"] = "full" if "total_bytes" in result else "refused"
-                child = _read_json(child_json)  # written by the child before it compiles: the row's metadata
-                if child is not None and self.row is None:
-                    self.row = {k: v for k, v in next(iter(child["topologies"].values())).items() if k != "trials"}
-                    self.latent_size = child["config"]["latent_size"]
             finally:
                 if proc.poll() is None:
                     proc.kill()
@@ -284,7 +279,8 @@ def summarize(row: dict, goal_batch: int) -> None:
     if goal is not None:
         row.update({k: goal[k] for k in ("batch", "argument_bytes", "output_bytes", "temp_bytes", "alias_bytes",
                                          "generated_code_bytes", "other_bytes", "total_bytes", "total_gib",
-                                         "flops_per_device", "compile_seconds", "fits", "required_temp_gib", "stage") if k in goal})
+                                         "flops_per_device", "compile_seconds", "fits", "required_temp_gib", "stage")
+                    if k in goal})
     ok = [r["batch"] for r in trials if r["fits"]]
     row["largest_batch_that_fits"] = max(ok) if ok else None
     # None: no larger batch was compiled, so largest_batch_that_fits is only a lower bound.
@@ -310,7 +306,7 @@ def search(planner, goal: int, hbm_bytes: int, max_compiles: int, log, known: li
         if b not in trials:
             r = planner.compile(b)
             if "fits" not in r:
-                r["fits"] = r["total_bytes"] + r["generated_code_bytes"] < hbm_bytes
+                r["fits"] = _need_bytes(r) < hbm_bytes
             trials[b] = r
             log(r)
         return trials[b]["fits"]
@@ -463,37 +459,32 @@ def main() -> None:
         t0 = time.time()
         key = name + "".join(f" {k}={v}" for k, v in overrides.items())
         if args.stage == "buffers":
-            # FLOPs for every trial from the lowered step with exact attention (chunked attention's lax.map body
-            # would be counted once), on the CPU: a full compile's cost_analysis is what this stage skips.
             os.environ["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"  # the children load libtpu beside this process
-            flops_planner = Planner(config, TOPOLOGIES[name], options, lower_only=True)
-            planner = BufferStagePlanner(name, child_args, int(args.hbm_gib * GIB),
-                                         os.path.dirname(os.path.abspath(args.out)) if args.out else tempfile.gettempdir())
-            row = {"slice": name, "config_overrides": overrides, "topology": TOPOLOGIES[name][0],
-                   "devices": len(planner.devices), "trials": []}
-        else:
-            planner = Planner(config, TOPOLOGIES[name], options, lower_only=args.stage == "lower")
-            out["config"]["latent_size"] = planner.recipe.latent_size
-            row = {
-                "slice": name,
-                "config_overrides": overrides,
-                "topology": TOPOLOGIES[name][0],
-                "devices": len(planner.devices),
-                "device_kind": planner.devices[0].device_kind,
-                "mesh": dict(planner.slice_mesh.shape),
-                "trainable_parameters": planner.trainable,
-                "frozen_parameters": planner.frozen,
-                "setup_seconds": round(time.time() - t0, 1),
-                "trials": [],
-            }
+        # With --stage=buffers this planner only lowers (FLOPs, and the row's metadata); the children compile.
+        planner = Planner(config, TOPOLOGIES[name], options, lower_only=args.stage != "full")
+        out["config"]["latent_size"] = planner.recipe.latent_size
+        row = {
+            "slice": name,
+            "config_overrides": overrides,
+            "topology": TOPOLOGIES[name][0],
+            "devices": len(planner.devices),
+            "device_kind": planner.devices[0].device_kind,
+            "mesh": dict(planner.slice_mesh.shape),
+            "trainable_parameters": planner.trainable,
+            "frozen_parameters": planner.frozen,
+            "setup_seconds": round(time.time() - t0, 1),
+            "trials": [],
+        }
         out["topologies"][key] = row
-        save()  # a --stage=buffers parent reads the row's metadata from here before this process compiles
+        if args.stage == "buffers":
+            flops_planner = planner
+            log_dir = os.path.dirname(os.path.abspath(args.out)) if args.out else tempfile.gettempdir()
+            planner = BufferStagePlanner(name, flops_planner.devices, child_args, int(args.hbm_gib * GIB), log_dir)
 
         def log(r, row=row):
             if args.stage == "buffers":
-                if planner.row is not None:
-                    row.update({k: v for k, v in planner.row.items() if k not in ("config_overrides", "setup_seconds")})
-                    out["config"]["latent_size"] = planner.latent_size
+                # FLOPs from the lowered step with exact attention (chunked attention's lax.map body would be counted
+                # once), on the CPU: a full compile's cost_analysis is what this stage skips.
                 chunk, layers.ATTENTION_CHUNK_SCORES = layers.ATTENTION_CHUNK_SCORES, 0
                 try:
                     r["flops_per_device"] = flops_planner.compile(r["batch"])["flops_per_device"]
@@ -518,10 +509,7 @@ def main() -> None:
                 if earlier is None or key not in earlier["topologies"]:
                     raise ValueError(f"--resume {args.resume}: no row {key!r} to continue")
                 known = earlier["topologies"][key]["trials"]
-                out["config"]["latent_size"] = out["config"]["latent_size"] or earlier["config"]["latent_size"]
                 row["trials"] += known
-                row.update({k: v for k, v in earlier["topologies"][key].items()
-                            if k not in row or row[k] is None})
             search(planner, args.batch, int(args.hbm_gib * GIB), args.compiles, log, known)
         summarize(row, args.batch)
         save()
