@@ -56,17 +56,6 @@ def cfg_with(**kw):
     return cfg
 
 
-def oracle_x_apply(schedule, cfg):
-    """A perfectly consistent network: its boundary output f(z_t, t) is the data point x at every t > 0."""
-    def apply(p, z, t, batch):
-        a, s = schedule.alpha_sigma(t)
-        c_skip, c_out = pz.boundary_coefficients(t, timestep_scaling=cfg.timestep_scaling, sigma_data=cfg.sigma_data)
-        x_hat = (batch["latents"] - pz.bcast(c_skip, z) * z) / pz.bcast(c_out, z)
-        return p["scale"] * pz.from_x_eps(x_hat, (z - pz.bcast(a, z) * x_hat) / pz.bcast(s, z), a, s,
-                                          cfg.prediction_type)
-    return apply
-
-
 def test_config_docs_and_validation():
     cfg = O.default_config()
     assert set(cfg.keys()) == set(O.FIELD_DOCS) and all(len(d) > 10 for d in O.FIELD_DOCS.values())
@@ -161,29 +150,59 @@ def test_eq14_same_eps(schedule, batch):
     np.testing.assert_allclose(np.asarray(eps_from_zs), np.asarray(terms.eps), atol=1e-4)
 
 
-def _rng_with_k_above_1(fn):
-    """The consistent model is exact for t > 0 only (f(z, 0) = z by construction), so avoid k = 1 (s = 0)."""
-    for seed in range(100):
+def exact_x_apply(schedule, cfg):
+    """A network whose clean estimate x_hat is the data point x at every (z, t), in the output type of cfg."""
+    def apply(p, z, t, batch):
+        a, s = schedule.alpha_sigma(t)
+        x_hat = batch["latents"] * p["scale"]
+        return pz.from_x_eps(x_hat, (z - pz.bcast(a, z) * x_hat) / pz.bcast(s, z), a, s, cfg.prediction_type)
+    return apply
+
+
+def _codi_metrics_at_k(k, cfg, nets, params, ema, schedule, batch):
+    """The codi metrics with every example at grid index k (the rng is searched until it draws k)."""
+    for seed in range(400):
         rng = jax.random.PRNGKey(seed)
-        if int(fn(rng).s[0]) > 0:
-            return rng
-    raise AssertionError("no seed with k > 1")
+        terms = O.consistency_terms(params, batch, rng, nets=nets, schedule=schedule, cfg=cfg, ema_params=ema)
+        if int(terms.t[0]) == k * schedule.num_train_timesteps // cfg.distill_steps:
+            return O.codi(params, batch, rng, nets=nets, schedule=schedule, cfg=cfg, ema_params=ema)[1]
+    raise AssertionError(f"no seed draws k = {k}")
 
 
 @pytest.mark.parametrize("space,pf_ode,prediction_type", [("eps", "online", "v_prediction"), ("x", "online", "epsilon"),
-                                                          ("eps", "teacher", "sample"), ("x", "online_ddim", "epsilon")])
-def test_consistent_model_has_zero_loss(space, pf_ode, prediction_type, schedule, batch):
-    cfg = cfg_with(consistency_space=space, pf_ode=pf_ode, prediction_type=prediction_type)
-    apply = oracle_x_apply(schedule, cfg)
+                                                          ("eps", "teacher", "sample"), ("x", "online_ddim", "epsilon"),
+                                                          ("eps", "online", "epsilon")])
+def test_exact_model_has_zero_loss_at_every_k(space, pf_ode, prediction_type, schedule, batch):
+    """Flaw 1: with f(z, 0) = z as the target at s = 0, an exact model had eps-space loss ~1.1 at k = 1 (eps_f there is
+    (1 - a_0) z / s_0, not the noise) and ~1e-14 elsewhere. Now it is ~0 at every k, k = 1 included."""
+    cfg = cfg_with(consistency_space=space, pf_ode=pf_ode, prediction_type=prediction_type, distill_steps=5)
+    apply = exact_x_apply(schedule, cfg)
     nets = O.Networks(apply=apply, teacher=lambda z, t, b: apply({"scale": 1.0}, z, t, b))
-    params = {"scale": jnp.float32(1.0)}
-    kw = dict(nets=nets, schedule=schedule, cfg=cfg, ema_params=params)
-    rng = _rng_with_k_above_1(lambda r: O.consistency_terms(params, batch, r, **kw))
-    loss, m = O.codi(params, batch, rng, **kw)
-    assert float(m["loss_consistency"]) < 1e-8 and float(m["loss_signal"]) < 1e-8
-    # The same model, perturbed, is not consistent: the loss is not zero by construction.
-    _, m = O.codi({"scale": jnp.float32(1.05)}, batch, rng, **kw)
-    assert float(m["loss_consistency"]) > 1e-6
+    exact = {"scale": jnp.float32(1.0)}
+    for k in range(1, cfg.distill_steps):
+        m = _codi_metrics_at_k(k, cfg, nets, exact, exact, schedule, batch)
+        assert float(m["loss_consistency"]) < 1e-8, (k, float(m["loss_consistency"]))
+        assert float(m["loss_signal"]) < 1e-8
+        # A perturbed online model against the exact target: the loss is not zero by construction.
+        m = _codi_metrics_at_k(k, cfg, nets, {"scale": jnp.float32(1.05)}, exact, schedule, batch)
+        assert float(m["loss_consistency"]) > 1e-6, k
+
+
+def test_target_at_s0_is_the_target_networks_own_estimate(schedule, batch):
+    cfg = cfg_with(distill_steps=5, prediction_type="v_prediction")
+    p, ema = init_params(1), init_params(2)
+    for seed in range(200):
+        terms = O.consistency_terms(p, batch, jax.random.PRNGKey(seed), nets=NETS, schedule=schedule, cfg=cfg,
+                                    ema_params=ema)
+        if int(terms.s[0]) == 0:
+            break
+    assert int(terms.s[0]) == 0
+    zero = jnp.zeros_like(terms.s)
+    a0, s0 = schedule.alpha_sigma(zero)
+    x_hat, eps_hat = pz.to_x_eps(toy_apply(ema, terms.z_s, zero, batch), terms.z_s, a0, s0, "v_prediction")
+    np.testing.assert_allclose(np.asarray(terms.f_target), np.asarray(x_hat), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(terms.eps_target), np.asarray(eps_hat), atol=1e-5)
+    assert float(jnp.abs(terms.f_target - terms.z_s).max()) > 1e-2  # not the boundary's f(z, 0) = z
 
 
 SWITCHES = list(itertools.product(["online", "teacher", "online_ddim"], ["eps", "x"], ["l2", "pseudo_huber"],
@@ -229,6 +248,64 @@ def test_cfg_aware_changes_the_target(schedule, batch):
     assert float(jnp.abs(zs[0] - zs[1]).max()) > 1e-3
 
 
+def test_cfg_aware_guidance_does_not_compound_over_ema_generations(schedule, batch):
+    """Flaw 3: a model whose c - u = d is fixed. Guiding only the target taught the online (unguided) conditional
+    output u + w d, so each EMA generation widened c - u by w. Both calls guided, d is a fixed point."""
+    ones = {**batch, "text": jnp.ones_like(batch["text"]), "text_null": jnp.zeros_like(batch["text_null"])}
+    cfg = cfg_with(cfg_aware=True, guidance_min=3.0, guidance_max=3.0, prediction_type="sample",
+                   consistency_space="x", signal_loss="none", distill_steps=10)
+
+    def apply(p, z, t, b):  # u = base, c = base + d (the text is all ones, the null text all zeros)
+        flag = b["text"].mean(axis=(1, 2))
+        return jnp.broadcast_to(p["base"] + pz.bcast(flag, z) * p["d"], z.shape)
+
+    nets = O.Networks(apply=apply)
+    loss_fn = lambda p, e, r: O.codi(p, ones, r, nets=nets, schedule=schedule, cfg=cfg, ema_params=e)[0]  # noqa
+    # Step 0.02: GD on the guided output base + 3 d is stable below 2 / (2 (1 + 9)) = 0.1.
+    step = jax.jit(lambda p, e, r: jax.tree.map(lambda x, g: x - 0.02 * g, p, jax.grad(loss_fn)(p, e, r)))
+    params = {"base": jnp.full((C,), 0.3), "d": jnp.full((C,), 0.2)}
+    for generation in range(3):
+        ema = params
+        for i in range(30):
+            params = step(params, ema, jax.random.PRNGKey(100 * generation + i))
+    np.testing.assert_allclose(np.asarray(params["d"]), 0.2, rtol=0.02)
+    np.testing.assert_allclose(np.asarray(params["base"]), 0.3, rtol=0.02)
+
+
+def test_timestep_sampling_auto_per_objective(schedule, batch):
+    """Flaw 4: CoDi draws one t per batch (its Fig. 7 change); CM-II and GD-II draw t per example, as their papers."""
+    big = {k: (jnp.tile(v, (8,) + (1,) * (v.ndim - 1)) if k != "text_null" else v) for k, v in batch.items()}
+    kw = dict(nets=NETS, schedule=schedule, ema_params=init_params(2), cfg=O.default_config())
+    assert O.default_config().timestep_sampling == "auto"
+    codi = O.consistency_terms(init_params(1), big, jax.random.PRNGKey(3), **kw)
+    cm = O.consistency_terms(init_params(1), big, jax.random.PRNGKey(3), default_sampling="sample", **kw)
+    assert len(np.unique(np.asarray(codi.t))) == 1 and len(np.unique(np.asarray(cm.t))) > 4
+    _, m = O.gd(init_params(1), big, jax.random.PRNGKey(12), nets=NETS, schedule=schedule,
+                cfg=cfg_with(gd_student_steps=4))
+    assert float(m["t_mean"]) not in (999.0, 749.0, 499.0, 249.0)  # a mix of the student's steps
+
+
+def test_gd_substeps_reach_the_same_grid_and_stay_exact(schedule, batch):
+    """Flaw 4: the first GD-II round can distil many teacher DDIM steps per student step (nearly the full ODE)."""
+    t, mid, prev = O.gd_timesteps(4, 1000)
+    np.testing.assert_array_equal(O.gd_substep_timesteps(4, 2, 1000), np.stack([t, mid, prev], 1))
+    path = O.gd_substep_timesteps(4, 10, 1000)
+    assert path.shape == (4, 11) and np.all(np.diff(path, axis=1) < 0)
+    np.testing.assert_array_equal(path[:, 0], t)
+    np.testing.assert_array_equal(path[:, -1], prev)
+    teacher = lambda z, t_, b: b["latents"]  # knows x: any number of DDIM steps stays on the forward process
+    student = lambda p, z, t_, b: b["latents"] * p["scale"]
+    nets = O.Networks(apply=student, teacher=teacher)
+    cfg = cfg_with(prediction_type="sample", teacher_prediction_type="sample", gd_teacher_substeps=10)
+    loss, _ = O.gd({"scale": 1.0}, batch, jax.random.PRNGKey(11), nets=nets, schedule=schedule, cfg=cfg)
+    assert float(loss) < 1e-6
+    # More teacher substeps reach a different z_prev with a real (curved) teacher: the target changes.
+    kw = dict(nets=NETS, schedule=schedule)
+    l2, _ = O.gd(init_params(1), batch, jax.random.PRNGKey(12), cfg=cfg_with(gd_teacher_substeps=2), **kw)
+    l8, _ = O.gd(init_params(1), batch, jax.random.PRNGKey(12), cfg=cfg_with(gd_teacher_substeps=8), **kw)
+    assert abs(float(l2) - float(l8)) > 1e-6
+
+
 def test_cm_runs_with_teacher_and_uses_it(schedule, batch):
     cfg = cfg_with(prediction_type="epsilon")
     kw = dict(schedule=schedule, cfg=cfg, ema_params=init_params(2))
@@ -267,7 +344,7 @@ def test_gd_timesteps_and_oracle(schedule, batch):
 
 def test_gd_runs_with_teacher_and_cfg(schedule, batch):
     for aware in (False, True):
-        cfg = cfg_with(prediction_type="epsilon", cfg_aware=aware, gd_student_steps=2)
+        cfg = cfg_with(prediction_type="epsilon", cfg_aware=aware, gd_student_steps=2, timestep_sampling="batch")
         loss, m = O.gd(init_params(1), batch, jax.random.PRNGKey(12), nets=NETS, schedule=schedule, cfg=cfg)
         assert np.isfinite(float(loss)) and float(loss) > 0
         assert float(m["t_mean"]) in (999.0, 499.0)  # one student step for the whole batch

@@ -166,10 +166,41 @@ def test_boundary(schedule):
 
 
 def test_codi_timesteps():
-    np.testing.assert_array_equal(D.codi_timesteps(4, 50, 1000), [980, 720, 460, 200])
+    np.testing.assert_array_equal(D.codi_timesteps(4, 50, 1000), [980, 740, 480, 240])
     np.testing.assert_array_equal(D.codi_timesteps(1, 50, 1000), [980])
     np.testing.assert_array_equal(D.distill_grid(50, 1000)[:3], [0, 20, 40])
-    assert len(D.codi_timesteps(11, 50, 1000)) == 10  # LCM's stride rule can give fewer steps than asked
+    assert len(D.codi_timesteps(11, 50, 1000)) == 11  # LCM's stride rule gave 10
+    with pytest.raises(ValueError, match="distill_steps - 1"):
+        D.codi_timesteps(25, 25, 1000)  # the grid has only 24 entries above n = 0
+
+
+@pytest.mark.parametrize("distill_steps", [25, 50])
+def test_every_codi_step_is_a_model_evaluation_whose_output_is_used(distill_steps, schedule, z_T):
+    """Flaw 2: LCM's stride rule ended the 8-step grid on n = 0 (N = 25: 7 entries; N = 50: the last at 0), where
+    c_out = 0 discards the network's output. Now each of 1, 2, 4, 8 steps is one evaluation that changes the result."""
+    base = jax_model(False)
+    for steps in (1, 2, 4, 8):
+        ts = D.codi_timesteps(steps, distill_steps, 1000)
+        grid = D.distill_grid(distill_steps, 1000)
+        assert len(ts) == steps and len(set(ts.tolist())) == steps and np.all(np.isin(ts, grid)) and np.all(ts > 0)
+        _, c_out = D.boundary_coefficients(jnp.asarray(ts))
+        assert float(jnp.min(c_out)) > 0.99
+        calls = []
+
+        def counting(z, t):
+            jax.debug.callback(lambda: calls.append(1))  # runs once per evaluation, not per trace
+            return base(z, t)
+
+        run = jax.jit(lambda z, at: D.sample(
+            lambda z_, t_: base(z_, t_) + 0.1 * (t_[:, None, None, None] == at), z, method="codi", num_steps=steps,
+            schedule=schedule, prediction_type="epsilon", distill_steps=distill_steps, unroll=True))
+        jax.block_until_ready(D.sample(counting, jnp.asarray(z_T), method="codi", num_steps=steps, schedule=schedule,
+                                       prediction_type="epsilon", distill_steps=distill_steps))
+        jax.effects_barrier()
+        assert len(calls) == steps
+        clean = np.asarray(run(jnp.asarray(z_T), -1))
+        for t in ts:  # a change of the model's output at any one step changes the sample
+            assert np.abs(np.asarray(run(jnp.asarray(z_T), int(t))) - clean).max() > 1e-4, (steps, int(t))
 
 
 def codi_reference(model, z, schedule, prediction_type, timesteps, noises=None):

@@ -1,4 +1,4 @@
-"""Training objectives as pure functions (DESIGN.md "The CoDi objective" and the baselines of Table 1-2).
+"""Training objectives as pure functions (docs/algorithm.md "The CoDi objective" and the baselines of Table 1-2).
 
 Every objective has the signature
 
@@ -55,17 +55,24 @@ _FIELDS = (
                                  "| none (r = 0 ablation)."),
     ("w_consistency", 1.0, "Weight of the consistency term."),
     ("w_signal", 1.0, "Weight of the signal (conditional guidance) term."),
-    ("timestep_sampling", "batch", "batch: ONE k for the whole batch (paper default) | sample: one k per example."),
+    ("timestep_sampling", "auto", "batch: ONE k for the whole batch (CoDi, paper Fig. 7) | sample: one k per example "
+                                  "(as CM and progressive distillation draw it) | auto: batch for codi, sample for the "
+                                  "cm and gd baselines."),
     ("timestep_scaling", 10.0, "c = timestep_scaling * n in the boundary coefficients (LCM form of eq. 11)."),
     ("sigma_data", 0.5, "sigma_data of the boundary coefficients."),
-    ("cfg_aware", False, "Guidance-aware distillation: draw w ~ U[guidance_min, guidance_max] per batch; PF-ODE "
-                         "steps and the target use the guided prediction u + w (c - u)."),
+    ("cfg_aware", False, "Guidance-aware distillation: draw w ~ U[guidance_min, guidance_max] per batch; the online "
+                         "prediction, the PF-ODE step and the target all use the guided u + w (c - u) (both calls "
+                         "guided, as the official code: guiding only the target compounds w over EMA generations). "
+                         "Sample such a model with the same guidance scale."),
     ("guidance_min", 2.0, "Lower end of the guidance scale range for cfg_aware."),
     ("guidance_max", 8.0, "Upper end of the guidance scale range for cfg_aware."),
     ("gd_student_steps", 4, "gd: steps of the student; one student DDIM step matches two teacher DDIM steps on the "
                             "'trailing' grid of the DDIM sampler (sample the student with method='ddim', "
                             "timestep_spacing='trailing', num_steps=gd_student_steps)."),
     ("gd_set_alpha_to_one", False, "gd: final alpha of the last student step (the DDIM sampler's set_alpha_to_one)."),
+    ("gd_teacher_substeps", 2, "gd: teacher DDIM steps per student step. 2 is progressive distillation's halving; "
+                               "the first GD-II round may take more, so that it distils (nearly) the teacher's full "
+                               "ODE as Meng et al. do, not a coarse DDIM of it. Later rounds always use 2."),
 )
 FIELD_DOCS = {name: doc for name, _, doc in _FIELDS}
 
@@ -76,7 +83,7 @@ _CHOICES = {
     "consistency_space": ("eps", "x"),
     "distance": ("l2", "pseudo_huber"),
     "signal_loss": ("latent_l2", "pixel_l2", "none"),
-    "timestep_sampling": ("batch", "sample"),
+    "timestep_sampling": ("auto", "batch", "sample"),
 }
 
 
@@ -102,6 +109,8 @@ def validate(cfg) -> None:
         raise ValueError(f"cfg.distill_steps must be an int >= 2, got {cfg.distill_steps!r}")
     if not isinstance(cfg.gd_student_steps, int) or cfg.gd_student_steps < 1:
         raise ValueError(f"cfg.gd_student_steps must be an int >= 1, got {cfg.gd_student_steps!r}")
+    if not isinstance(cfg.gd_teacher_substeps, int) or cfg.gd_teacher_substeps < 2:
+        raise ValueError(f"cfg.gd_teacher_substeps must be an int >= 2, got {cfg.gd_teacher_substeps!r}")
     for name in ("min_snr_gamma", "huber_c", "timestep_scaling", "sigma_data"):
         if not cfg[name] > 0:
             raise ValueError(f"cfg.{name} must be > 0, got {cfg[name]}")
@@ -139,6 +148,11 @@ def drop_text(batch: dict, rng: jax.Array, prob: float) -> dict:
     null = _null_text(batch)
     drop = jax.random.bernoulli(rng, prob, (null.shape[0],))
     return {**batch, "text": jnp.where(pz.bcast(drop, null), null, batch["text"])}
+
+
+def timestep_sampling(cfg, default: str) -> str:
+    """cfg.timestep_sampling with 'auto' resolved to the objective's own default."""
+    return default if cfg.timestep_sampling == "auto" else cfg.timestep_sampling
 
 
 def sample_indices(rng: jax.Array, batch_size: int, low: int, high: int, mode: str) -> jax.Array:
@@ -236,8 +250,14 @@ class ConsistencyTerms:
 
 
 def consistency_terms(params, batch, rng, *, nets: Networks, schedule: sch.Schedule, cfg, ema_params,
-                      pf_ode: str | None = None) -> ConsistencyTerms:
-    """Steps 1-5 of the CoDi objective (DESIGN.md); pf_ode overrides cfg.pf_ode (cm uses 'teacher')."""
+                      pf_ode: str | None = None, default_sampling: str = "batch") -> ConsistencyTerms:
+    """Steps 1-5 of the CoDi objective (docs/algorithm.md); pf_ode overrides cfg.pf_ode (cm uses 'teacher').
+
+    The target at s = 0 (k = 1): the boundary's f(z, 0) = z treats z_0 as data, but in a discrete VP schedule
+    z_0 = a_0 x + s_0 eps still holds noise (s_0 = 0.029 for SD), so an exact network would be pulled towards z_0 and,
+    in eps space, towards eps_f = (1 - a_0) z / s_0 ~ 0.015 z instead of the noise. There the target is the target
+    network's own prediction (x_hat, eps_hat) instead, which is exact for an exact network: the loss of a network
+    whose x_hat is exact is ~0 at every k, in both spaces."""
     validate(cfg)
     pf_ode = pf_ode or cfg.pf_ode
     if ema_params is None:
@@ -250,7 +270,7 @@ def consistency_terms(params, batch, rng, *, nets: Networks, schedule: sch.Sched
         raise ValueError(f"cfg.distill_steps ({N}) must not exceed the schedule's {T} timesteps")
     r_k, r_eps, r_w = jax.random.split(rng, 3)
     grid = jnp.asarray(sch.distill_grid(N, T), jnp.int32)
-    k = sample_indices(r_k, B, 1, N, cfg.timestep_sampling)
+    k = sample_indices(r_k, B, 1, N, timestep_sampling(cfg, default_sampling))
     t, s = grid[k], grid[k - 1]
     a_t, s_t = schedule.alpha_sigma(t)
     a_s, s_s = schedule.alpha_sigma(s)
@@ -259,8 +279,11 @@ def consistency_terms(params, batch, rng, *, nets: Networks, schedule: sch.Sched
     w, batch = _draw_guidance(r_w, batch, cfg)
     bkw = dict(timestep_scaling=cfg.timestep_scaling, sigma_data=cfg.sigma_data)
 
-    out = nets.apply(params, z_t, t, batch)
-    x_theta, eps_hat = pz.to_x_eps(out, z_t, a_t, s_t, cfg.prediction_type)
+    # With cfg_aware the online prediction is guided like the target: were it one unguided call, the network would
+    # learn c = u + w (c - u) of its EMA, which widens c - u by w every EMA generation (the only fixed point is c = u).
+    online = lambda z, t, b: nets.apply(params, z, t, b)  # noqa: E731
+    out = _guided_call(online, z_t, t, batch, w)
+    x_theta, _ = pz.to_x_eps(out, z_t, a_t, s_t, cfg.prediction_type)
     f_theta, eps_theta = pz.boundary(x_theta, z_t, t, a_t, s_t, **bkw)
 
     if pf_ode == "online":  # eq. 14: the online estimate, re-noised with the SAME eps as z_t
@@ -269,14 +292,16 @@ def consistency_terms(params, batch, rng, *, nets: Networks, schedule: sch.Sched
         raw = _guided_call(nets.teacher, z_t, t, batch, w)
         z_s = pz.ddim_step(*pz.to_x_eps(raw, z_t, a_t, s_t, _teacher_type(cfg)), a_s, s_s)
     else:  # online_ddim
-        raw = out if w is None else _guided_call(lambda z, t, b: nets.apply(params, z, t, b), z_t, t, batch, w)
-        z_s = pz.ddim_step(*pz.to_x_eps(raw, z_t, a_t, s_t, cfg.prediction_type), a_s, s_s)
+        z_s = pz.ddim_step(*pz.to_x_eps(out, z_t, a_t, s_t, cfg.prediction_type), a_s, s_s)
     z_s = sg(z_s)
 
     ema = lambda z, t, b: nets.apply(ema_params, z, t, b)
     raw_target = _guided_call(ema, z_s, s, batch, w)
-    x_target, _ = pz.to_x_eps(raw_target, z_s, a_s, s_s, cfg.prediction_type)
-    f_target, eps_target = jax.tree.map(sg, pz.boundary(x_target, z_s, s, a_s, s_s, **bkw))
+    x_target, eps_pred = pz.to_x_eps(raw_target, z_s, a_s, s_s, cfg.prediction_type)
+    f_b, eps_b = pz.boundary(x_target, z_s, s, a_s, s_s, **bkw)
+    at_zero = pz.bcast(s == 0, z_s)
+    f_target = sg(jnp.where(at_zero, x_target, f_b))
+    eps_target = sg(jnp.where(at_zero, eps_pred, eps_b))
     return ConsistencyTerms(t=t, s=s, eps=eps, z_t=z_t, z_s=z_s, f_theta=f_theta, eps_theta=eps_theta,
                             f_target=f_target, eps_target=eps_target, guidance_scale=w)
 
@@ -314,7 +339,7 @@ def codi(params, batch, rng, *, nets: Networks, schedule: sch.Schedule, cfg, ema
 def cm(params, batch, rng, *, nets: Networks, schedule: sch.Schedule, cfg, ema_params=None):
     """CM-II: consistency distillation of the frozen teacher (DDIM PF-ODE step), x-space, EMA target, no signal term."""
     terms = consistency_terms(params, batch, rng, nets=nets, schedule=schedule, cfg=cfg, ema_params=ema_params,
-                              pf_ode="teacher")
+                              pf_ode="teacher", default_sampling="sample")
     return _consistency_loss(terms, batch, nets=nets, cfg=cfg, space="x", signal="none", w_signal=0.0)
 
 
@@ -331,37 +356,58 @@ def gd_timesteps(student_steps: int, T: int) -> tuple[np.ndarray, np.ndarray, np
     return t, t - step // 2, t - step
 
 
+def gd_substep_timesteps(student_steps: int, substeps: int, T: int) -> np.ndarray:
+    """(student_steps, substeps + 1) teacher timesteps from each student step's t down to its prev (< 0: the final
+    alpha); substeps = 2 gives gd_timesteps' (t, mid, prev)."""
+    t, _, prev = gd_timesteps(student_steps, T)
+    step = T // student_steps
+    if substeps > step:
+        raise ValueError(f"gd_teacher_substeps ({substeps}) exceeds the {step} timesteps of a student step")
+    offsets = (np.arange(substeps + 1) * step) // substeps
+    return np.concatenate([t[:, None] - offsets[None, :-1], prev[:, None]], axis=1)
+
+
 def gd(params, batch, rng, *, nets: Networks, schedule: sch.Schedule, cfg, ema_params=None):
-    """The student's one DDIM step from z_t must land where two teacher DDIM steps land; x-space target
-    x~ = (z_prev - (s_p/s_t) z_t) / (a_p - (s_p/s_t) a_t), truncated-SNR weight max(SNR_t, 1)."""
+    """The student's one DDIM step from z_t must land where gd_teacher_substeps teacher DDIM steps land; x-space target
+    x~ = (z_prev - (s_p/s_t) z_t) / (a_p - (s_p/s_t) a_t), truncated-SNR weight max(SNR_t, 1). With cfg_aware the
+    student's prediction is guided too, so the next round's re-guided teacher does not compound w."""
     del ema_params  # the student regresses the teacher directly; EMA is only for evaluation
     validate(cfg)
     if nets.teacher is None:
         raise ValueError("gd needs nets.teacher (the fine-tuned model, or the previous round's student)")
     x = _latents(batch)
     B, T = x.shape[0], schedule.num_train_timesteps
-    ts, mids, prevs = (jnp.asarray(v, jnp.int32) for v in gd_timesteps(cfg.gd_student_steps, T))
+    grid = jnp.asarray(gd_substep_timesteps(cfg.gd_student_steps, cfg.gd_teacher_substeps, T), jnp.int32)
     r_j, r_eps, r_w = jax.random.split(rng, 3)
-    j = sample_indices(r_j, B, 0, cfg.gd_student_steps, cfg.timestep_sampling)
-    t, mid, prev = ts[j], mids[j], prevs[j]
-    a_t, s_t = schedule.alpha_sigma(t)
-    a_m, s_m = schedule.alpha_sigma(mid)
+    j = sample_indices(r_j, B, 0, cfg.gd_student_steps, timestep_sampling(cfg, "sample"))
+    path = grid[j]  # (B, substeps + 1)
     final = jnp.float32(1.0) if cfg.gd_set_alpha_to_one else schedule.alphas_cumprod[0]
-    abar_p = jnp.where(prev >= 0, schedule.alphas_cumprod[jnp.maximum(prev, 0)], final)
-    a_p, s_p = jnp.sqrt(abar_p), jnp.sqrt(1.0 - abar_p)
+
+    def alpha_sigma(n):
+        abar = jnp.where(n >= 0, schedule.alphas_cumprod[jnp.maximum(n, 0)], final)
+        return jnp.sqrt(abar), jnp.sqrt(1.0 - abar)
+
+    t = path[:, 0]
+    a_t, s_t = schedule.alpha_sigma(t)
     eps = jax.random.normal(r_eps, x.shape, x.dtype)
     z_t = pz.bcast(a_t, x) * x + pz.bcast(s_t, x) * eps
     w, batch = _draw_guidance(r_w, batch, cfg)
 
     tt = _teacher_type(cfg)
-    raw = _guided_call(nets.teacher, z_t, t, batch, w)
-    z_m = pz.ddim_step(*pz.to_x_eps(raw, z_t, a_t, s_t, tt), a_m, s_m)
-    raw = _guided_call(nets.teacher, z_m, mid, batch, w)
-    z_p = pz.ddim_step(*pz.to_x_eps(raw, z_m, a_m, s_m, tt), a_p, s_p)
+
+    def teacher_step(i, z):
+        a_i, s_i = schedule.alpha_sigma(path[:, i])
+        a_n, s_n = alpha_sigma(path[:, i + 1])
+        raw = _guided_call(nets.teacher, z, path[:, i], batch, w)
+        return pz.ddim_step(*pz.to_x_eps(raw, z, a_i, s_i, tt), a_n, s_n).astype(z.dtype)
+
+    z_p = jax.lax.fori_loop(0, cfg.gd_teacher_substeps, teacher_step, z_t)
+    a_p, s_p = alpha_sigma(path[:, -1])
     ratio = s_p / s_t
     x_target = sg((z_p - pz.bcast(ratio, z_t) * z_t) / pz.bcast(a_p - ratio * a_t, z_t))
 
-    x_hat, _ = pz.to_x_eps(nets.apply(params, z_t, t, batch), z_t, a_t, s_t, cfg.prediction_type)
+    student = lambda z, t_, b: nets.apply(params, z, t_, b)  # noqa: E731
+    x_hat, _ = pz.to_x_eps(_guided_call(student, z_t, t, batch, w), z_t, a_t, s_t, cfg.prediction_type)
     weight = jnp.maximum(schedule.snr(t), 1.0)
     mse = distance(x_hat, x_target)
     loss = jnp.mean(weight * mse)

@@ -141,8 +141,16 @@ def distill_grid(distill_steps: int, T: int) -> np.ndarray:
 
 
 def codi_timesteps(num_steps: int, distill_steps: int, T: int) -> np.ndarray:
-    """Few-step consistency inference timesteps: grid[::-1][::ceil(N / steps)] (LCM). May hold fewer than num_steps
-    entries when ceil(N / steps) overshoots (e.g. N=50, steps=11 -> 10); the sampler's NFE is len() of this."""
-    if not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= distill_steps:
-        raise ValueError(f"num_steps must be an int in [1, distill_steps={distill_steps}], got {num_steps!r}")
-    return distill_grid(distill_steps, T)[::-1][:: math.ceil(distill_steps / num_steps)].copy()
+    """Few-step consistency inference timesteps: `num_steps` distinct entries of the training grid, evenly spread from
+    the top, grid[N - 1 - floor(j N / num_steps)] for j < num_steps, each > 0.
+
+    LCM's stride rule grid[::-1][::ceil(N / steps)] can end on n = 0, where the boundary (c_out = 0) ignores the network,
+    and can return fewer entries than asked (N=25, 8 steps -> 7 entries ending at 0); here every step is one model
+    evaluation whose output is used. num_steps <= N - 1 (the grid has N - 1 entries above 0)."""
+    if not isinstance(distill_steps, (int, np.integer)) or not 2 <= distill_steps <= T:
+        raise ValueError(f"distill_steps must be an int in [2, {T}], got {distill_steps!r}")
+    if not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps < distill_steps:
+        raise ValueError(f"num_steps must be an int in [1, distill_steps - 1 = {distill_steps - 1}] (the grid's "
+                         f"entries above n = 0), got {num_steps!r}")
+    k = distill_steps - 1 - (np.arange(num_steps) * distill_steps) // num_steps
+    return distill_grid(distill_steps, T)[k].copy()
