@@ -1,7 +1,7 @@
 """Config building blocks shared by the task files in configs/.
 
 A task file (configs/depth.py, ...) calls `build(task, arg)`; `arg` is the text after the colon in
-`--config=configs/depth.py:tiny,pe`: comma-separated variants, each a name (tiny, pe, full) or key=value for a few
+`--config=configs/depth.py:tiny,pe`: comma-separated variants, each a name (tiny, scratch, pe, full) or key=value for a few
 common switches (mode=cm, steps=200). Everything else is overridden with --config.key=value (the config is locked, so a
 misspelt key fails loudly).
 """
@@ -78,10 +78,18 @@ def base(task: str) -> ml_collections.ConfigDict:
     c.optimizer.b2 = 0.999
     c.optimizer.eps = 1e-8
     c.optimizer.weight_decay = 1e-2
+    # 'kernels': decay >= 2-D weights only, never mu or the zero-initialised convs (which decay would hold at zero);
+    # 'all': every parameter.
+    c.optimizer.weight_decay_mask = "kernels"
+    # Full CoDi's mu (eq. 12) gets its own Adam learning rate; 0 = optimizer.learning_rate (the paper gives none).
+    c.optimizer.mu_learning_rate = 0.0
     c.optimizer.grad_clip = 1.0  # global norm; 0 disables
     c.optimizer.grad_accum_steps = 1  # micro-batches per optimizer step (scanned inside the step)
     c.ema_decay = 0.9999
     c.ema_warmup = True  # decay_n = min(ema_decay, (1 + n) / (10 + n)), so short runs' EMA forgets the init
+    # codi/pe_codi/cm: > 0 keeps a separate fast EMA (fixed decay) as the consistency target, as CM and LCM do, beside
+    # the slow exported EMA (ema_decay); 0 = the exported EMA is also the target.
+    c.target_ema_decay = 0.0
     # GD-II: progressive rounds, each halving the student's steps down to objective.gd_student_steps.
     c.gd_rounds = 2
 
@@ -102,6 +110,8 @@ def base(task: str) -> ml_collections.ConfigDict:
     c.eval.lpips = ""  # LPIPS safetensors (backbone + heads)
     c.eval.lpips_net = "alex"
     c.eval.clip = ""  # transformers CLIPModel folder for CLIP score
+    c.eval.depth_estimator = ""  # depth controllability (task depth); default: the estimator shipped in the package
+    c.eval.noise_floor = True  # FID/KID of a second, disjoint held-out set (needs 2 x num_examples test records)
 
     # Prerequisite stages run first, each in <workdir>/<stage> and exported to <workdir>/<stage>/export (diffusers
     # format), which later stages name as "@<stage>". The embedded default uses ('vae', 'pretrain'): it has no
@@ -129,6 +139,7 @@ def tiny(c: ml_collections.ConfigDict) -> None:
     c.optimizer.learning_rate = 2e-4
     c.optimizer.warmup_steps = 50
     c.optimizer.weight_decay = 0.0
+    c.optimizer.mu_learning_rate = 1e-2  # mu 0.47 after 600 steps, not 0.03 after 400 (docs/algorithm.md)
     c.ema_decay = 0.95
     c.objective.distill_steps = 25
     c.data.dataset = "scenes"
@@ -136,18 +147,34 @@ def tiny(c: ml_collections.ConfigDict) -> None:
     c.data.tokenizer = "builtin:scenes"
     c.data.max_length = 32  # scene captions run up to 25 tokens
     c.data.num_workers = 0
-    c.eval.num_examples = 256
-    c.eval.batch_size = 64
-    c.eval.steps = (1, 2, 4, 8)
+    c.eval.num_examples = 1000
+    c.eval.batch_size = 100
+    c.eval.steps = (1, 2, 4)
     c.eval.teacher_steps = 50
+    c.data.scenes_num_test = 2000  # 1000 held-out scenes, and 1000 more for FID's noise floor
+    # The text-to-image teacher (and its VAE and text encoder) is the small pretrained pipeline shipped in the package
+    # (codi_jax/pretrained/scenes32, trained with configs/vae.py:tiny and configs/pretrain.py:tiny): it comes in
+    # through config.teacher, the same door Stable Diffusion does. The variant 'scratch' trains both first instead.
     if c.task != "t2i":
-        c.stages = ("vae", "pretrain")
-        c.vae_from = "@vae"
-        c.teacher = "@pretrain"
+        c.teacher = "builtin:scenes32"
         c.run_eval = True
-    c.stage_steps = ml_collections.ConfigDict({"vae": 600, "pretrain": 1500})
+    c.stage_steps = ml_collections.ConfigDict({"vae": 2000, "pretrain": 7000})  # the shipped teacher's
     c.stage_learning_rate = ml_collections.ConfigDict({"vae": 1e-3, "pretrain": 4e-4})
-    c.total_steps = 400
+    c.total_steps = 800
+    if c.mode in ("vae", "pretrain"):  # configs/vae.py:tiny and configs/pretrain.py:tiny train the stages alone
+        c.total_steps = int(c.stage_steps[c.mode])
+        c.optimizer.learning_rate = float(c.stage_learning_rate[c.mode])
+        c.ema_decay = 0.999
+
+
+def scratch(c: ml_collections.ConfigDict) -> None:
+    """The from-scratch route of the embedded default: VAE, then the text-to-image teacher, then the main mode, each a
+    stage of the same run (<workdir>/vae, <workdir>/pretrain), instead of the shipped pretrained teacher."""
+    if c.task == "t2i":
+        raise ValueError("the 'scratch' variant is for a conditional task (it trains the VAE and teacher first)")
+    c.stages = ("vae", "pretrain")
+    c.vae_from = "@vae"
+    c.teacher = "@pretrain"
 
 
 def stage_config(c: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
@@ -175,6 +202,8 @@ def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> None:
         token = token.strip()
         if token == "tiny":
             tiny(c)
+        elif token == "scratch":
+            scratch(c)
         elif token == "full":
             pass
         elif token == "pe":
@@ -190,7 +219,8 @@ def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> None:
             else:
                 raise ValueError(f"unknown config variant key {key!r} in {arg!r} (known: mode=, steps=, batch=)")
         else:
-            raise ValueError(f"unknown config variant {token!r} in {arg!r} (known: tiny, full, pe, mode=, steps=, batch=)")
+            raise ValueError(f"unknown config variant {token!r} in {arg!r} "
+                             "(known: tiny, scratch, full, pe, mode=, steps=, batch=)")
 
 
 def finalize(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -199,9 +229,9 @@ def finalize(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         c.model.cond_mode = "controlnet"
         c.model.freeze_unet = True
     elif c.mode in ("finetune", "cm", "gd"):
-        # The ControlNet baseline without a frozen UNet: same architecture and size as CoDi (paper 5.1).
+        # ControlNet form. model.freeze_unet stays the user's: False (default) trains the UNet too, the same size as
+        # CoDi (paper 5.1); True is ControlNet proper and, from such a finetune run, CM-II / GD-II (frozen).
         c.model.cond_mode = "controlnet"
-        c.model.freeze_unet = False
     elif c.mode == "codi":
         c.model.cond_mode = "mu"
         c.model.freeze_unet = False
@@ -233,6 +263,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
         fail("model.prediction_type", f"{c.model.prediction_type!r} is not epsilon, v_prediction or sample")
     if not 0.0 <= c.ema_decay < 1.0:
         fail("ema_decay", f"must be in [0, 1), got {c.ema_decay}")
+    if not 0.0 <= c.target_ema_decay < 1.0:
+        fail("target_ema_decay", f"must be in [0, 1) (0: the exported EMA is the target), got {c.target_ema_decay}")
+    if c.optimizer.mu_learning_rate < 0:
+        fail("optimizer.mu_learning_rate", f"must be >= 0 (0: optimizer.learning_rate), got "
+                                           f"{c.optimizer.mu_learning_rate}")
+    if c.optimizer.weight_decay_mask not in ("kernels", "all"):
+        fail("optimizer.weight_decay_mask", f"{c.optimizer.weight_decay_mask!r} is not kernels or all")
     if c.optimizer.learning_rate <= 0:
         fail("optimizer.learning_rate", "must be positive")
     if c.optimizer.schedule not in ("constant", "cosine"):

@@ -117,6 +117,10 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rules) -> Any:
     unboxed = nn.meta.unbox(abstract_tree)
 
     def to_sharding(spec, leaf):
+        if leaf is None or not hasattr(leaf, "shape"):
+            # An absent optional subtree (TrainState.target_params when unused), or optax's MaskedNode where a
+            # masked transform (weight decay, mu's own Adam) keeps no state for a parameter inside a logical box.
+            return leaf
         spec = logical_to_mesh_spec(spec if isinstance(spec, P) else P(), rules)
         return NamedSharding(mesh, fit_spec(spec, leaf.shape, mesh))
 

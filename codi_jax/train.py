@@ -8,6 +8,7 @@ the loop (logging, sample grids, checkpoints, preemption) -> export of the EMA w
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -33,24 +34,70 @@ class TrainState:
     step: jax.Array  # () int32
     params: Any  # trainable parameters only
     opt_state: Any
-    ema_params: Any  # the EMA target theta^- (same tree as params)
+    ema_params: Any  # the slow EMA that is exported (same tree as params); also the consistency target unless ...
     rng: jax.Array  # (2,) uint32 raw key; per-step keys are fold_in(rng, step)
+    target_params: Any = None  # ... a separate fast EMA is kept (config.target_ema_decay > 0), as CM and LCM do
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def uses_target_ema(config) -> bool:
+    """A separate fast EMA for the consistency target (codi, pe_codi, cm) when config.target_ema_decay > 0."""
+    return float(config.target_ema_decay) > 0 and config.mode in ("codi", "pe_codi", "cm")
+
+
+def _label(path) -> str:
+    """'control/controlnet_mid_block/kernel' for a dict path; partitioning boxes' '.value' is left out."""
+    names = (getattr(p, "key", getattr(p, "name", None)) for p in path)
+    return "/".join(str(n) for n in names if n is not None and n != "value")
+
+
+def is_zero_initialised(name: str) -> bool:
+    """The layers that start at zero so the adapted model starts as the pretrained one: ControlNet's zero convs
+    (control/controlnet_down_blocks_*, controlnet_mid_block) and the hint net's last conv."""
+    parts = name.split("/")
+    return any(p.startswith("controlnet_") and p != "controlnet_cond_embedding" for p in parts) or (
+        "controlnet_cond_embedding" in parts and "conv_out" in parts)
+
+
+def weight_decay_mask(params, kind: str = "kernels"):
+    """Which leaves AdamW decays. 'kernels': weight matrices and conv kernels (>= 2-D), except mu and the
+    zero-initialised layers, whose decay would pull them back to the zero they start from (the condition's way into
+    the network); biases and norm scales are not decayed either. 'all': every leaf."""
+    def decay(path, x):
+        name = _label(path)
+        if kind == "all":
+            return True
+        return x.ndim >= 2 and not is_zero_initialised(name) and name.split("/")[-1] != "mu"
+    return jax.tree_util.tree_map_with_path(decay, params)
+
+
+def _lr_schedule(config, peak: float) -> optax.Schedule:
     o = config.optimizer
     warmup = max(int(o.warmup_steps), 0)
     if o.schedule == "cosine":
-        lr = optax.warmup_cosine_decay_schedule(0.0, o.learning_rate, max(warmup, 1), max(config.total_steps, warmup + 1))
-    else:
-        lr = optax.join_schedules(
-            [optax.linear_schedule(0.0, o.learning_rate, max(warmup, 1)), optax.constant_schedule(o.learning_rate)],
-            [max(warmup, 1)],
-        )
+        return optax.warmup_cosine_decay_schedule(0.0, peak, max(warmup, 1), max(config.total_steps, warmup + 1))
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, max(warmup, 1)), optax.constant_schedule(peak)],
+                                [max(warmup, 1)])
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW (masked weight decay) with global-norm clipping. Full CoDi's mu gets its own Adam learning rate and no
+    weight decay: Adam moves a scalar by about its learning rate per step, so at the network's rate (1e-5 at SD scale,
+    2e-4 in the embedded default) mu, which starts at 0, could not let the condition in within a short run."""
+    o = config.optimizer
+    lr = _lr_schedule(config, float(o.learning_rate))
+    adamw = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                        mask=functools.partial(weight_decay_mask, kind=o.weight_decay_mask))
     chain = []
     if o.grad_clip > 0:
         chain.append(optax.clip_by_global_norm(o.grad_clip))
-    chain.append(optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
+    if config.model.cond_mode == "mu" and config.mode == "codi":
+        mu_lr = _lr_schedule(config, float(o.mu_learning_rate or o.learning_rate))
+        labels = lambda params: {k: jax.tree.map(lambda _: "mu" if k == "mu" else "rest", v)  # noqa: E731
+                                 for k, v in params.items()}
+        chain.append(optax.multi_transform({"rest": adamw, "mu": optax.adam(mu_lr, b1=o.b1, b2=o.b2, eps=o.eps)},
+                                           labels))
+    else:
+        chain.append(adamw)
     return optax.chain(*chain), lr
 
 
@@ -80,8 +127,10 @@ def make_train_step(recipe: build.Recipe, tx: optax.GradientTransformation, lr_s
     def train_step(state: TrainState, frozen: dict, batch: dict) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(state.rng, state.step)
 
+        target = state.ema_params if state.target_params is None else state.target_params
+
         def loss_fn(params, micro_batch, key):
-            return recipe.loss(params, state.ema_params, frozen, micro_batch, key)
+            return recipe.loss(params, target, frozen, micro_batch, key)
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         if accum == 1:
@@ -111,6 +160,11 @@ def make_train_step(recipe: build.Recipe, tx: optax.GradientTransformation, lr_s
         n = state.step.astype(jnp.float32)
         d = jnp.minimum(decay, (1.0 + n) / (10.0 + n)) if config.ema_warmup else jnp.float32(decay)
         ema = jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype), state.ema_params, params)
+        target_params = state.target_params
+        if target_params is not None:  # the fast consistency target: a fixed decay, as CM / LCM
+            td = jnp.float32(config.target_ema_decay)
+            target_params = jax.tree.map(lambda e, p: (td * e + (1.0 - td) * p).astype(e.dtype), target_params,
+                                         params)
         metrics = dict(metrics)
         metrics.update(
             grad_norm=_tree_norm(grads), param_norm=_tree_norm(params), update_norm=_tree_norm(updates),
@@ -118,7 +172,8 @@ def make_train_step(recipe: build.Recipe, tx: optax.GradientTransformation, lr_s
         )
         if isinstance(params, dict) and "mu" in params:
             metrics["mu"] = params["mu"].astype(jnp.float32).reshape(())
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
+                                  target_params=target_params)
         return new_state, metrics
 
     return train_step
@@ -208,10 +263,12 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.sharding
     tx, lr_schedule = make_optimizer(config)
 
     # Shardings from abstract values: nothing is materialised before it is placed.
+    target = uses_target_ema(config)
+
     def init_boxed_state(rng):
         params = recipe.init_fn(rng)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), ema_params=params,
-                          rng=rng)
+                          rng=rng, target_params=params if target else None)
 
     rng0 = jax.random.PRNGKey(config.seed)
     with nn.logical_axis_rules(rules):
@@ -223,6 +280,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.sharding
     frozen = parallel.put_global(recipe.frozen_host, {k: frozen_shardings[k] for k in recipe.frozen_host})
     if recipe.teacher_kind == "conditional":  # CM-II / GD-II: the fine-tuned model's EMA, frozen.
         frozen["teacher"] = checkpoint.restore_params(config.init_from, abstract_state.params)[1]
+        if recipe.freeze_unet:  # CM-II / GD-II (frozen): the teacher shares the frozen pretrained UNet
+            frozen["teacher"] = {**frozen["teacher"], "unet": frozen["unet"]}
 
     # Data: each process reads its own slice of the global batch.
     loader = data_lib.make_train_loader(config.data, global_batch_size=config.batch_size, seed=config.seed,
@@ -238,7 +297,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.sharding
     else:
         make_state = jax.jit(
             lambda params, ema, rng: TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                                opt_state=tx.init(params), ema_params=ema, rng=rng),
+                                                opt_state=tx.init(params), ema_params=ema, rng=rng,
+                                                target_params=ema if target else None),
             out_shardings=state_shardings,
         )
         rng = jax.device_put(rng0, replicated)

@@ -2,9 +2,12 @@
 
     python -m codi_jax.main --config=configs/depth.py --workdir=gs://bucket/depth          # SD1.5 scale, full CoDi
     python -m codi_jax.main --config=configs/depth.py:pe --workdir=gs://bucket/depth-pe    # PE-CoDi (frozen UNet)
-    python -m codi_jax.main --config=configs/depth.py:tiny --workdir=runs/depth-tiny       # the whole pipeline on a CPU
+    python -m codi_jax.main --config=configs/depth.py:tiny --workdir=runs/depth-tiny       # CPU: CoDi from the shipped
+                                                                                          # pretrained tiny teacher
+    python -m codi_jax.main --config=configs/depth.py:tiny,scratch --workdir=runs/scratch  # CPU: VAE, teacher, CoDi
 
-Variants (comma-separated after the colon): tiny, pe, mode=<vae|pretrain|finetune|codi|pe_codi|cm|gd>, steps=N, batch=N.
+Variants (comma-separated after the colon): tiny, scratch, pe, mode=<vae|pretrain|finetune|codi|pe_codi|cm|gd>,
+steps=N, batch=N.
 """
 
 from codi_jax import config as common

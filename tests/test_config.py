@@ -35,7 +35,18 @@ def test_variants_set_modes_and_architecture():
     assert pe.model.cond_mode == "controlnet" and pe.model.freeze_unet
     codi = get_config("depth", "tiny")
     assert codi.model.cond_mode == "mu" and not codi.model.freeze_unet
-    assert codi.stages == ("vae", "pretrain") and codi.teacher == "@pretrain"
+    assert codi.stages == () and codi.teacher == "builtin:scenes32"  # the shipped pretrained teacher
+    scratch = get_config("depth", "tiny,scratch")
+    assert scratch.stages == ("vae", "pretrain") and scratch.teacher == "@pretrain" and scratch.vae_from == "@vae"
+    # configs/vae.py:tiny and configs/pretrain.py:tiny are the commands that trained the shipped teacher
+    teacher = get_config("pretrain", "tiny")
+    assert (teacher.total_steps, teacher.optimizer.learning_rate, teacher.ema_decay) == (
+        teacher.stage_steps.pretrain, teacher.stage_learning_rate.pretrain, 0.999)
+    # Flaw 4: CM-II (frozen) can be configured; the default baselines train the UNet (the same size as CoDi).
+    cm = get_config("depth", "tiny,mode=cm")
+    assert cm.model.cond_mode == "controlnet" and not cm.model.freeze_unet
+    cm.model.freeze_unet = True
+    assert config_lib.finalize(cm).model.freeze_unet
     ft = get_config("sr", "tiny,mode=finetune,steps=7,batch=16")
     assert (ft.mode, ft.total_steps, ft.batch_size, ft.model.cond_mode) == ("finetune", 7, 16, "controlnet")
     assert get_config("depth").model.preset == "sd15" and get_config("depth").dtype == "bfloat16"
@@ -49,6 +60,9 @@ def test_variants_set_modes_and_architecture():
     ("optimizer.grad_accum_steps", 3, "grad_accum_steps"),
     ("model.prediction_type", "score", "prediction_type"),
     ("optimizer.schedule", "linear", "optimizer.schedule"),
+    ("target_ema_decay", 1.0, "config.target_ema_decay"),
+    ("optimizer.mu_learning_rate", -1.0, "mu_learning_rate"),
+    ("optimizer.weight_decay_mask", "biases", "weight_decay_mask"),
 ])
 def test_bad_values_name_the_field(field, value, match):
     c = get_config("depth", "tiny")

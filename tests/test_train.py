@@ -290,3 +290,82 @@ def test_grad_accumulation_equals_one_big_batch():
     np.testing.assert_allclose(results[3][2], results[1][2], rtol=1e-5)
     np.testing.assert_allclose(results[3][1], results[1][1], rtol=1e-5)
     assert not np.allclose(results[1][0], w0)
+
+
+def _toy_step(c, loss_fn, params):
+    import jax.numpy as jnp
+
+    from codi_jax import train
+
+    class Toy:  # stands in for build.Recipe: only .loss is used by the step
+        loss = staticmethod(loss_fn)
+
+    tx, lr = train.make_optimizer(c)
+    step = jax.jit(train.make_train_step(Toy(), tx, lr, c))
+    state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                             ema_params=params, rng=jax.random.key_data(jax.random.key(0)),
+                             target_params=params if train.uses_target_ema(c) else None)
+    return step, state
+
+
+def test_mu_has_its_own_learning_rate_and_no_weight_decay():
+    """Flaw 6 and 5: Adam moves a scalar by about its learning rate per step, so mu (starting at 0) crept to 0.03 in
+    400 steps at the network's 2e-4; with its own rate it moves at that rate. AdamW's decay skips mu, biases and the
+    zero-initialised convs (it would pull them back to the zero the condition starts from)."""
+    import jax.numpy as jnp
+
+    moved = {}
+    for mu_lr, mask in ((1e-2, "kernels"), (0.0, "all")):
+        c = load_config("tiny")
+        c.optimizer.learning_rate, c.optimizer.mu_learning_rate = 1e-4, mu_lr
+        c.optimizer.weight_decay, c.optimizer.weight_decay_mask = 0.5, mask
+        c.optimizer.warmup_steps, c.optimizer.grad_clip = 0, 0.0
+        params = {"mu": jnp.zeros(()), "unet": {"conv": {"kernel": jnp.ones((3, 3)), "bias": jnp.ones(3)}},
+                  "control": {"controlnet_mid_block": {"kernel": jnp.ones((3, 3))},
+                              "controlnet_cond_embedding": {"conv_out": {"kernel": jnp.ones((3, 3))},
+                                                            "conv_in": {"kernel": jnp.ones((3, 3))}}}}
+        # A constant pull on mu, nothing on the rest: only weight decay moves the other leaves.
+        step, state = _toy_step(c, lambda p, e, f, b, r: (-p["mu"], {"loss": -p["mu"]}), params)
+        for _ in range(20):
+            state, metrics = step(state, {}, {})
+        moved[mu_lr] = jax.device_get(state.params)
+        np.testing.assert_allclose(float(metrics["mu"]), float(moved[mu_lr]["mu"]))  # mu's trajectory is logged
+    # 19 steps at the full rate: a one-step warm-up still gives step 0 a learning rate of 0.
+    np.testing.assert_allclose(moved[1e-2]["mu"], 19 * 1e-2, rtol=1e-3)
+    np.testing.assert_allclose(moved[0.0]["mu"], 19 * 1e-4, rtol=1e-3)
+    kernels = moved[1e-2]
+    decayed = 1.0 - (1.0 - 1e-4 * 0.5) ** 19
+    np.testing.assert_allclose(kernels["unet"]["conv"]["kernel"], 1.0 - decayed, rtol=1e-5)  # an ordinary kernel
+    np.testing.assert_allclose(kernels["control"]["controlnet_cond_embedding"]["conv_in"]["kernel"], 1.0 - decayed,
+                               rtol=1e-5)
+    for leaf in (kernels["unet"]["conv"]["bias"], kernels["control"]["controlnet_mid_block"]["kernel"],
+                 kernels["control"]["controlnet_cond_embedding"]["conv_out"]["kernel"]):
+        np.testing.assert_array_equal(leaf, 1.0)  # not decayed
+    assert np.all(moved[0.0]["control"]["controlnet_mid_block"]["kernel"] < 1.0)  # 'all' decays everything
+
+
+def test_separate_fast_target_ema():
+    """Flaw 5: with target_ema_decay > 0 the consistency target is its own fast EMA (CM / LCM), while the exported
+    EMA keeps the slow decay."""
+    import jax.numpy as jnp
+
+    c = load_config("tiny")
+    c.target_ema_decay, c.ema_decay, c.ema_warmup = 0.5, 0.99, False
+    c.optimizer.warmup_steps = 0
+
+    def loss(p, target, f, b, r):  # reports which tree the objective was given as its target
+        value = jnp.sum((p["w"] - 1.0) ** 2)
+        return value, {"loss": value, "target_w": target["w"][0]}
+
+    step, state = _toy_step(c, loss, {"w": jnp.zeros(3)})
+    targets, seen = [], []
+    for _ in range(5):
+        targets.append(float(state.target_params["w"][0]))
+        state, metrics = step(state, {}, {})
+        seen.append(float(metrics["target_w"]))
+    np.testing.assert_allclose(seen, targets, rtol=1e-6)  # the loss got the fast target, not the slow EMA
+    w = float(state.params["w"][0])
+    assert abs(float(state.target_params["w"][0]) - w) < abs(float(state.ema_params["w"][0]) - w)
+    c.target_ema_decay = 0.0
+    _, state = _toy_step(c, loss, {"w": jnp.zeros(3)})
+    assert state.target_params is None  # off: the exported EMA is the target, no extra copy of the weights
