@@ -4,10 +4,17 @@
 
 Methods: the run's own model (<workdir>/export) and every conditional baseline exported under <workdir>/<name>/export.
 Each is sampled on the same held-out set and scored against the ground truth: FID and KID (InceptionV3), PSNR, SSIM,
-LPIPS and CLIP score. A metric whose network weights are not available is reported as unavailable, with the reason,
-never estimated. Writes <workdir>/eval/report.json ({method: {steps: {metric: value}}, "meta": {...}}), report.md,
-one PNG plot per metric against the number of steps (as the paper's Figures 2 and 7), and a sample grid
-(condition | methods | ground truth).
+LPIPS, CLIP score and, for depth, controllability: the depth error between what a depth estimator reads from the
+generated image and the conditioning map (codi_jax/metrics/depth.py; as ControlNet++ measures it). Reference rows:
+- ground truth: the estimator's floor on the real images; its FID/KID are those of a second, disjoint held-out set
+  of the same size, i.e. the noise floor of FID/KID at this sample size;
+- ground truth through the VAE: the ceiling for PSNR, SSIM and FID of any latent model;
+- the text-to-image teacher at eval.teacher_steps DDIM steps, from the caption alone: what "ignores the condition"
+  scores.
+KID and the depth error carry bootstrap 95 % intervals (`*_ci`); a method is better than another only outside them.
+A metric whose network weights are not available is reported as unavailable, with the reason, never estimated.
+Writes <workdir>/eval/report.json ({row: {steps: {metric: value}}, "meta": {...}}), report.md, one PNG plot per metric
+against the number of steps (as the paper's Figures 2 and 7) and a sample grid (condition | methods | ground truth).
 """
 
 from __future__ import annotations
@@ -20,7 +27,9 @@ from typing import Any
 import numpy as np
 from absl import app, flags, logging
 
-LOWER_IS_BETTER = {"fid": True, "kid": True, "lpips": True, "psnr": False, "ssim": False, "clip_score": False}
+LOWER_IS_BETTER = {"fid": True, "kid": True, "depth_rmse": True, "depth_si_rmse": True, "depth_delta1": False,
+                   "lpips": True, "psnr": False, "ssim": False, "psnr_known": False, "clip_score": False}
+GROUND_TRUTH, VAE_CEILING, TEACHER = "ground truth", "ground truth via VAE", "teacher (text only)"
 
 
 def discover(workdir: str, main_mode: str) -> dict[str, str]:
@@ -54,22 +63,34 @@ def samplers_for(mode: str, steps: tuple[int, ...], teacher_steps: int) -> list[
 
 
 class Scorer:
-    """Loads each metric network once; absent weights make that metric unavailable with a reason."""
+    """Loads each metric network once; absent weights make that metric unavailable with a reason.
 
-    def __init__(self, config, real_uint8: np.ndarray, captions: list[str]):
+    real_uint8 / cond are the held-out ground truth and conditions that every row is scored against."""
+
+    def __init__(self, config, real_uint8: np.ndarray, captions: list[str], cond: np.ndarray | None = None):
         from codi_jax.metrics import MetricUnavailable
         from codi_jax.metrics import clip_score as clip_lib
-        from codi_jax.metrics import fid, lpips
+        from codi_jax.metrics import depth, fid, lpips
 
         self.unavailable: dict[str, str] = {}
         self.real = real_uint8
         self.captions = captions
+        self.cond = cond
+        self.task = config.task
+        self.seed = int(config.eval.seed)
         try:
             self.inception = fid.load_inception(config.eval.inception or None)
             self.real_features = fid.inception_features(self.inception, real_uint8)
         except (MetricUnavailable, FileNotFoundError) as e:
             self.inception = None
             self.unavailable["fid"] = self.unavailable["kid"] = str(e)
+        self.depth = None
+        if config.task == "depth":
+            try:
+                self.depth = depth.load_depth_estimator(config.eval.depth_estimator or None)
+            except (MetricUnavailable, FileNotFoundError) as e:
+                for m in ("depth_rmse", "depth_si_rmse", "depth_delta1"):
+                    self.unavailable[m] = str(e)
         try:
             self.lpips = lpips.load_lpips(config.eval.lpips or None, net=config.eval.lpips_net)
         except (MetricUnavailable, FileNotFoundError) as e:
@@ -81,18 +102,44 @@ class Scorer:
             self.clip = None
             self.unavailable["clip_score"] = str(e)
 
-    def __call__(self, fake_uint8: np.ndarray) -> dict[str, float]:
+    def distribution(self, images_uint8: np.ndarray) -> dict[str, Any]:
+        """FID and KID (with a bootstrap interval) of a set of images against the held-out ground truth."""
+        from codi_jax.metrics import fid
+
+        if self.inception is None:
+            return {}
+        features = fid.inception_features(self.inception, images_uint8)
+        kid = fid.kid_bootstrap(self.real_features, features, seed=self.seed)
+        return {"fid": fid.fid_from_features(self.real_features, features), "kid": kid.kid,
+                "kid_ci": [kid.low, kid.high]}
+
+    def controllability(self, images_uint8: np.ndarray) -> dict[str, Any]:
+        """Depth error between the estimator's reading of each image and its conditioning map (mean and interval)."""
+        from codi_jax.metrics import depth, stats
+
+        if self.depth is None or self.cond is None:
+            return {}
+        errors = depth.depth_errors(depth.predict(self.depth, images_uint8), self.cond)
+        out = {}
+        for name, values in errors.items():
+            mean, low, high = stats.bootstrap_ci(values, seed=self.seed)
+            out[f"depth_{name}"] = float(mean)
+            out[f"depth_{name}_ci"] = [float(low), float(high)]
+        return out
+
+    def pixels(self, fake_uint8: np.ndarray) -> dict[str, Any]:
+        """Agreement with the ground truth image: PSNR, SSIM, LPIPS, CLIP score; for inpainting also the PSNR of the
+        known region (outside the mask), which must come back unchanged."""
         from codi_jax.metrics import clip_score as clip_lib
-        from codi_jax.metrics import fid, image, lpips
+        from codi_jax.metrics import image, lpips
 
         real = self.real.astype(np.float32) / 255.0
         fake = fake_uint8.astype(np.float32) / 255.0
         out = {"psnr": float(np.mean(image.psnr(fake, real))), "ssim": float(np.mean(image.ssim(fake, real)))}
-        if self.inception is not None:
-            features = fid.inception_features(self.inception, fake_uint8)
-            out["fid"] = fid.fid_from_features(self.real_features, features)
-            size = min(len(features), 1000)
-            out["kid"] = float(fid.kid_from_features(self.real_features, features, subsets=50, subset_size=size).mean)
+        if self.task == "inpaint" and self.cond is not None:
+            known = (self.cond[..., 3:4] < 0).astype(np.float32)  # mask channel: 1 = hole, -1 = known
+            mse = np.sum(known * (fake - real) ** 2, axis=(1, 2, 3)) / np.maximum(3 * known.sum(axis=(1, 2, 3)), 1)
+            out["psnr_known"] = float(np.mean(10.0 * np.log10(1.0 / np.maximum(mse, 1e-10))))
         if self.lpips is not None:
             out["lpips"] = float(np.mean(lpips.lpips_distance(self.lpips, fake_uint8, self.real)))
         if self.clip is not None:
@@ -100,33 +147,61 @@ class Scorer:
             out["clip_score"] = clip_lib.clip_score(model, params, tokenizer, fake, self.captions).cosine
         return out
 
+    def __call__(self, fake_uint8: np.ndarray) -> dict[str, Any]:
+        return {**self.pixels(fake_uint8), **self.distribution(fake_uint8), **self.controllability(fake_uint8)}
 
-def _grid(columns: list[np.ndarray], n: int) -> np.ndarray:
-    """Rows = examples, columns = condition | methods | ground truth (uint8)."""
+
+def _grid(columns: list[np.ndarray], n: int, zoom: int = 1) -> np.ndarray:
+    """Rows = examples, columns = condition | methods | ground truth (uint8), each tile enlarged `zoom` times
+    (nearest neighbour, so 32 px scenes stay readable) with a 1-pixel white gutter between columns."""
     def rgb(x):
-        return np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x[..., :3]
+        x = np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x[..., :3]
+        return np.pad(x.repeat(zoom, 0).repeat(zoom, 1), ((0, 1), (0, 1), (0, 0)), constant_values=255)
 
     rows = [np.concatenate([rgb(c[i]) for c in columns], axis=1) for i in range(n)]
     return np.concatenate(rows, axis=0)
 
 
+def _rows(report: dict):
+    """(name, steps, metrics) of every row, methods in report order, steps ascending ('-': a reference row)."""
+    for name, rows in report.items():
+        if name == "meta":
+            continue
+        for steps, r in sorted(rows.items(), key=lambda kv: -1 if kv[0] == "-" else int(kv[0])):
+            yield name, steps, r
+
+
 def _plots(report: dict, out_dir: str) -> list[str]:
+    """One plot per metric against the number of steps; the reference rows (ground truth, VAE, teacher) are drawn
+    as horizontal lines, and intervals, where a metric has one, as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = sorted({m for name, rows in report.items() if name != "meta" for r in rows.values() for m in r
-                      if m in LOWER_IS_BETTER})
+    metrics = sorted({m for _, _, r in _rows(report) for m in r if m in LOWER_IS_BETTER})
+    references = (GROUND_TRUTH, VAE_CEILING, TEACHER)
     paths = []
     for metric in metrics:
-        fig, ax = plt.subplots(figsize=(5, 3.5))
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
         for name, rows in report.items():
             if name == "meta":
                 continue
-            pts = sorted((int(s), r[metric]) for s, r in rows.items() if metric in r)
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+            if name in references:
+                for r in rows.values():
+                    if metric in r:
+                        ax.axhline(r[metric], ls="--", lw=1, color={GROUND_TRUTH: "k", VAE_CEILING: "tab:gray",
+                                                                    TEACHER: "tab:red"}[name], label=name)
+                continue
+            pts = sorted((int(s), r[metric], r.get(metric + "_ci")) for s, r in rows.items() if metric in r)
+            if not pts:
+                continue
+            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+            if all(p[2] for p in pts):
+                err = np.abs(np.array([[p[2][0] for p in pts], [p[2][1] for p in pts]]) - np.array(ys))
+                ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=name)
+            else:
+                ax.plot(xs, ys, marker="o", label=name)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sampling steps")
         ax.set_ylabel(metric + (" (lower is better)" if LOWER_IS_BETTER[metric] else " (higher is better)"))
@@ -140,74 +215,112 @@ def _plots(report: dict, out_dir: str) -> list[str]:
     return paths
 
 
+def _cell(r: dict, metric: str) -> str:
+    if metric not in r:
+        return "n/a"
+    ci = r.get(metric + "_ci")
+    return f"{r[metric]:.4g} [{ci[0]:.4g}, {ci[1]:.4g}]" if ci else f"{r[metric]:.4g}"
+
+
 def markdown(report: dict) -> str:
-    metrics = [m for m in LOWER_IS_BETTER if any(m in r for name, rows in report.items() if name != "meta"
-                                                 for r in rows.values())]
+    metrics = [m for m in LOWER_IS_BETTER if any(m in r for _, _, r in _rows(report))]
     lines = ["| method | steps | " + " | ".join(metrics) + " | s/image |",
              "|---|---|" + "---|" * (len(metrics) + 1)]
-    for name, rows in report.items():
-        if name == "meta":
-            continue
-        for steps, r in sorted(rows.items(), key=lambda kv: int(kv[0])):
-            cells = [f"{r[m]:.4g}" if m in r else "n/a" for m in metrics]
-            lines.append(f"| {name} | {steps} | " + " | ".join(cells) + f" | {r.get('seconds_per_image', 0):.4f} |")
+    for name, steps, r in _rows(report):
+        seconds = f"{r['seconds_per_image']:.4f}" if "seconds_per_image" in r else "-"
+        lines.append(f"| {name} | {steps} | " + " | ".join(_cell(r, m) for m in metrics) + f" | {seconds} |")
     meta = report.get("meta", {})
+    lines.append("\n[lo, hi]: bootstrap 95 % interval. " + meta.get("notes", ""))
     for metric, reason in meta.get("unavailable", {}).items():
         lines.append(f"\n{metric}: unavailable ({reason})")
     return "\n".join(lines) + "\n"
 
 
+def _sample_rows(pipe, label_prefix: str, samplers, batches, config, scorer, report: dict, grid: dict) -> None:
+    """Samples every (suffix, sampler, steps) of one model on the held-out batches and scores it."""
+    for suffix, sampler, n in samplers:
+        label = label_prefix + suffix
+        outputs, times = [], []
+        for i, b in enumerate(batches):
+            t0 = time.time()
+            outputs.append(pipe(b["cond"] if "cond" in b else b["image"], b["caption"], method=sampler, steps=n,
+                                seed=int(config.eval.seed) + i, guidance_scale=float(config.eval.guidance_scale)))
+            times.append((time.time() - t0) / len(b["caption"]))
+        fake = np.concatenate(outputs)
+        scores = scorer(fake)
+        # The first batch pays the compile; sampling speed is the median of the others.
+        scores.update(seconds_per_image=float(np.median(times[1:] if len(times) > 1 else times)), sampler=sampler)
+        report.setdefault(label, {})[str(n)] = scores
+        logging.info("eval %s @ %d steps (%s): %s", label, n, sampler, scores)
+        grid.setdefault(label, {})[n] = fake[:8]
+
+
 def run(config, workdir: str, steps: tuple[int, ...] | None = None) -> dict:
     from PIL import Image
 
+    from codi_jax import build
     from codi_jax import data as data_lib
     from codi_jax.sample import Pipeline, to_uint8
 
     steps = tuple(int(s) for s in (steps or config.eval.steps))
-    out_dir = os.path.join(workdir, "eval")
-    os.makedirs(out_dir, exist_ok=True)
     methods = discover(workdir, config.mode)
     if not methods:
         raise FileNotFoundError(f"no finished conditional model in {workdir!r} (looked for export/ and */export/)")
-    batches = data_lib.make_eval_batches(config.data, batch_size=int(config.eval.batch_size),
-                                         num_examples=int(config.eval.num_examples), seed=int(config.eval.seed))
+    out_dir = os.path.join(workdir, "eval")
+    os.makedirs(out_dir, exist_ok=True)
+    n_eval, bs, seed = int(config.eval.num_examples), int(config.eval.batch_size), int(config.eval.seed)
+    batches = data_lib.make_eval_batches(config.data, batch_size=bs, num_examples=n_eval, seed=seed)
     real = np.concatenate([to_uint8(b["image"]) for b in batches])
-    cond = np.concatenate([b["cond"] for b in batches])
+    cond = np.concatenate([b["cond"] for b in batches]) if "cond" in batches[0] else None
     captions = [c for b in batches for c in b["caption"]]
-    scorer = Scorer(config, real, captions)
+    t0 = time.time()
+    scorer = Scorer(config, real, captions, cond)
     report: dict[str, Any] = {}
-    grid_columns = [to_uint8(cond[:8])]
+    grid: dict[str, dict[int, np.ndarray]] = {}
+
+    # Reference rows first: what the metrics read at their floor and ceiling, and for a model that ignores the
+    # condition.
+    truth = scorer.controllability(real)
+    if config.eval.noise_floor:
+        reference = data_lib.make_eval_batches(config.data, batch_size=bs, num_examples=n_eval, seed=seed,
+                                               offset=n_eval)
+        truth.update(scorer.distribution(np.concatenate([to_uint8(b["image"]) for b in reference])))
+    report[GROUND_TRUTH] = {"-": truth}
+    main = Pipeline.load(next(iter(methods.values())))
+    recon = np.concatenate([main.autoencode(b["image"]) for b in batches])
+    report[VAE_CEILING] = {"-": scorer(recon)}
+    teacher = build.resolve(config.teacher, workdir) if config.eval.teacher_steps else ""
+    if teacher:
+        pipe = Pipeline.load(teacher, schedule=config.schedule.to_dict(), prediction_type=config.model.prediction_type)
+        _sample_rows(pipe, TEACHER, [("", "ddim", int(config.eval.teacher_steps))], batches, config, scorer, report,
+                     grid)
+    logging.info("eval references in %.0f s: %s", time.time() - t0, {k: report[k] for k in report})
+
     for name, export in methods.items():
         pipe = Pipeline.load(export)
-        for suffix, sampler, n in samplers_for(pipe.meta["mode"], steps, int(config.eval.teacher_steps)):
-            label = name + suffix
-            outputs, times = [], []
-            for i, b in enumerate(batches):
-                t0 = time.time()
-                outputs.append(pipe(b["cond"], b["caption"], method=sampler, steps=n, seed=int(config.eval.seed) + i,
-                                    guidance_scale=float(config.eval.guidance_scale)))
-                times.append((time.time() - t0) / len(b["cond"]))
-            fake = np.concatenate(outputs)
-            # The first batch pays the compile; sampling speed is the median of the others.
-            seconds = float(np.median(times[1:] if len(times) > 1 else times))
-            scores = scorer(fake)
-            scores.update(seconds_per_image=seconds, sampler=sampler)
-            report.setdefault(label, {})[str(n)] = scores
-            logging.info("eval %s @ %d steps (%s): %s", label, n, sampler, scores)
-            if n == 4 or (n == max(steps) and 4 not in steps):
-                grid_columns.append(fake[:8])
-    grid_columns.append(real[:8])
+        _sample_rows(pipe, name, samplers_for(pipe.meta["mode"], steps, int(config.eval.teacher_steps)), batches,
+                     config, scorer, report, grid)
+    columns, names = [to_uint8(cond[:8]) if cond is not None else real[:8]], ["condition"]
+    for label, by_steps in grid.items():
+        n = 4 if 4 in by_steps else max(by_steps)
+        columns.append(by_steps[n])
+        names.append(f"{label} @ {n}")
+    columns.append(real[:8])
+    names.append("ground truth")
     report["meta"] = {
-        "num_examples": int(len(real)), "seed": int(config.eval.seed), "image_size": int(config.data.image_size),
-        "task": config.task, "steps": list(steps), "methods": {k: v for k, v in methods.items()},
-        "unavailable": scorer.unavailable,
-        "grid_columns": ["condition"] + [n for n in report if n != "meta"][: len(grid_columns) - 2] + ["ground truth"],
+        "num_examples": int(len(real)), "seed": seed, "image_size": int(config.data.image_size),
+        "task": config.task, "steps": list(steps), "methods": dict(methods), "teacher": teacher,
+        "unavailable": scorer.unavailable, "grid_columns": names, "seconds": round(time.time() - t0, 1),
+        "notes": (f"{GROUND_TRUTH}: depth errors of the real images (the estimator's floor); its FID/KID are those of "
+                  f"a disjoint held-out set of the same size (the noise floor). {VAE_CEILING}: encode-decode of the "
+                  f"real images. {TEACHER}: the text-to-image teacher from the caption alone."),
     }
     with open(os.path.join(out_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write(markdown(report))
-    Image.fromarray(_grid(grid_columns, min(8, len(real)))).save(os.path.join(out_dir, "samples.png"))
+    zoom = max(1, 128 // int(config.data.image_size))
+    Image.fromarray(_grid(columns, min(8, len(real)), zoom)).save(os.path.join(out_dir, "samples.png"))
     report["meta"]["plots"] = _plots(report, out_dir)
     logging.info("evaluation written to %s:\n%s", out_dir, markdown(report))
     return report

@@ -48,9 +48,11 @@ def to_uint8(images) -> np.ndarray:
 
 
 class Pipeline:
-    """A trained conditional model with its VAE, text encoder and tokenizer, ready to sample."""
+    """A trained conditional model with its VAE, text encoder and tokenizer, ready to sample; or a text-to-image one
+    (a 'pretrain' export, e.g. the teacher: evaluation's "ignores the condition" reference), whose condition images
+    only set the batch and image size."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, *, schedule: dict | None = None, prediction_type: str | None = None):
         from codi_jax import export as export_lib
         from codi_jax import weights
         from codi_jax.data import load_tokenizer
@@ -63,21 +65,36 @@ class Pipeline:
                                     "training finished, or its export/ folder")
         with open(index_file) as f:
             self.meta = json.load(f).get("_codi_jax", {})
-        if self.meta.get("mode") not in ("finetune", "codi", "pe_codi", "cm", "gd"):
-            raise ValueError(f"{path!r} holds a {self.meta.get('mode')!r} model, not a conditional one")
-        self.model, params = export_lib.load_conditional(path)
+        mode = self.meta.get("mode")
+        self.conditional = mode in ("finetune", "codi", "pe_codi", "cm", "gd")
+        if not self.conditional and not os.path.isdir(os.path.join(path, "unet")):
+            raise ValueError(f"{path!r} holds a {mode!r} model, neither a conditional nor a text-to-image one")
+        if not self.conditional:  # a text-to-image pipeline, ours or any diffusers SD folder
+            self.meta = {"mode": mode or "pretrain", "default_sampler": ["ddim", 50], **self.meta}
+            if schedule is not None:
+                self.meta["schedule"] = dict(schedule)
+            if prediction_type is not None:
+                self.meta["prediction_type"] = prediction_type
+            missing = [k for k in ("schedule", "prediction_type") if k not in self.meta]
+            if missing:
+                raise ValueError(f"{path!r}: a text-to-image pipeline without codi_jax metadata needs {missing} "
+                                 "(pass schedule= and prediction_type=)")
+        if self.conditional:
+            self.model, params = export_lib.load_conditional(path)
+        else:
+            self.model, params = weights.load_diffusers(path, "unet")
         self.vae, vae_params = weights.load_diffusers(path, "vae")
         self.text_encoder, text_params = weights.load_diffusers(path, "text_encoder")
         self.tokenizer = load_tokenizer(os.path.join(path, "tokenizer"))
         self.params = {"model": params, "vae": vae_params, "text": text_params}
         self.schedule = diffusion.make_schedule(**self.meta["schedule"])
         self.scale = float(self.vae.config.scaling_factor)
-        self.max_length = int(self.meta["max_length"])
+        self.max_length = int(self.meta.get("max_length") or self.tokenizer.model_max_length)
         self._compiled: dict = {}
 
     @classmethod
-    def load(cls, path: str) -> "Pipeline":
-        return cls(path)
+    def load(cls, path: str, **kw) -> "Pipeline":
+        return cls(path, **kw)
 
     def default_sampler(self) -> tuple[str, int]:
         return tuple(self.meta.get("default_sampler", ("codi", 4)))
@@ -94,7 +111,10 @@ class Pipeline:
                 b, h, w, _ = cond.shape
                 inputs = {"latents": jnp.zeros((b, h // factor, w // factor, self.vae.config.latent_channels)),
                           "text": text, "text_null": text_null, "cond": cond}
-                apply = lambda p, z, t, x: self.model.apply({"params": p}, z, t, x["text"], x["cond"])  # noqa: E731
+                if self.conditional:
+                    apply = lambda p, z, t, x: self.model.apply({"params": p}, z, t, x["text"], x["cond"])  # noqa
+                else:
+                    apply = lambda p, z, t, x: self.model.apply({"params": p}, z, t, x["text"])  # noqa: E731
                 latents = sample_latents(apply, params["model"], inputs, rng, method=method, num_steps=steps,
                                          schedule=self.schedule, prediction_type=self.meta["prediction_type"],
                                          guidance_scale=guidance_scale, codi_kw=codi_kw,
@@ -104,6 +124,17 @@ class Pipeline:
 
             self._compiled[key] = jax.jit(run)
         return self._compiled[key]
+
+    def autoencode(self, images) -> np.ndarray:
+        """VAE encode (posterior mode) then decode: float (N, H, W, 3) in [-1, 1] -> uint8; the ceiling of any latent
+        model's fidelity."""
+        if not hasattr(self, "_autoencode"):
+            def run(params, x):
+                posterior = self.vae.apply({"params": params}, x, method="encode")
+                return jnp.clip(self.vae.apply({"params": params}, posterior.mode(), method="decode"), -1.0, 1.0)
+
+            self._autoencode = jax.jit(run)
+        return to_uint8(jax.device_get(self._autoencode(self.params["vae"], jnp.asarray(images, jnp.float32))))
 
     def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
         return np.asarray(self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length,
@@ -115,7 +146,7 @@ class Pipeline:
         default_method, default_steps = self.default_sampler()
         method, steps = method or default_method, int(steps or default_steps)
         cond = np.asarray(cond_images, np.float32)
-        if cond.ndim != 4 or cond.shape[-1] != self.model.config.control.conditioning_channels:
+        if self.conditional and (cond.ndim != 4 or cond.shape[-1] != self.model.config.control.conditioning_channels):
             raise ValueError(f"condition images must be (N, H, W, {self.model.config.control.conditioning_channels}), "
                              f"got {cond.shape}")
         if len(prompts) != cond.shape[0]:

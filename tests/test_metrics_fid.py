@@ -212,3 +212,20 @@ def test_kid_and_fid_bad_input_raise():
         fid.kid_from_features(f, f, subsets=1, subset_size=11)
     with pytest.raises(ValueError, match="equal D"):
         fid.fid_from_features(f, np.zeros((10, 5)))
+
+
+def test_kid_bootstrap_interval():
+    """The whole-set KID equals one full-size subset of kid_from_features; its bootstrap interval holds it, and holds
+    the true value 0 for two samples of one distribution but not for two different ones."""
+    from codi_jax.metrics import fid as fid_lib
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(300, 16)), rng.normal(size=(300, 16))
+    shifted = rng.normal(size=(300, 16)) + 0.5
+    same = fid_lib.kid_bootstrap(a, b, n_resamples=300)
+    np.testing.assert_allclose(same.kid, fid_lib.kid_from_features(a, b, subsets=1, subset_size=300).mean, rtol=1e-9)
+    assert same.low <= same.kid <= same.high and same.low <= 0.0 <= same.high
+    far = fid_lib.kid_bootstrap(a, shifted, n_resamples=300)
+    assert far.low > same.high  # a real difference lies outside the noise
+    with pytest.raises(ValueError, match="level"):
+        fid_lib.kid_bootstrap(a, b, level=1.5)

@@ -181,22 +181,28 @@ def make_train_loader(cfg, *, global_batch_size: int, seed: int, process_index: 
                                                            prefetch_buffer_size=max(2 * local_batch, 16)))
 
 
-def make_eval_batches(cfg, *, batch_size: int, num_examples: int, seed: int) -> list[dict[str, Any]]:
-    """The first `num_examples` test-split records as deterministic batches (same keys as training, plus 'caption').
+def make_eval_batches(cfg, *, batch_size: int, num_examples: int, seed: int, offset: int = 0) -> list[dict[str, Any]]:
+    """Test-split records `offset` .. `offset + num_examples` (of the readable ones) as deterministic batches (same
+    keys as training, plus 'caption'); a second, disjoint set (offset = num_examples) gives FID's noise floor.
 
     Task randomness (masks, degradations) is drawn from (seed, record index), so every call returns the same batches.
     Unreadable files are skipped; the last batch may be smaller.
     """
     validate(cfg)
     source = make_source(cfg, "test")
-    if num_examples > len(source):
-        raise ValueError(f"num_examples {num_examples} exceeds the {len(source)} test records")
+    if offset + num_examples > len(source):
+        raise ValueError(f"test records {offset}..{offset + num_examples} asked for, but the test split has "
+                         f"{len(source)}")
     examples = []
+    readable = 0
     for i in range(len(source)):
         if len(examples) == num_examples:
             break
         rec = source[i]
         if rec["bad"]:
+            continue
+        readable += 1
+        if readable <= offset:
             continue
         ex = tasks.make_example(cfg.task, rec, np.random.default_rng([int(seed), i]), sr_scale=cfg.sr_scale,
                                 mask_fraction=cfg.mask_fraction, text_dropout=0.0)

@@ -177,3 +177,37 @@ def kid_from_features(f1, f2, subsets: int = 100, subset_size: int = 1000, seed:
         within = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))
         mmds[i] = within - 2.0 * kxy.mean()
     return KID(float(mmds.mean()), float(mmds.std()))
+
+
+class KIDInterval(NamedTuple):
+    kid: float  # unbiased MMD^2 between the two whole sets
+    low: float  # percentile bootstrap interval over the second set's samples
+    high: float
+
+
+def kid_bootstrap(f_real, f_fake, n_resamples: int = 500, level: float = 0.95, seed: int = 0) -> KIDInterval:
+    """KID of the whole sets with a bootstrap interval: the generated set is resampled with replacement, the reference
+    set stays fixed (every method is compared with the same references, so its own sample is the noise that matters).
+
+    The kernel matrices are computed once; a resample gathers from them. Pairs of a sample with a copy of itself are
+    left out of the within-set term, so a resample has the same unbiased estimator as the whole set.
+    """
+    x, y = _check_features(f_real, f_fake)
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    d, n, m = x.shape[1], len(x), len(y)
+    kxx = (x @ x.T / d + 1.0) ** 3
+    kyy = (y @ y.T / d + 1.0) ** 3
+    kxy = (x @ y.T / d + 1.0) ** 3
+    xx = (kxx.sum() - np.trace(kxx)) / (n * (n - 1))
+
+    def kid(idx):
+        same = idx[:, None] == idx[None, :]
+        sub = kyy[np.ix_(idx, idx)]
+        yy = sub[~same].mean()
+        return float(xx + yy - 2.0 * kxy[:, idx].mean())
+
+    rng = np.random.default_rng(seed)
+    samples = np.array([kid(rng.integers(0, m, m)) for _ in range(n_resamples)])
+    tail = 100.0 * (1.0 - level) / 2.0
+    return KIDInterval(kid(np.arange(m)), float(np.percentile(samples, tail)), float(np.percentile(samples, 100 - tail)))
