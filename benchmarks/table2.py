@@ -1,17 +1,19 @@
 """The paper's Table 2 and Figure 7 ablations in miniature, on the embedded depth task.
 
-    python benchmarks/table2.py --workdir=runs/table2 [--steps=1000] [--stage-steps=600,1500] [--examples=256] \
-        [--eval-steps=1,2,4,8]
+    python benchmarks/table2.py --workdir=runs/table2 [--steps=1000] [--examples=1000] [--eval-steps=1,2,4,8] \
+        [--teacher=builtin:scenes32]
 
-One shared VAE and text-to-image teacher (the embedded default's stages), then, each in <workdir>/<method>:
+One shared text-to-image teacher (default: the pretrained pipeline shipped in the package, as the embedded default
+uses), then, each in <workdir>/<method>:
   finetune   conditional fine-tuning of the adapted model (ControlNet form, UNet trained) -> DDIM 4/50, DPM-Solver++ 4
   cm         CM-II: consistency distillation of the fine-tuned model (frozen teacher, DDIM PF-ODE, x-space, EMA target)
   gd         GD-II: guided/progressive distillation of the fine-tuned model into 4 steps
   pe_codi    PE-CoDi: frozen UNet, conditional encoder + zero convs trained with the CoDi objective
   codi       full CoDi (mu mixing, online PF-ODE, eps consistency + latent signal loss, one t per batch)
-  codi_no_signal / codi_teacher_pfode / codi_per_sample_t   the Figure 7 ablations
-and one evaluation of all of them (FID/KID/PSNR/SSIM) written as <workdir>/eval/report.{json,md} plus
-benchmarks/results/table2.json and .md. Every run resumes where it stopped.
+  codi_no_signal / codi_teacher_pfode / codi_per_sample_t / codi_x_space   the Figure 7 ablations
+and one evaluation of all of them (FID/KID with FID's noise floor, depth controllability with intervals, PSNR/SSIM,
+the reference rows) written as <workdir>/eval/report.{json,md} plus benchmarks/results/table2.json and .md. Every run
+resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -34,10 +36,11 @@ METHODS = {
     "codi_no_signal": {"mode": "codi", "objective.signal_loss": "none"},
     "codi_teacher_pfode": {"mode": "codi", "objective.pf_ode": "teacher"},
     "codi_per_sample_t": {"mode": "codi", "objective.timestep_sampling": "sample"},
+    "codi_x_space": {"mode": "codi", "objective.consistency_space": "x"},
 }
 
 
-def method_config(base_arg: str, name: str, workdir: str, steps: int):
+def method_config(base_arg: str, name: str, workdir: str, steps: int, teacher: str = "builtin:scenes32"):
     from codi_jax import config as config_lib
     import importlib.util
 
@@ -47,7 +50,7 @@ def method_config(base_arg: str, name: str, workdir: str, steps: int):
     c = module.get_config(base_arg)
     c.stages = ()
     c.run_eval = False
-    c.teacher = os.path.join(workdir, "pretrain", "export")
+    c.teacher = teacher
     c.vae_from = ""
     c.total_steps = steps
     for key, value in METHODS[name].items():
@@ -65,33 +68,19 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--steps", type=int, default=1000, help="training steps of each method")
-    parser.add_argument("--stage-steps", default="600,1500", help="VAE,teacher pretraining steps")
-    parser.add_argument("--examples", type=int, default=256, help="held-out examples for the evaluation")
+    parser.add_argument("--teacher", default="builtin:scenes32", help="text-to-image pipeline folder (diffusers layout)")
+    parser.add_argument("--examples", type=int, default=1000, help="held-out examples for the evaluation")
     parser.add_argument("--methods", default=",".join(METHODS), help="subset, comma-separated")
     parser.add_argument("--eval-steps", default="1,2,4,8", help="sampling steps to evaluate (finetune adds DDIM 50)")
     args = parser.parse_args(argv)
 
     from absl import logging
 
-    from codi_jax import config as config_lib
     from codi_jax import evaluate, train
 
     logging.set_verbosity(logging.INFO)
     workdir = os.path.abspath(args.workdir)
-    vae_steps, teacher_steps = (int(x) for x in args.stage_steps.split(","))
-    base = method_config("tiny", "codi", workdir, args.steps)
-    base.stage_steps.vae, base.stage_steps.pretrain = vae_steps, teacher_steps
     timings = {}
-    for stage in ("vae", "pretrain"):
-        stage_dir = os.path.join(workdir, stage)
-        if not os.path.isfile(os.path.join(stage_dir, "export", "DONE")):
-            cfg = config_lib.stage_config(base, stage)
-            if stage == "pretrain":
-                cfg.vae_from = os.path.join(workdir, "vae", "export")
-            t0 = time.time()
-            if not train.train(cfg, stage_dir).finished:
-                return 75  # stopped by SIGTERM after a checkpoint: rerun to resume
-            timings[stage] = time.time() - t0
     names = [n for n in args.methods.split(",") if n]
     unknown = set(names) - set(METHODS)
     if unknown:
@@ -101,11 +90,11 @@ def main(argv=None) -> int:
         if os.path.isfile(os.path.join(method_dir, "export", "DONE")):
             continue
         t0 = time.time()
-        if not train.train_mode(method_config("tiny", name, workdir, args.steps), method_dir):
+        if not train.train_mode(method_config("tiny", name, workdir, args.steps, args.teacher), method_dir):
             return 75  # stopped by SIGTERM after a checkpoint: rerun to resume
         timings[name] = time.time() - t0
 
-    eval_cfg = method_config("tiny", "codi", workdir, args.steps)
+    eval_cfg = method_config("tiny", "codi", workdir, args.steps, args.teacher)
     eval_cfg.eval.num_examples = args.examples
     eval_cfg.eval.steps = tuple(int(x) for x in args.eval_steps.split(","))
     report = evaluate.run(eval_cfg, workdir)

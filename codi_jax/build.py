@@ -24,10 +24,20 @@ from codi_jax.diffusion import objectives
 CONDITIONAL = ("finetune", "codi", "pe_codi", "cm", "gd")
 
 
+PRETRAINED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained")
+
+
 def resolve(path: str, workdir: str) -> str:
-    """'@stage' names the export of an earlier stage of this run: <workdir>/<stage>/export."""
+    """'@stage' names the export of an earlier stage of this run: <workdir>/<stage>/export; 'builtin:NAME' a pipeline
+    shipped in the package (codi_jax/pretrained/NAME)."""
     if path.startswith("@"):
         return os.path.join(workdir, path[1:], "export")
+    if path.startswith("builtin:"):
+        found = os.path.join(PRETRAINED_DIR, path[len("builtin:"):])
+        if not os.path.isdir(found):
+            raise FileNotFoundError(f"{path!r}: no pretrained pipeline {found!r} in this installation "
+                                    f"(shipped: {sorted(os.listdir(PRETRAINED_DIR)) if os.path.isdir(PRETRAINED_DIR) else []})")
+        return found
     return path
 
 

@@ -1,4 +1,5 @@
-"""The embedded default end to end at a few steps per stage: VAE -> teacher -> CoDi -> evaluation -> inference."""
+"""The embedded default's from-scratch route end to end at a few steps per stage: VAE -> teacher -> CoDi ->
+evaluation -> inference."""
 
 import json
 import os
@@ -16,7 +17,7 @@ def test_main_tiny_pipeline_then_evaluate_and_sample(tmp_path):
     workdir = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-    cmd = [sys.executable, "-m", "codi_jax.main", "--config=configs/depth.py:tiny", f"--workdir={workdir}",
+    cmd = [sys.executable, "-m", "codi_jax.main", "--config=configs/depth.py:tiny,scratch", f"--workdir={workdir}",
            "--config.stage_steps.vae=4", "--config.stage_steps.pretrain=4", "--config.total_steps=4",
            "--config.batch_size=8", "--config.log_every=2", "--config.checkpoint_every=2", "--config.sample_every=4",
            "--config.num_sample_images=4",
@@ -40,13 +41,20 @@ def test_main_tiny_pipeline_then_evaluate_and_sample(tmp_path):
     with open(workdir / "vae" / "export" / "vae" / "config.json") as f:
         assert json.load(f)["scaling_factor"] != 1.0  # set from the latent statistics
 
-    # The evaluation report: {method: {steps: {metric: value}}, meta}, plus table, plots and grid.
+    # The evaluation report: {row: {steps: {metric: value}}, meta}, plus table, plots and grid; the reference rows
+    # (ground truth with FID's noise floor, the VAE's ceiling, the text-only teacher) beside the method's.
     with open(workdir / "eval" / "report.json") as f:
         report = json.load(f)
     assert set(report["codi"]) == {"1", "2"}
-    for row in report["codi"].values():
-        for metric in ("psnr", "ssim", "fid", "kid"):
+    assert set(report["teacher (text only)"]) == {"2"}
+    for row in [*report["codi"].values(), report["ground truth via VAE"]["-"], report["teacher (text only)"]["2"]]:
+        for metric in ("psnr", "ssim", "fid", "kid", "depth_rmse", "depth_si_rmse", "depth_delta1"):
             assert np.isfinite(row[metric]), (metric, row)
+        lo, hi = row["depth_rmse_ci"]
+        assert lo <= row["depth_rmse"] <= hi and lo <= hi and row["kid_ci"][0] <= row["kid_ci"][1]
+    truth = report["ground truth"]["-"]
+    assert {"fid", "kid", "depth_rmse"} <= set(truth) and "psnr" not in truth
+    assert truth["depth_rmse"] < 0.1  # the shipped estimator reads real scenes' depth (its floor ~0.03)
     assert report["meta"]["num_examples"] == 8
     assert "lpips" in report["meta"]["unavailable"] and "clip_score" in report["meta"]["unavailable"]
     assert (workdir / "eval" / "report.md").read_text().startswith("| method | steps |")
@@ -62,3 +70,27 @@ def test_main_tiny_pipeline_then_evaluate_and_sample(tmp_path):
                              f"--out={tmp_path / 'out.png'}"], cwd=REPO, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert Image.open(tmp_path / "out.png").size == (32, 32)
+
+
+@pytest.mark.slow
+def test_default_route_starts_from_the_shipped_teacher(tmp_path):
+    """The README's main command: no VAE or teacher training, the shipped pretrained pipeline comes in through
+    config.teacher (as Stable Diffusion would), then CoDi and the evaluation with the depth controllability metric."""
+    workdir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+    cmd = [sys.executable, "-m", "codi_jax.main", "--config=configs/depth.py:tiny", f"--workdir={workdir}",
+           "--config.total_steps=3", "--config.batch_size=8", "--config.log_every=1", "--config.checkpoint_every=3",
+           "--config.eval.num_examples=8", "--config.eval.batch_size=8", "--config.eval.steps=(1,)",
+           "--config.eval.teacher_steps=2", "--config.eval.noise_floor=False"]
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert os.path.join("codi_jax", "pretrained", "scenes32") in out.stderr  # the teacher's origin is logged
+    assert not (workdir / "vae").exists() and not (workdir / "pretrain").exists()
+    assert "mu=" in out.stderr  # mu's trajectory is in the log
+    with open(workdir / "eval" / "report.json") as f:
+        report = json.load(f)
+    assert set(report) >= {"codi", "teacher (text only)", "ground truth", "ground truth via VAE", "meta"}
+    assert "fid" not in report["ground truth"]["-"]  # noise floor switched off: no second reference set scored
+    with open(workdir / "export" / "model_index.json") as f:
+        assert json.load(f)["_codi_jax"]["mode"] == "codi"
