@@ -191,8 +191,8 @@ def make_eval_batches(cfg, *, batch_size: int, num_examples: int, seed: int, off
     validate(cfg)
     source = make_source(cfg, "test")
     if offset + num_examples > len(source):
-        raise ValueError(f"test records {offset}..{offset + num_examples} asked for, but the test split has "
-                         f"{len(source)}")
+        raise ValueError(f"num_examples {num_examples} (from test record {offset}) exceeds the {len(source)} test "
+                         "records")
     examples = []
     readable = 0
     for i in range(len(source)):
