@@ -286,7 +286,8 @@ def run(config, workdir: str, steps: tuple[int, ...] | None = None) -> dict:
                                                offset=n_eval)
         truth.update(scorer.distribution(np.concatenate([to_uint8(b["image"]) for b in reference])))
     report[GROUND_TRUTH] = {"-": truth}
-    main = Pipeline.load(next(iter(methods.values())))
+    pipes = {name: Pipeline.load(export) for name, export in methods.items()}  # each export read once
+    main = next(iter(pipes.values()))
     recon = np.concatenate([main.autoencode(b["image"]) for b in batches])
     report[VAE_CEILING] = {"-": scorer(recon)}
     teacher = build.resolve(config.teacher, workdir) if config.eval.teacher_steps else ""
@@ -296,8 +297,7 @@ def run(config, workdir: str, steps: tuple[int, ...] | None = None) -> dict:
                      grid)
     logging.info("eval references in %.0f s: %s", time.time() - t0, {k: report[k] for k in report})
 
-    for name, export in methods.items():
-        pipe = Pipeline.load(export)
+    for name, pipe in pipes.items():
         _sample_rows(pipe, name, samplers_for(pipe.meta["mode"], steps, int(config.eval.teacher_steps)), batches,
                      config, scorer, report, grid)
     columns, names = [to_uint8(cond[:8]) if cond is not None else real[:8]], ["condition"]

@@ -29,6 +29,7 @@ import numpy as np
 from flax import traverse_util
 
 from codi_jax.metrics import MetricUnavailable
+from codi_jax.metrics.image import map_batches
 from codi_jax.models.depth_estimator import DepthEstimator, DepthEstimatorConfig
 
 DEFAULT_PATH = Path(__file__).resolve().parent.parent / "pretrained" / "depth_scenes32"
@@ -123,17 +124,8 @@ def predict(model: tuple[DepthEstimator, dict], images, batch_size: int = 128) -
     if x.shape[1:3] != (size, size):
         raise ValueError(f"the depth estimator was trained at {size}x{size}, got {x.shape[1]}x{x.shape[2]} images; "
                          f"train one at that size (train_depth --image_size {x.shape[1]}) or resize the images")
-    n = x.shape[0]
-    batch_size = max(1, min(batch_size, n))
     fn = _apply(module.config)
-    out = np.empty((n, size, size), np.float32)
-    for start in range(0, n, batch_size):
-        batch = x[start:start + batch_size]
-        m = batch.shape[0]
-        if m < batch_size:
-            batch = np.concatenate([batch, np.zeros((batch_size - m, *batch.shape[1:]), batch.dtype)])
-        out[start:start + m] = np.asarray(fn(variables, jnp.asarray(batch)))[:m]
-    return out
+    return map_batches(lambda batch: fn(variables, batch), x, max(1, min(batch_size, x.shape[0])), (size, size))
 
 
 def _as_maps(a, name: str) -> np.ndarray:

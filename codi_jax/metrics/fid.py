@@ -21,7 +21,7 @@ import numpy as np
 
 from codi_jax.metrics import MetricUnavailable
 from codi_jax.metrics import convert_inception
-from codi_jax.metrics.image import as_unit_float
+from codi_jax.metrics.image import as_unit_float, map_batches
 from codi_jax.models.inception import BN_EPS, FEATURE_DIM, InceptionV3FID
 
 _PREFIX = "net.layers."
@@ -96,18 +96,8 @@ def inception_features(params: dict, images, batch_size: int = 50) -> np.ndarray
 
     The last batch is padded to `batch_size`, so one compiled program serves every call with the same image size.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    images = as_unit_float(images)
-    n = images.shape[0]
-    out = np.empty((n, FEATURE_DIM), np.float64)
-    for start in range(0, n, batch_size):
-        batch = images[start:start + batch_size]
-        m = batch.shape[0]
-        if m < batch_size:
-            batch = np.concatenate([batch, np.zeros((batch_size - m, *batch.shape[1:]), batch.dtype)])
-        out[start:start + m] = np.asarray(_features(params, jnp.asarray(batch)))[:m]
-    return out
+    return map_batches(lambda batch: _features(params, batch), as_unit_float(images), batch_size, (FEATURE_DIM,),
+                       np.float64)
 
 
 def _check_features(f1, f2) -> tuple[np.ndarray, np.ndarray]:

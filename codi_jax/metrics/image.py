@@ -32,6 +32,22 @@ def as_unit_float(images, channels: int | None = 3) -> np.ndarray:
     return images.astype(np.float32)
 
 
+def map_batches(fn, images: np.ndarray, batch_size: int, out_shape: tuple, dtype=np.float32) -> np.ndarray:
+    """fn over fixed-size batches of `images`, the last one zero-padded, so one compiled program serves every call with
+    the same image size; returns (N, *out_shape)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n = images.shape[0]
+    out = np.empty((n, *out_shape), dtype)
+    for start in range(0, n, batch_size):
+        batch = images[start:start + batch_size]
+        m = batch.shape[0]
+        if m < batch_size:
+            batch = np.concatenate([batch, np.zeros((batch_size - m, *batch.shape[1:]), batch.dtype)])
+        out[start:start + m] = np.asarray(fn(jnp.asarray(batch)))[:m]
+    return out
+
+
 def _prepare(x, y, data_range: float):
     if x.shape != y.shape or x.ndim < 3:
         raise ValueError(f"images must have equal shapes (..., H, W, C), got {x.shape} and {y.shape}")
