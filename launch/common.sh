@@ -35,7 +35,7 @@ GIT_REF|str||branch, tag or commit to check out when REPO is a URL
 REMOTE_DIR|str|codi_jax|project directory on each worker, relative to the home directory
 VENV|str|codi_jax_venv|Python venv, relative to $HOME unless absolute (gpu_local.sh: empty = no venv)
 PYTHON|str||Python >= 3.11 used to create the venv (default: python3.12, python3.11 or python3)
-JAX_VERSION|str||jax version for jax[tpu]/jax[cuda12] (default: the pin in REPO/requirements.txt)
+JAX_VERSION|str||jax version for jax[tpu]/jax[cuda12] (default: the pin in REPO/constraints.txt)
 JAX_EXTRA|str|cuda12|GPU only: jax extra to install (cuda12, cuda13)
 PIP_EXTRA|str||extra pip requirements, space separated
 CONFIG|str||config file, optionally with :variant (configs/depth.py or configs/depth.py:tiny)
@@ -432,11 +432,14 @@ tpu_scp() {
 
 is_git_url() { [[ $1 =~ ^(https?|ssh|git)://|^[A-Za-z0-9._-]+@[A-Za-z0-9._-]+: ]]; }
 
-# The jax pin of the repository: `jax==V` or `jax>=V` in requirements.txt.
+# The jax pin of the repository: `jax==V` in constraints.txt (the tested set, which the workers install with), else
+# `jax==V` or `jax>=V` in requirements.txt.
 resolve_jax_version() {
   [[ -n $OPT_JAX_VERSION ]] && return 0
-  local req=$REPO_ROOT/requirements.txt
-  if ! is_git_url "$OPT_REPO" && [[ -f $OPT_REPO/requirements.txt ]]; then req=$OPT_REPO/requirements.txt; fi
+  local root=$REPO_ROOT req
+  if ! is_git_url "$OPT_REPO" && [[ -f $OPT_REPO/requirements.txt || -f $OPT_REPO/constraints.txt ]]; then root=$OPT_REPO; fi
+  req=$root/requirements.txt
+  [[ -f $root/constraints.txt ]] && req=$root/constraints.txt
   OPT_JAX_VERSION=$(sed -nE 's/^jax(\[[^]]*\])? *(==|>=|~=) *([0-9][0-9A-Za-z.]*).*/\3/p' "$req" 2>/dev/null | head -n 1)
   [[ -n $OPT_JAX_VERSION ]] || die "no jax pin found in $req; pass --jax-version"
 }

@@ -32,7 +32,7 @@ fi
 if [[ $OPT_INSTALL == 1 ]]; then
   resolve_jax_version
   # shellcheck disable=SC2086  # PIP_EXTRA is a space separated list on purpose
-  run "$PY" -m pip install -q -r requirements.txt "jax[$OPT_JAX_EXTRA]==$OPT_JAX_VERSION" $OPT_PIP_EXTRA
+  run "$PY" -m pip install -q -c constraints.txt -r requirements.txt "jax[$OPT_JAX_EXTRA]==$OPT_JAX_VERSION" $OPT_PIP_EXTRA
 fi
 
 if ! dry; then

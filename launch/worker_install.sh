@@ -2,7 +2,7 @@
 # Installs codi_jax's environment on this machine (run on every TPU worker by install.sh).
 # Creates the venv (relative paths are under $HOME) with a Python >= 3.11, installing
 # python3.11 from apt when the image has only an older one (TPU VM images ship Ubuntu 22.04's
-# 3.10), then pip installs requirements.txt together with jax[tpu] of the pinned version, in one
+# 3.10), then pip installs requirements.txt (pinned by constraints.txt) together with jax[tpu] of the pinned version, in one
 # resolver run so the TPU wheel and the requirements agree.
 #
 #   bash launch/worker_install.sh --venv=codi_jax_venv --jax-version=0.10.2 [--dry-run]
@@ -29,5 +29,5 @@ fi
 pip=("$venv/bin/python" -m pip)
 run "${pip[@]}" install -q --upgrade pip
 # shellcheck disable=SC2086  # PIP_EXTRA is a space separated list on purpose
-run "${pip[@]}" install -q -r requirements.txt "jax[tpu]==$OPT_JAX_VERSION" $OPT_PIP_EXTRA
+run "${pip[@]}" install -q -c constraints.txt -r requirements.txt "jax[tpu]==$OPT_JAX_VERSION" $OPT_PIP_EXTRA
 run "$venv/bin/python" -c 'import jax, codi_jax; print("codi_jax ready: jax", jax.__version__)'

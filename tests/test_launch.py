@@ -288,8 +288,8 @@ def test_worker_install_dry_run(home):
                   "--pip-extra=gcsfs==2025.1.0", "--dry-run", home=home)
     venv, pip_up, pip, check = commands(proc)
     assert venv == [sys.executable, "-m", "venv", f"{home}/codi_jax_venv"]
-    assert pip == [f"{home}/codi_jax_venv/bin/python", "-m", "pip", "install", "-q", "-r", "requirements.txt",
-                   "jax[tpu]==0.10.2", "gcsfs==2025.1.0"]
+    assert pip == [f"{home}/codi_jax_venv/bin/python", "-m", "pip", "install", "-q", "-c", "constraints.txt", "-r",
+                   "requirements.txt", "jax[tpu]==0.10.2", "gcsfs==2025.1.0"]
     assert "import jax, codi_jax" in check[-1]
 
 
