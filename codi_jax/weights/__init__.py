@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from codi_jax.weights.convert import (LIST_CONTAINERS, WeightsMismatchError, flax_path_to_torch_key, flax_to_torch,
-                                      read_safetensors, torch_to_flax, write_safetensors)
+                                      read_safetensors, safetensors_files, torch_to_flax, write_safetensors)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +67,8 @@ def _ignore(comp: Component, mod) -> tuple:
 def resolve_folder(path: str, component: str) -> str:
     """The component folder: `path` itself (config.json) or `path/component` of a pipeline (model_index.json)."""
     path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path!r} does not exist")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path!r} is not a folder")
     if os.path.isfile(os.path.join(path, "config.json")):
@@ -77,6 +79,19 @@ def resolve_folder(path: str, component: str) -> str:
             return sub
         raise FileNotFoundError(f"pipeline folder {path!r} has no {component}/config.json")
     raise FileNotFoundError(f"{path!r} has no config.json (a {component} folder) and no model_index.json (a pipeline)")
+
+
+def read_config(path: str, component: str) -> tuple[str, dict]:
+    """(component folder, its config.json) without reading any weights. A config.json that names its class
+    (`_class_name`, as diffusers writes it) must name this component's class."""
+    comp = _component(component)
+    folder = resolve_folder(path, component)
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    name = config.get("_class_name", comp.torch_class)
+    if name != comp.torch_class:
+        raise ValueError(f"{folder!r} holds a {name} (config.json _class_name), not a {comp.torch_class}")
+    return folder, config
 
 
 def param_shapes(module, component: str, config: dict | None = None):
@@ -137,5 +152,5 @@ def save_diffusers(path: str, component: str, module, params) -> str:
 
 
 __all__ = ["LIST_CONTAINERS", "REGISTRY", "WeightsMismatchError", "flax_path_to_torch_key", "flax_to_torch",
-           "load_diffusers", "param_shapes", "read_safetensors", "resolve_folder", "save_diffusers", "torch_to_flax",
-           "write_safetensors"]
+           "load_diffusers", "param_shapes", "read_config", "read_safetensors", "resolve_folder", "safetensors_files",
+           "save_diffusers", "torch_to_flax", "write_safetensors"]

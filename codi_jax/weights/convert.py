@@ -166,26 +166,24 @@ def _read_one_safetensors(path: str) -> dict[str, np.ndarray]:
     return out
 
 
-def read_safetensors(folder: str) -> dict[str, np.ndarray]:
-    """Read a component folder's weights (single or sharded safetensors); fp16/bf16 are upcast to float32."""
+def safetensors_files(folder: str) -> list[str]:
+    """The safetensors file(s) read_safetensors would read in `folder` (paths), without reading them; raises when
+    there are none, and refuses folders that hold only pickle-format weights."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"weights folder {folder!r} does not exist")
     files = os.listdir(folder)
     for name in _WEIGHT_FILES:
         if name in files:
-            return _read_one_safetensors(os.path.join(folder, name))
+            return [os.path.join(folder, name)]
     for name in _WEIGHT_FILES:
         if name + ".index.json" in files:
             with open(os.path.join(folder, name + ".index.json")) as f:
                 index = json.load(f)
-            out = {}
-            for shard in sorted(set(index["weight_map"].values())):
-                out.update(_read_one_safetensors(os.path.join(folder, shard)))
-            return out
+            return [os.path.join(folder, shard) for shard in sorted(set(index["weight_map"].values()))]
     # Variant files (e.g. diffusion_pytorch_model.fp16.safetensors) when no full-precision file is present.
     single = sorted(f for f in files if f.endswith(".safetensors"))
     if len(single) == 1:
-        return _read_one_safetensors(os.path.join(folder, single[0]))
+        return [os.path.join(folder, single[0])]
     if len(single) > 1:
         raise ValueError(f"{folder!r} holds several .safetensors files and no index: {single}; keep one")
     pickles = sorted(f for f in files if f.endswith(_PICKLE_SUFFIXES))
@@ -195,6 +193,14 @@ def read_safetensors(folder: str) -> dict[str, np.ndarray]:
             "Convert them to safetensors once in a trusted environment, e.g. "
             "`model.save_pretrained(dir, safe_serialization=True)`.")
     raise FileNotFoundError(f"no safetensors weights in {folder!r} (expected one of {_WEIGHT_FILES})")
+
+
+def read_safetensors(folder: str) -> dict[str, np.ndarray]:
+    """Read a component folder's weights (single or sharded safetensors); fp16/bf16 are upcast to float32."""
+    out = {}
+    for path in safetensors_files(folder):
+        out.update(_read_one_safetensors(path))
+    return out
 
 
 def write_safetensors(folder: str, state_dict: Mapping[str, np.ndarray], filename: str) -> str:
@@ -207,4 +213,4 @@ def write_safetensors(folder: str, state_dict: Mapping[str, np.ndarray], filenam
 
 
 __all__ = ["LIST_CONTAINERS", "WeightsMismatchError", "flax_path_to_torch_key", "flax_to_torch", "read_safetensors",
-           "torch_to_flax", "write_safetensors"]
+           "safetensors_files", "torch_to_flax", "write_safetensors"]
