@@ -39,12 +39,13 @@ class ConditionalConfig:
         if self.control.zero_convs != want_zero:
             object.__setattr__(self, "control", dataclasses.replace(self.control, zero_convs=want_zero))
         u, c = self.unet, self.control
-        for k in ("in_channels", "flip_sin_to_cos", "freq_shift", "act_fn", "block_out_channels", "down_block_types",
-                  "layers", "heads", "transformer_layers", "norm_num_groups", "cross_attention_dim",
-                  "use_linear_projection"):
-            if getattr(u, k) != getattr(c, k):
-                raise ValueError(f"control encoder {k}={getattr(c, k)} differs from the UNet's {getattr(u, k)}; "
-                                 "it must mirror the UNet encoder to be initialised from it")
+        differ = [f"{k}={getattr(c, k)} (UNet: {getattr(u, k)})"
+                  for k in ("in_channels", "flip_sin_to_cos", "freq_shift", "act_fn", "block_out_channels",
+                            "down_block_types", "layers", "heads", "transformer_layers", "norm_num_groups",
+                            "cross_attention_dim", "use_linear_projection") if getattr(u, k) != getattr(c, k)]
+        if differ:
+            raise ValueError(f"control encoder differs from the UNet's: {'; '.join(differ)}; it must mirror the UNet "
+                             "encoder (its features enter the UNet's decoder)")
 
     @classmethod
     def create(cls, unet: UNetConfig, mode: str = "mu", **control_kw) -> "ConditionalConfig":
