@@ -41,6 +41,58 @@ def resolve(path: str, workdir: str) -> str:
     return path
 
 
+def controlnet_source(path: str, task: str) -> tuple[str, dict]:
+    """config.init_controlnet -> (the ControlNet folder, its diffusers config.json): every check that needs only the
+    folder. It exists (never created), holds a diffusers ControlNetModel (or is a pipeline with controlnet/) in a form
+    we implement, with safetensors weights, whose conditioning_channels are the task's. Reads no weights; each problem
+    is one ValueError / FileNotFoundError line that starts with 'config.init_controlnet' and names the path."""
+    from codi_jax import data as data_lib
+    from codi_jax import weights
+    from codi_jax.models import controlnet as cn_lib
+
+    where = f"config.init_controlnet={path!r}"
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{where}: no such folder (a diffusers ControlNet folder, or a pipeline with "
+                                "controlnet/)")
+    try:
+        folder, d = weights.read_config(path, "controlnet")
+        weights.safetensors_files(folder)
+        cn = cn_lib.ControlNetConfig.from_diffusers(d)
+    except (FileNotFoundError, ValueError) as e:
+        raise type(e)(f"{where}: {e}") from None
+    want = data_lib.cond_channels(task)
+    if cn.conditioning_channels != want:
+        raise ValueError(f"{where}: the ControlNet takes {cn.conditioning_channels}-channel conditions "
+                         f"(conditioning_channels), task {task!r} has {want}")
+    return folder, d
+
+
+def _check_controlnet_fits(path: str, d: dict, teacher: str, vae_from: str, image_size: int) -> None:
+    """The ControlNet's encoder mirrors the teacher UNet and its hint net fits the VAE's latent scale (config.json
+    files only, read before any weights)."""
+    from codi_jax import weights
+    from codi_jax.models import conditional as cond_lib
+    from codi_jax.models import controlnet as cn_lib
+    from codi_jax.models import unet as unet_lib
+    from codi_jax.models import vae as vae_lib
+
+    where = f"config.init_controlnet={path!r}"
+    if not teacher:
+        raise ValueError(f"{where}: needs config.teacher, the pretrained UNet the ControlNet was made for")
+    cn = cn_lib.ControlNetConfig.from_diffusers(d)
+    unet = unet_lib.UNetConfig.from_diffusers(weights.read_config(teacher, "unet")[1])
+    try:
+        cond_lib.ConditionalConfig(unet=unet, control=cn, mode="controlnet")
+    except ValueError as e:
+        raise ValueError(f"{where} does not fit the teacher UNet {teacher!r}: {e}") from None
+    vae = vae_lib.from_diffusers_config(weights.read_config(vae_from, "vae")[1]).config
+    latent_factor = 2 ** (len(vae.block_out_channels) - 1)
+    if cn.hint_factor != latent_factor:
+        raise ValueError(f"{where}: its hint net (conditioning_embedding_out_channels="
+                         f"{cn.conditioning_embedding_out_channels}) downsamples the condition {cn.hint_factor}x, "
+                         f"but the images ({image_size}) are {latent_factor}x the VAE's latents")
+
+
 # config.model.preset -> the preset name of each component family.
 _PRESETS = {
     "sd15": {"vae": "sd", "text": "sd15", "unet": "sd15"},
@@ -70,6 +122,21 @@ def _to_numpy(tree):
     return jax.tree.map(np.asarray, tree)
 
 
+def _import_controlnet(folder: str, abstract) -> dict:
+    """The ControlNet's weights (all of them: encoder, hint net, zero convs) as host arrays in the tree of `abstract`,
+    the conditional model's 'control' params."""
+    from codi_jax import weights
+
+    _, params = weights.load_diffusers(folder, "controlnet")
+    params = _to_numpy(params)
+    want = nn.meta.unbox(abstract)
+    if jax.tree.structure(params) != jax.tree.structure(want) or any(
+            a.shape != b.shape for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want))):
+        raise ValueError(f"config.init_controlnet={folder!r}: its weights do not form the conditional encoder's tree")
+    logging.info("conditional encoder (encoder, hint net, zero convs) from the ControlNet %s", folder)
+    return params
+
+
 class Recipe:
     def __init__(self, config, workdir: str, *, abstract: bool = False):
         """abstract=True reads no weights and materialises nothing (presets only): for ahead-of-time compiles of
@@ -93,6 +160,12 @@ class Recipe:
         self.initial_params = None  # host values of the trainable tree when imported
         self.teacher_kind = None  # 'unet' (pretrained text-to-image) | 'conditional' (fine-tuned, cm/gd) | None
         self.freeze_unet = False
+        # config.init_controlnet: every check (folder, task, teacher, latent scale) before any weights are read.
+        controlnet = None  # (folder, diffusers config)
+        if config.init_controlnet and not abstract:
+            controlnet = controlnet_source(config.init_controlnet, config.task)
+            _check_controlnet_fits(config.init_controlnet, controlnet[1], teacher, vae_from or teacher,
+                                   self.image_size)
 
         # --- autoencoder --------------------------------------------------------------------------------------------
         if abstract:
@@ -183,6 +256,16 @@ class Recipe:
         from codi_jax.models import conditional as cond_lib
 
         cond_channels = data_lib.cond_channels(config.data)
+        control_cfg = None
+        if controlnet is not None:  # the imported encoder keeps its own options (hint net, channel order, pooling)
+            from codi_jax.models import controlnet as cn_lib
+
+            control_cfg = cn_lib.ControlNetConfig.from_diffusers(controlnet[1], dtype=self.unet.config.dtype,
+                                                                 remat=self.unet.config.remat)
+            hint = tuple(control_cfg.conditioning_embedding_out_channels)
+            logging.info("hint net from the ControlNet %s: conditioning_embedding_out_channels=%s replaces "
+                         "config.model.hint_channels=%s", controlnet[0], hint, tuple(config.model.hint_channels))
+            config.model.hint_channels = hint
         hint = tuple(config.model.hint_channels)
         if 2 ** (len(hint) - 1) * self.latent_size != self.image_size:
             raise ValueError(
@@ -190,10 +273,14 @@ class Recipe:
                 f"({self.image_size}) are {self.image_size // self.latent_size}x the latents: use "
                 f"{int(np.log2(self.image_size // self.latent_size)) + 1} entries"
             )
-        cond_cfg = cond_lib.ConditionalConfig.create(
-            self.unet.config, config.model.cond_mode, conditioning_channels=cond_channels,
-            conditioning_embedding_out_channels=hint,
-        )
+        if control_cfg is not None:
+            cond_cfg = cond_lib.ConditionalConfig(unet=self.unet.config, control=control_cfg,
+                                                  mode=config.model.cond_mode)
+        else:
+            cond_cfg = cond_lib.ConditionalConfig.create(
+                self.unet.config, config.model.cond_mode, conditioning_channels=cond_channels,
+                conditioning_embedding_out_channels=hint,
+            )
         self.model = cond_lib.ConditionalUNet(cond_cfg)
         cond = jnp.zeros((1, self.image_size, self.image_size, cond_channels), jnp.float32)
         full_abstract = jax.eval_shape(self.model.init, jax.random.key(0), z, t, ctx, cond)["params"]
@@ -205,6 +292,8 @@ class Recipe:
         if unet_params is not None:
             _, full_init = cond_lib.init_from_unet(jax.random.key(config.seed + 1), cond_cfg, unet_params)
             full_init = _to_numpy(full_init)
+            if controlnet is not None:
+                full_init["control"] = _import_controlnet(controlnet[0], full_abstract["control"])
         else:
             full_init = None
         self.freeze_unet = bool(config.model.freeze_unet)

@@ -52,6 +52,10 @@ def base(task: str) -> ml_collections.ConfigDict:
     # Where the starting weights come from. Start-up order: latest checkpoint in workdir > init_from > teacher > scratch.
     c.teacher = ""  # diffusers pipeline folder (unet/, vae/, text_encoder/, tokenizer/), or "@stage" for <workdir>/stage/export
     c.init_from = ""  # a codi_jax workdir or checkpoint step folder (e.g. the finetuned model for cm/gd)
+    # pe_codi / finetune: a diffusers ControlNetModel folder (or a pipeline with controlnet/) whose weights become the
+    # conditional encoder (encoder copy, hint net, zero convs) instead of a fresh copy of the teacher's encoder; its
+    # hint net replaces model.hint_channels. Checked against the task and the teacher before anything is loaded.
+    c.init_controlnet = ""
     c.vae_from = ""  # diffusers vae folder; default: the teacher's vae/
     c.text_encoder_from = ""  # transformers text encoder folder; default: the teacher's text_encoder/
 
@@ -188,6 +192,7 @@ def stage_config(c: ml_collections.ConfigDict, stage: str) -> ml_collections.Con
     s.stages = ()
     s.run_eval = False
     s.init_from = ""
+    s.init_controlnet = ""
     s.teacher = ""
     s.vae_from = "" if stage == "vae" else c.vae_from
     s.text_encoder_from = ""
@@ -284,6 +289,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
             fail(f"stage_steps.{stage}", "must be positive for a stage that runs")
     if int(c.gd_rounds) < 1:
         fail("gd_rounds", f"must be >= 1, got {c.gd_rounds}")
+    if c.init_controlnet:
+        _validate_init_controlnet(c, fail)
     for step in c.eval.steps:
         if int(step) <= 0:
             fail("eval.steps", f"step counts must be positive, got {tuple(c.eval.steps)}")
@@ -292,3 +299,27 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
     data.validate(c.data)
     objectives.validate(c.objective)
+
+
+# Why each mode cannot start from a diffusers ControlNet (config.init_controlnet).
+_NO_INIT_CONTROLNET = {
+    "codi": "full CoDi's mu form mixes the encoder's raw features into the UNet's and has no zero convs, so a "
+            "ControlNet's have nowhere to go (use mode pe_codi or finetune)",
+    "cm": "cm and gd distil a fine-tuned model: start a finetune run from the ControlNet and give its workdir as "
+          "config.init_from",
+    "vae": "it trains no conditional encoder",
+    "pretrain": "it trains no conditional encoder",
+}
+_NO_INIT_CONTROLNET["gd"] = _NO_INIT_CONTROLNET["cm"]
+
+
+def _validate_init_controlnet(c: ml_collections.ConfigDict, fail) -> None:
+    """The mode takes a ControlNet, nothing else starts the weights, and the folder holds one that fits the task."""
+    if c.mode in _NO_INIT_CONTROLNET:
+        fail("init_controlnet", f"mode {c.mode!r} cannot start from a ControlNet: {_NO_INIT_CONTROLNET[c.mode]}")
+    if c.init_from:
+        fail("init_controlnet", f"set together with config.init_from={c.init_from!r}: the run starts from one of them "
+                                "(init_from restores the whole model, the ControlNet included)")
+    from codi_jax import build
+
+    build.controlnet_source(c.init_controlnet, c.task)  # the folder alone: exists, a ControlNet, channels fit
