@@ -322,8 +322,20 @@ def run(config, workdir: str, steps: tuple[int, ...] | None = None) -> dict:
     zoom = max(1, 128 // int(config.data.image_size))
     Image.fromarray(_grid(columns, min(8, len(real)), zoom)).save(os.path.join(out_dir, "samples.png"))
     report["meta"]["plots"] = _plots(report, out_dir)
+    _update_model_cards(report, methods)
     logging.info("evaluation written to %s:\n%s", out_dir, markdown(report))
     return report
+
+
+def _update_model_cards(report: dict, methods: dict[str, str]) -> None:
+    """Each export's model card gets its own rows and the reference rows."""
+    from codi_jax import export as export_lib
+
+    for name, path in methods.items():
+        own = {k: v for k, v in report.items()
+               if k in (GROUND_TRUTH, VAE_CEILING, TEACHER, "meta") or k == name or k.startswith(name + " ")}
+        if not export_lib.update_model_card(path, own):
+            logging.warning("%s has no codi_jax model card: its metrics are only in the eval report", path)
 
 
 def main(argv):

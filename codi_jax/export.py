@@ -1,8 +1,21 @@
 """Export of trained EMA weights for inference and for later stages.
 
-<workdir>/export/ is a diffusers-style pipeline folder: vae/, text_encoder/, unet/ (safetensors + config.json) and,
-for conditional modes, conditional/ (our adapted UNet: config.json + model.safetensors, flat '/'-joined names) and,
-in ControlNet form, controlnet/ + unet/ that diffusers' ControlNetModel / UNet2DConditionModel load directly.
+<workdir>/export/ is a diffusers pipeline folder that `DiffusionPipeline.from_pretrained(export)` loads as it is:
+- every mode but 'vae': vae/, text_encoder/, tokenizer/ (model_max_length = the run's max_length, so diffusers pads
+  prompts as training did), unet/, and scheduler/ (the sampler the run is evaluated with, in diffusers terms: DDIM for
+  pretrain/finetune/gd, LCMScheduler for the consistency-distilled codi/pe_codi/cm; see `scheduler_config`);
+- 'pretrain': a StableDiffusionPipeline;
+- ControlNet-form modes (pe_codi, finetune, cm, gd): a StableDiffusionControlNetPipeline, controlnet/ beside unet/;
+- full CoDi (mu form, paper eq. 12): no diffusers block mixes skip features, but the mix is exactly two ControlNets
+  added to the UNet's skips: (1 - mu) h + mu h_eta = h + [mu I] h_eta + [-mu I] h, with controlnet/ the conditional
+  encoder whose 1x1 output convs are mu I, and controlnet_1/ a copy of the UNet's own encoder (hint net zero, so it
+  ignores its condition image) whose output convs are -mu I. A StableDiffusionControlNetPipeline with a
+  MultiControlNetModel; pass the condition image twice.
+- conditional modes also keep conditional/ (our adapted UNet: config.json + model.safetensors, '/'-joined names),
+  which `codi_jax.sample.Pipeline` loads;
+- README.md, a model card (YAML header, the command, the config; evaluation fills in its metrics).
+Condition images go in as codi_jax builds them: NCHW tensors in [-1, 1] with the task's channels (depth 1, sr 3,
+inpaint 4, edit 3); diffusers' ControlNet image processor passes tensors through unchanged.
 A DONE file is written last, so a half-written export is never mistaken for a finished one.
 """
 
@@ -11,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from typing import Any
 
 import jax
@@ -83,7 +97,14 @@ def export(recipe, state, frozen: dict, path: str) -> None:
     done = os.path.join(path, "DONE")
     if os.path.exists(done):
         os.remove(done)
-    components = {}
+    components: dict = {}
+    config = recipe.config
+    meta = {"mode": recipe.mode, "task": config.task, "prediction_type": config.model.prediction_type,
+            "schedule": config.schedule.to_dict(), "image_size": int(config.data.image_size),
+            "max_length": int(config.data.max_length), "default_sampler": list(recipe.default_sampler()),
+            "timestep_spacing": recipe.timestep_spacing() if recipe.mode != "vae" else "leading",
+            **(recipe.codi_kw() if recipe.mode != "vae" else {})}
+    pipeline_class = "StableDiffusionPipeline"
     if recipe.mode == "vae":
         weights.save_diffusers(os.path.join(path, "vae"), "vae", _float32(recipe.vae), ema)
         components["vae"] = ["diffusers", "AutoencoderKL"]
@@ -91,7 +112,7 @@ def export(recipe, state, frozen: dict, path: str) -> None:
         weights.save_diffusers(os.path.join(path, "vae"), "vae", _float32(recipe.vae), frozen_host["vae"])
         weights.save_diffusers(os.path.join(path, "text_encoder"), "text_encoder", _float32(recipe.text_encoder),
                                frozen_host["text_encoder"])
-        recipe.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
+        save_tokenizer(recipe.tokenizer, os.path.join(path, "tokenizer"), meta["max_length"])
         components.update(vae=["diffusers", "AutoencoderKL"], text_encoder=["transformers", "CLIPTextModel"],
                           tokenizer=["transformers", "CLIPTokenizer"])
         if recipe.mode == "pretrain":
@@ -99,21 +120,221 @@ def export(recipe, state, frozen: dict, path: str) -> None:
             components["unet"] = ["diffusers", "UNet2DConditionModel"]
         else:
             full = {**ema, "unet": frozen_host["unet"]} if "unet" not in ema else ema
-            save_conditional(os.path.join(path, "conditional"), _float32(recipe.model), full)
+            model = _float32(recipe.model)
+            save_conditional(os.path.join(path, "conditional"), model, full)
             weights.save_diffusers(os.path.join(path, "unet"), "unet", _float32(recipe.unet), full["unet"])
             components["unet"] = ["diffusers", "UNet2DConditionModel"]
-    config = recipe.config
-    meta = {"mode": recipe.mode, "task": config.task, "prediction_type": config.model.prediction_type,
-            "schedule": config.schedule.to_dict(), "image_size": int(config.data.image_size),
-            "max_length": int(config.data.max_length), "default_sampler": list(recipe.default_sampler()),
-            "timestep_spacing": recipe.timestep_spacing() if recipe.mode != "vae" else "leading",
-            **(recipe.codi_kw() if recipe.mode != "vae" else {})}
-    index = {"_class_name": "StableDiffusionPipeline", "_codi_jax": meta, **components}
+            nets = diffusers_controlnets(model.config, full)
+            for i, (module, params) in enumerate(nets):
+                weights.save_diffusers(os.path.join(path, "controlnet" + (f"_{i}" if i else "")), "controlnet",
+                                       module, params)
+            components["controlnet"] = ["diffusers", "ControlNetModel" if len(nets) == 1 else "MultiControlNetModel"]
+            pipeline_class = "StableDiffusionControlNetPipeline"
+            meta["controlnets"] = len(nets)
+            if "mu" in full:
+                meta["mu"] = float(np.asarray(full["mu"]))
+        scheduler = scheduler_config(meta)
+        os.makedirs(os.path.join(path, "scheduler"), exist_ok=True)
+        with open(os.path.join(path, "scheduler", "scheduler_config.json"), "w") as f:
+            json.dump(scheduler, f, indent=2)
+        components["scheduler"] = ["diffusers", scheduler["_class_name"]]
+        if scheduler["_class_name"] == "LCMScheduler":
+            meta["diffusers_timesteps"] = {str(n): codi_timesteps_list(meta, n) for n in (1, 2, 4)}
+        # Listed as absent, so from_pretrained needs no extra argument (the SD pipelines' optional components).
+        components.update(safety_checker=[None, None], feature_extractor=[None, None], image_encoder=[None, None],
+                          requires_safety_checker=False)
+    index = {"_class_name": pipeline_class, "_codi_jax": meta, **components}
     with open(os.path.join(path, "model_index.json"), "w") as f:
         json.dump(index, f, indent=2)
+    with open(os.path.join(path, "README.md"), "w") as f:
+        f.write(model_card(index, config, step=int(jax.device_get(state.step)) if hasattr(state, "step") else None))
     with open(done, "w") as f:
         f.write("ok\n")
     logging.info("exported EMA weights (%s) to %s", recipe.mode, path)
+
+
+def save_tokenizer(tokenizer, path: str, max_length: int) -> None:
+    """save_pretrained, with model_max_length set to the run's max_length: diffusers pipelines pad every prompt to
+    model_max_length, and the cross-attention over padding makes 77 tokens differ from the 32 the model was trained on."""
+    tokenizer.save_pretrained(path)
+    config_file = os.path.join(path, "tokenizer_config.json")
+    with open(config_file) as f:
+        tok_config = json.load(f)
+    tok_config["model_max_length"] = int(max_length)
+    with open(config_file, "w") as f:
+        json.dump(tok_config, f, indent=2)
+
+
+# ---- diffusers equivalents ---------------------------------------------------------------------------------------
+
+_BETA_SCHEDULES = {"scaled_linear": "scaled_linear", "linear": "linear", "cosine": "squaredcos_cap_v2"}
+
+
+def codi_timesteps_list(meta: dict, num_steps: int) -> list[int]:
+    from codi_jax.diffusion import schedules
+
+    return [int(t) for t in schedules.codi_timesteps(num_steps, int(meta["distill_steps"]),
+                                                     int(meta["schedule"]["num_train_timesteps"]))]
+
+
+def scheduler_config(meta: dict) -> dict:
+    """The diffusers scheduler that runs the export's default sampler (model_index's _codi_jax metadata).
+
+    'ddim' (pretrain, finetune, gd): DDIMScheduler with SD1.5's options, step for step our ddim sampler.
+    'codi' (codi, pe_codi, cm): LCMScheduler: the same boundary (c_skip, c_out of timestep * timestep_scaling with
+    sigma_data 0.5), and each step maps the consistency output f to the next timestep. Two differences, both in
+    diffusers' fixed code: (1) its own grid is k T / N - 1 (999, 759, 519, 279 for 4 of 50) where ours is the training
+    grid k T / N (980, 740, 480, 240): pass ours as `timesteps=` (model_index lists them under diffusers_timesteps);
+    (2) between steps it re-noises f with fresh noise (CM multistep, our `stochastic=True`) where our default re-uses
+    f's own noise estimate. One step is identical in both."""
+    sched = meta["schedule"]
+    kind = sched.get("kind", "scaled_linear")
+    if kind not in _BETA_SCHEDULES:
+        raise ValueError(f"schedule kind {kind!r} has no diffusers beta_schedule")
+    base = {"num_train_timesteps": int(sched.get("num_train_timesteps", 1000)),
+            "beta_start": float(sched.get("beta_start", 0.00085)), "beta_end": float(sched.get("beta_end", 0.012)),
+            "beta_schedule": _BETA_SCHEDULES[kind], "prediction_type": meta["prediction_type"], "clip_sample": False,
+            "set_alpha_to_one": False, "steps_offset": 1, "timestep_spacing": meta.get("timestep_spacing", "leading")}
+    method = meta["default_sampler"][0]
+    if method == "codi":
+        if float(meta.get("sigma_data", 0.5)) != 0.5:
+            raise ValueError(f"sigma_data={meta['sigma_data']}: diffusers' LCMScheduler fixes sigma_data at 0.5")
+        return {"_class_name": "LCMScheduler", **base, "original_inference_steps": int(meta["distill_steps"]),
+                "timestep_scaling": float(meta["timestep_scaling"])}
+    if method == "ddim":
+        return {"_class_name": "DDIMScheduler", **base}
+    if method == "dpmpp_2m":
+        return {"_class_name": "DPMSolverMultistepScheduler", **base, "algorithm_type": "dpmsolver++",
+                "solver_order": 2, "lower_order_final": True, "final_sigmas_type": "zero"}
+    if method == "euler":
+        return {"_class_name": "EulerDiscreteScheduler", **base}
+    raise ValueError(f"no diffusers scheduler for sampler {method!r}")
+
+
+def _identity_kernels(shapes: dict, scale: float) -> dict:
+    """The 1x1 output convs (controlnet_down_blocks_*, controlnet_mid_block) as scale * identity, zero bias."""
+    out = {}
+    for name, leaves in shapes.items():
+        if name.startswith("controlnet_") and name != "controlnet_cond_embedding":
+            k = leaves["kernel"].shape  # (1, 1, c, c)
+            out[name] = {"kernel": (scale * np.eye(k[-1], dtype=np.float32)).reshape(k),
+                         "bias": np.zeros(leaves["bias"].shape, np.float32)}
+    return out
+
+
+def diffusers_controlnets(cfg, params: dict) -> list[tuple[Any, dict]]:
+    """[(ControlNetModel, params)] that, added to the UNet as diffusers adds ControlNet residuals, equal our
+    conditional model: the control encoder itself in ControlNet form; two nets in mu form (module docstring)."""
+    from codi_jax import weights
+    from codi_jax.models import conditional as cond_lib
+    from codi_jax.models.controlnet import ControlNetModel
+
+    if cfg.mode == "controlnet":
+        return [(ControlNetModel(cfg.control), params["control"])]
+    module = ControlNetModel(dataclasses.replace(cfg.control, zero_convs=True))
+    shapes = weights.param_shapes(module, "controlnet")
+    mu = float(np.asarray(params["mu"]))
+    eta = {**{k: v for k, v in params["control"].items()}, **_identity_kernels(shapes, mu)}
+    zeros = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), shapes)
+    theta = cond_lib.copy_encoder_from_unet({k: v for k, v in zeros.items()}, params["unet"])
+    theta.update(_identity_kernels(shapes, -mu))  # its hint net stays zero: the condition image adds nothing
+    return [(module, eta), (module, theta)]
+
+
+# ---- model card ----------------------------------------------------------------------------------------------------
+
+_TASK_TAGS = {"depth": "depth-to-image", "sr": "super-resolution", "inpaint": "inpainting", "edit": "image-editing",
+              "t2i": "text-to-image"}
+METRICS_BEGIN, METRICS_END = "<!-- codi_jax:metrics -->", "<!-- /codi_jax:metrics -->"
+
+
+def _command() -> str:
+    argv = list(sys.argv)
+    if argv and argv[0].endswith(os.path.join("codi_jax", "main.py")):
+        argv[0] = "-m codi_jax.main"
+    return "python " + " ".join(argv)
+
+
+def model_card(index: dict, config, *, step: int | None = None, report: dict | None = None) -> str:
+    meta = index["_codi_jax"]
+    mode, task = meta["mode"], meta["task"]
+    cls = index["_class_name"]
+    tags = ["codi_jax", "diffusers", "jax", _TASK_TAGS.get(task, task)]
+    if mode in ("codi", "pe_codi", "cm"):
+        tags += ["consistency-distillation", "few-step"]
+    if "controlnet" in index:
+        tags.append("controlnet")
+    base = config.teacher if mode not in ("cm", "gd") else config.init_from
+    header = ["---", "library_name: diffusers", "tags:"] + [f"- {t}" for t in tags]
+    if base:
+        header.append(f"base_model: {json.dumps(str(base))}")
+    header += [f"pipeline_tag: {'text-to-image' if task in ('t2i', 'depth') else 'image-to-image'}",
+               f"task: {task}", f"pipeline_class: {cls}", "---", ""]
+    sampler, steps = meta["default_sampler"]
+    body = [f"# codi_jax {mode} model ({_TASK_TAGS.get(task, task)})", "",
+            f"Trained by codi_jax in mode `{mode}` for task `{task}`"
+            + (f", {step} steps" if step is not None else "") + f", from `{base or 'scratch'}`. "
+            f"Evaluated with the `{sampler}` sampler, {steps} steps; prediction type `{meta['prediction_type']}`.", ""]
+    body += ["## Use", "", "```python", "import torch"]
+    if cls == "StableDiffusionPipeline":
+        body += ["from diffusers import StableDiffusionPipeline", "",
+                 "pipe = StableDiffusionPipeline.from_pretrained(PATH)",
+                 f"image = pipe('a prompt', num_inference_steps={steps}, guidance_scale=1.0).images[0]"]
+    else:
+        n = int(meta.get("controlnets", 1))
+        cond = "cond" if n == 1 else "[cond, cond]"
+        steps_kw = (f"timesteps={meta['diffusers_timesteps'][str(steps)]}" if "diffusers_timesteps" in meta
+                    and str(steps) in meta["diffusers_timesteps"] else f"num_inference_steps={steps}")
+        body += ["from diffusers import StableDiffusionControlNetPipeline", "",
+                 "pipe = StableDiffusionControlNetPipeline.from_pretrained(PATH)",
+                 "# cond: (N, C, H, W) float tensor in [-1, 1], C = the task's condition channels, as codi_jax builds it",
+                 f"image = pipe('a prompt', image={cond}, {steps_kw}, guidance_scale=1.0).images[0]"]
+    body += ["```", "", "or in JAX: `python -m codi_jax.sample --model=PATH --cond=cond.png --prompt='a prompt' "
+             "--out=out.png`.", ""]
+    if mode == "codi":
+        body += ["Full CoDi mixes the conditional encoder's features into the UNet's skips, (1 - mu) h + mu h_eta "
+                 f"(mu = {_mu_text(index)}). diffusers runs it exactly as two ControlNets: `controlnet` (the "
+                 "conditional encoder, output convs mu I) and `controlnet_1` (the UNet's own encoder, output convs "
+                 "-mu I, ignoring its image), hence the condition passed twice.", ""]
+    if "diffusers_timesteps" in meta:
+        body += ["The scheduler is diffusers' `LCMScheduler`. Pass the training grid as `timesteps=` (above; "
+                 f"{meta['diffusers_timesteps']}); LCMScheduler's own grid is shifted by up to one grid step. Between "
+                 "steps LCMScheduler re-noises with fresh noise, where codi_jax's default re-uses the model's own "
+                 "noise estimate: one step is identical, more steps agree in distribution, not pixel for pixel.", ""]
+    body += ["## Training", "", "```", _command(), "```", "", "<details><summary>config</summary>", "", "```json",
+             config.to_json_best_effort(indent=1) if hasattr(config, "to_json_best_effort") else json.dumps(config),
+             "```", "", "</details>", "", METRICS_BEGIN, metrics_section(report), METRICS_END, ""]
+    return "\n".join(header + body)
+
+
+def _mu_text(index: dict) -> str:
+    return str(index.get("_codi_jax", {}).get("mu", "learned"))
+
+
+def metrics_section(report: dict | None) -> str:
+    if not report:
+        return "## Metrics\n\nNot evaluated yet: `python -m codi_jax.evaluate --config=... --workdir=...` fills this in."
+    from codi_jax import evaluate
+
+    return "## Metrics\n\n" + evaluate.markdown(report)
+
+
+def update_model_card(path: str, report: dict) -> bool:
+    """Replaces the metrics section of the export's model card by `report`'s table; False if there is no card."""
+    card = os.path.join(path, "README.md")
+    if not os.path.isfile(card):
+        return False
+    with open(card) as f:
+        text = f.read()
+    if METRICS_BEGIN not in text or METRICS_END not in text:
+        return False
+    head, rest = text.split(METRICS_BEGIN, 1)
+    _, tail = rest.split(METRICS_END, 1)
+    tmp = card + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(head + METRICS_BEGIN + "\n" + metrics_section(report) + "\n" + METRICS_END + tail)
+    os.replace(tmp, card)
+    return True
 
 
 def save_conditional(path: str, module, params: dict) -> None:

@@ -25,10 +25,12 @@ from codi_jax import diffusion
 
 def sample_latents(apply: Callable, params: Any, inputs: dict, rng: jax.Array, *, method: str, num_steps: int,
                    schedule, prediction_type: str, guidance_scale: float = 1.0, codi_kw: dict | None = None,
-                   timestep_spacing: str = "leading"):
-    """apply(params, z, t, inputs) -> raw network output; inputs has 'latents' (for the shape), 'text', 'text_null'."""
+                   timestep_spacing: str = "leading", z_T: jax.Array | None = None):
+    """apply(params, z, t, inputs) -> raw network output; inputs has 'latents' (for the shape), 'text', 'text_null'.
+    z_T: the initial noise (default: drawn from rng)."""
     rng_z, rng_s = jax.random.split(rng)
-    z_T = jax.random.normal(rng_z, inputs["latents"].shape, jnp.float32)
+    if z_T is None:
+        z_T = jax.random.normal(rng_z, inputs["latents"].shape, jnp.float32)
     uncond = {**inputs, "text": jnp.broadcast_to(inputs["text_null"], inputs["text"].shape)}
 
     def model_fn(z, t):
@@ -41,6 +43,23 @@ def sample_latents(apply: Callable, params: Any, inputs: dict, rng: jax.Array, *
     return diffusion.sample(model_fn, z_T, method=method, num_steps=num_steps, schedule=schedule,
                             prediction_type=prediction_type, timestep_spacing=timestep_spacing,
                             guidance_scale=guidance_scale, rng=rng_s, **kw)
+
+
+def _meta_from_scheduler(path: str) -> dict:
+    """schedule and prediction_type from a diffusers pipeline's scheduler/scheduler_config.json (any SD folder)."""
+    config_file = os.path.join(path, "scheduler", "scheduler_config.json")
+    if not os.path.isfile(config_file):
+        return {}
+    with open(config_file) as f:
+        c = json.load(f)
+    kinds = {"scaled_linear": "scaled_linear", "linear": "linear", "squaredcos_cap_v2": "cosine"}
+    if c.get("beta_schedule", "scaled_linear") not in kinds or c.get("trained_betas"):
+        return {}
+    return {"schedule": {"kind": kinds[c.get("beta_schedule", "scaled_linear")],
+                         "beta_start": float(c.get("beta_start", 0.00085)),
+                         "beta_end": float(c.get("beta_end", 0.012)),
+                         "num_train_timesteps": int(c.get("num_train_timesteps", 1000))},
+            "prediction_type": c.get("prediction_type", "epsilon")}
 
 
 def to_uint8(images) -> np.ndarray:
@@ -71,6 +90,7 @@ class Pipeline:
             raise ValueError(f"{path!r} holds a {mode!r} model, neither a conditional nor a text-to-image one")
         if not self.conditional:  # a text-to-image pipeline, ours or any diffusers SD folder
             self.meta = {"mode": mode or "pretrain", "default_sampler": ["ddim", 50], **self.meta}
+            self.meta = {**_meta_from_scheduler(path), **self.meta}
             if schedule is not None:
                 self.meta["schedule"] = dict(schedule)
             if prediction_type is not None:
@@ -99,13 +119,15 @@ class Pipeline:
     def default_sampler(self) -> tuple[str, int]:
         return tuple(self.meta.get("default_sampler", ("codi", 4)))
 
-    def _fn(self, method: str, steps: int, guidance_scale: float):
-        key = (method, steps, guidance_scale)
+    def _fn(self, method: str, steps: int, guidance_scale: float, stochastic: bool = False):
+        key = (method, steps, guidance_scale, stochastic)
         if key not in self._compiled:
-            codi_kw = {k: self.meta[k] for k in ("distill_steps", "timestep_scaling", "sigma_data")}
+            codi_kw = {k: self.meta[k] for k in ("distill_steps", "timestep_scaling", "sigma_data") if k in self.meta}
+            if stochastic:
+                codi_kw["stochastic"] = True
             factor = self.vae.config.downsample_factor
 
-            def run(params, cond, ids, null_ids, rng):
+            def run(params, cond, ids, null_ids, rng, z_T):
                 text = self.text_encoder.apply({"params": params["text"]}, ids)
                 text_null = self.text_encoder.apply({"params": params["text"]}, null_ids)
                 b, h, w, _ = cond.shape
@@ -118,7 +140,7 @@ class Pipeline:
                 latents = sample_latents(apply, params["model"], inputs, rng, method=method, num_steps=steps,
                                          schedule=self.schedule, prediction_type=self.meta["prediction_type"],
                                          guidance_scale=guidance_scale, codi_kw=codi_kw,
-                                         timestep_spacing=self.meta.get("timestep_spacing", "leading"))
+                                         timestep_spacing=self.meta.get("timestep_spacing", "leading"), z_T=z_T)
                 images = self.vae.apply({"params": params["vae"]}, latents / self.scale, method="decode")
                 return jnp.clip(images, -1.0, 1.0)
 
@@ -141,8 +163,16 @@ class Pipeline:
                                          truncation=True, return_tensors="np")["input_ids"], np.int32)
 
     def __call__(self, cond_images, prompts: Sequence[str], *, method: str | None = None, steps: int | None = None,
-                 seed: int = 0, guidance_scale: float = 1.0) -> np.ndarray:
-        """cond_images: float (N, H, W, C) in [-1, 1] as the task builds them. Returns uint8 (N, H, W, 3)."""
+                 seed: int = 0, guidance_scale: float = 1.0, latents=None, output_type: str = "uint8",
+                 stochastic: bool = False) -> np.ndarray:
+        """cond_images: float (N, H, W, C) in [-1, 1] as the task builds them. Returns uint8 (N, H, W, 3), or with
+        output_type='float' float32 in [0, 1] (diffusers' output_type='np').
+
+        latents: the initial noise (N, h, w, latent channels), e.g. to reproduce a diffusers run (transpose its NCHW
+        latents); default: drawn from `seed`. stochastic: codi sampling re-noises with fresh noise between steps (CM
+        multistep, as diffusers' LCMScheduler) instead of the model's own noise estimate."""
+        if output_type not in ("uint8", "float"):
+            raise ValueError(f"output_type must be 'uint8' or 'float', got {output_type!r}")
         default_method, default_steps = self.default_sampler()
         method, steps = method or default_method, int(steps or default_steps)
         cond = np.asarray(cond_images, np.float32)
@@ -160,9 +190,23 @@ class Pipeline:
             cond = np.concatenate([cond, np.repeat(cond[-1:], pad, 0)])
             ids = np.concatenate([ids, np.repeat(ids[-1:], pad, 0)])
         sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-        out = self._fn(method, steps, guidance_scale)(self.params, jax.device_put(cond, sharding),
-                                                      jax.device_put(ids, sharding), null, jax.random.PRNGKey(seed))
-        return to_uint8(jax.device_get(out))[:n]
+        factor = self.vae.config.downsample_factor
+        latent_shape = (cond.shape[0], cond.shape[1] // factor, cond.shape[2] // factor,
+                        self.vae.config.latent_channels)
+        if latents is not None:
+            latents = np.asarray(latents, np.float32)
+            if latents.shape != (n,) + latent_shape[1:]:
+                raise ValueError(f"latents must be (N, h, w, C) = {(n,) + latent_shape[1:]}, got {latents.shape}")
+            if pad:
+                latents = np.concatenate([latents, np.repeat(latents[-1:], pad, 0)])
+            latents = jax.device_put(latents, sharding)
+        out = self._fn(method, steps, guidance_scale, stochastic)(
+            self.params, jax.device_put(cond, sharding), jax.device_put(ids, sharding), null,
+            jax.random.PRNGKey(seed), latents)
+        out = np.asarray(jax.device_get(out), np.float32)[:n]
+        if output_type == "float":
+            return (out + 1.0) / 2.0
+        return to_uint8(out)
 
 
 def _load_image(path: str, size: int | None, channels: int) -> np.ndarray:

@@ -59,6 +59,11 @@ def test_main_tiny_pipeline_then_evaluate_and_sample(tmp_path):
     assert "lpips" in report["meta"]["unavailable"] and "clip_score" in report["meta"]["unavailable"]
     assert (workdir / "eval" / "report.md").read_text().startswith("| method | steps |")
     assert (workdir / "eval" / "fid_vs_steps.png").is_file() and (workdir / "eval" / "samples.png").is_file()
+    # The export's model card: the command that trained it, and the evaluation's rows for this model.
+    card = (workdir / "export" / "README.md").read_text()
+    assert "library_name: diffusers" in card and "python -m codi_jax.main" in card
+    assert "| codi | 1 |" in card and "Not evaluated yet" not in card
+    assert "| codi | 1 |" not in (workdir / "pretrain" / "export" / "README.md").read_text()
 
     # Inference from the workdir: the CLI writes a PNG from a condition image and a prompt.
     from PIL import Image

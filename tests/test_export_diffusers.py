@@ -1,0 +1,201 @@
+"""Exports load in diffusers as they are, and diffusers' PyTorch pipelines reproduce codi_jax.sample.
+
+A tiny random teacher; for each export form (text-to-image, ControlNet form, full CoDi's mu form) the trainable
+weights are set to random values where training would have moved them off their zero init (zero convs, the hint net's
+last conv, mu), so a dropped or mis-transposed ControlNet changes the image and fails the comparison.
+"""
+
+import importlib.util
+import json
+import os
+import types
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(name: str, teacher: str, **overrides):
+    from codi_jax import config as config_lib
+
+    spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(REPO, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config("tiny")
+    c.stages = ()
+    c.run_eval = False
+    c.teacher = teacher
+    c.vae_from = ""
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config_lib.finalize(c)
+
+
+def _perturb(params: dict, seed: int) -> dict:
+    """Random values on the zero-initialised parts (zero convs, the hint net's output conv) and mu."""
+    import jax
+
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, x):
+        names = [getattr(p, "key", "") for p in path]
+        zero_init = (any(n.startswith("controlnet_") and n != "controlnet_cond_embedding" for n in names)
+                     or ("controlnet_cond_embedding" in names and "conv_out" in names))
+        if names == ["mu"]:
+            return np.asarray(0.3, np.float32)
+        if zero_init:
+            return (0.2 * rng.standard_normal(np.shape(x))).astype(np.float32)
+        return np.asarray(x)
+
+    return jax.tree_util.tree_map_with_path(leaf, params)
+
+
+def _export(config, path: str, seed: int = 0) -> str:
+    from codi_jax import build, export
+
+    recipe = build.Recipe(config, path)
+    params = _perturb(recipe.initial_params, seed)
+    state = types.SimpleNamespace(ema_params=params, step=np.asarray(7))
+    export.export(recipe, state, recipe.frozen_host, os.path.join(path, "export"))
+    return os.path.join(path, "export")
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    from codi_jax.testing import make_random_pipeline
+
+    return make_random_pipeline(str(tmp_path_factory.mktemp("teacher")), prediction_type="v_prediction")
+
+
+@pytest.fixture(scope="module")
+def exports(teacher, tmp_path_factory):
+    out = {"pretrain": _export(_config("pretrain", teacher, **{"model.prediction_type": "v_prediction"}),
+                               str(tmp_path_factory.mktemp("pretrain")))}
+    for mode in ("finetune", "pe_codi", "codi"):
+        out[mode] = _export(_config("depth", teacher, mode=mode, **{"model.prediction_type": "v_prediction"}),
+                            str(tmp_path_factory.mktemp(mode)), seed=len(out))
+    return out
+
+
+def _inputs(n=2, seed=0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(n, 4, 8, 8, generator=g)
+    cond = torch.rand(n, 1, 32, 32, generator=g) * 2 - 1  # the depth condition as codi_jax builds it
+    return latents, cond, ["a red sphere left of a blue box", "a green cube"][:n]
+
+
+def _ours(path, cond, prompts, latents, method, steps):
+    from codi_jax.sample import Pipeline
+
+    pipe = Pipeline(path)
+    nhwc = lambda x: x.numpy().transpose(0, 2, 3, 1)  # noqa: E731
+    cond_in = nhwc(cond) if cond is not None else np.zeros((len(prompts), 32, 32, 1), np.float32)
+    return pipe(cond_in, prompts, method=method, steps=steps, latents=nhwc(latents), output_type="float")
+
+
+def test_every_export_lists_its_components_and_a_scheduler(exports):
+    for mode, path in exports.items():
+        with open(os.path.join(path, "model_index.json")) as f:
+            index = json.load(f)
+        with open(os.path.join(path, "scheduler", "scheduler_config.json")) as f:
+            scheduler = json.load(f)
+        meta = index["_codi_jax"]
+        assert index["scheduler"] == ["diffusers", scheduler["_class_name"]]
+        assert scheduler["prediction_type"] == meta["prediction_type"] == "v_prediction"
+        assert scheduler["beta_start"] == meta["schedule"]["beta_start"]
+        expected = {"pretrain": "DDIMScheduler", "finetune": "DDIMScheduler"}.get(mode, "LCMScheduler")
+        assert scheduler["_class_name"] == expected, mode
+        for name, value in index.items():
+            if isinstance(value, list) and value[0] is not None:
+                assert os.path.isdir(os.path.join(path, name)), (mode, name)
+        with open(os.path.join(path, "tokenizer", "tokenizer_config.json")) as f:
+            assert json.load(f)["model_max_length"] == meta["max_length"]
+        with open(os.path.join(path, "README.md")) as f:
+            card = f.read()
+        header = card.split("---")[1]
+        assert "library_name: diffusers" in header and f"pipeline_class: {index['_class_name']}" in header
+        assert "base_model:" in header and "tags:" in header and "Not evaluated yet" in card
+    assert json.load(open(os.path.join(exports["codi"], "model_index.json")))["controlnet"][1] == \
+        "MultiControlNetModel"
+
+
+def test_pretrain_export_generates_in_stable_diffusion_pipeline(exports):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(exports["pretrain"])  # no extra argument
+    assert pipe.safety_checker is None
+    latents, _, prompts = _inputs()
+    theirs = pipe(prompts, height=32, width=32, num_inference_steps=4, guidance_scale=1.0, latents=latents,
+                  output_type="np").images
+    assert theirs.shape == (2, 32, 32, 3) and np.isfinite(theirs).all() and theirs.std() > 1e-3
+    ours = _ours(exports["pretrain"], None, prompts, latents, "ddim", 4)
+    np.testing.assert_allclose(ours, theirs, atol=1e-3)
+    # What diffusers saves back (no codi_jax metadata) loads in codi_jax from its scheduler config alone.
+    resaved = os.path.join(os.path.dirname(exports["pretrain"]), "resaved")
+    pipe.save_pretrained(resaved)
+    assert "_codi_jax" not in json.load(open(os.path.join(resaved, "model_index.json")))
+    np.testing.assert_allclose(_ours(resaved, None, prompts, latents, "ddim", 4), theirs, atol=1e-3)
+    del torch
+
+
+@pytest.mark.parametrize("mode", ["finetune", "pe_codi", "codi"])
+def test_controlnet_exports_match_codi_jax_sample(exports, mode):
+    """DDIM, deterministic in both: the ControlNet path (and full CoDi's two-ControlNet form) equals ours within
+    1e-3 per pixel on [0, 1]."""
+    from diffusers import DDIMScheduler, StableDiffusionControlNetPipeline
+
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(exports[mode])
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    latents, cond, prompts = _inputs(seed=1)
+    image = [cond, cond] if mode == "codi" else cond
+    theirs = pipe(prompts, image=image, height=32, width=32, num_inference_steps=4, guidance_scale=1.0,
+                  latents=latents, output_type="np").images
+    ours = _ours(exports[mode], cond, prompts, latents, "ddim", 4)
+    np.testing.assert_allclose(ours, theirs, atol=1e-3)
+    # The condition matters on both sides: another condition gives another image.
+    other = pipe(prompts, image=[-cond, -cond] if mode == "codi" else -cond, height=32, width=32,
+                 num_inference_steps=4, guidance_scale=1.0, latents=latents, output_type="np").images
+    assert np.abs(other - theirs).max() > 1e-2
+
+
+@pytest.mark.parametrize("mode", ["pe_codi", "codi"])
+def test_few_step_scheduler_is_our_codi_sampler(exports, mode):
+    """The exported LCMScheduler with the training grid as timesteps: one step is deterministic and equals ours;
+    at several steps it re-noises with fresh noise, which is our stochastic codi sampler, so only the first step's
+    grid and boundary are compared pixel for pixel."""
+    from diffusers import StableDiffusionControlNetPipeline
+
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(exports[mode])
+    assert type(pipe.scheduler).__name__ == "LCMScheduler"
+    meta = json.load(open(os.path.join(exports[mode], "model_index.json")))["_codi_jax"]
+    latents, cond, prompts = _inputs(seed=2)
+    image = [cond, cond] if mode == "codi" else cond
+    theirs = pipe(prompts, image=image, height=32, width=32, timesteps=meta["diffusers_timesteps"]["1"],
+                  guidance_scale=1.0, latents=latents, output_type="np").images
+    ours = _ours(exports[mode], cond, prompts, latents, "codi", 1)
+    np.testing.assert_allclose(ours, theirs, atol=1e-3)
+    from codi_jax.diffusion import schedules
+
+    assert meta["diffusers_timesteps"]["4"] == list(schedules.codi_timesteps(4, meta["distill_steps"], 1000))
+
+
+def test_scheduler_config_for_every_sampler():
+    from codi_jax import export
+
+    meta = {"schedule": {"kind": "cosine", "beta_start": 0.1, "beta_end": 0.2, "num_train_timesteps": 1000},
+            "prediction_type": "epsilon", "timestep_spacing": "trailing", "distill_steps": 50,
+            "timestep_scaling": 10.0, "sigma_data": 0.5}
+    assert export.scheduler_config({**meta, "default_sampler": ["ddim", 4]})["beta_schedule"] == "squaredcos_cap_v2"
+    assert export.scheduler_config({**meta, "default_sampler": ["ddim", 4]})["timestep_spacing"] == "trailing"
+    lcm = export.scheduler_config({**meta, "default_sampler": ["codi", 4]})
+    assert lcm["_class_name"] == "LCMScheduler" and lcm["original_inference_steps"] == 50
+    with pytest.raises(ValueError, match="sigma_data"):
+        export.scheduler_config({**meta, "sigma_data": 1.0, "default_sampler": ["codi", 4]})
