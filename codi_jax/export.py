@@ -298,7 +298,7 @@ def model_card(index: dict, config, *, step: int | None = None, report: dict | N
                  "-mu I, ignoring its image), hence the condition passed twice.", ""]
     if "diffusers_timesteps" in meta:
         body += ["The scheduler is diffusers' `LCMScheduler`. Pass the training grid as `timesteps=` (above; "
-                 f"{meta['diffusers_timesteps']}); LCMScheduler's own grid is shifted by up to one grid step. Between "
+                 f"{json.dumps(meta['diffusers_timesteps'])}); LCMScheduler's own grid is shifted by up to one grid step. Between "
                  "steps LCMScheduler re-noises with fresh noise, where codi_jax's default re-uses the model's own "
                  "noise estimate: one step is identical, more steps agree in distribution, not pixel for pixel.", ""]
     body += ["## Training", "", "```", _command(), "```", "", "<details><summary>config</summary>", "", "```json",
@@ -308,7 +308,8 @@ def model_card(index: dict, config, *, step: int | None = None, report: dict | N
 
 
 def _mu_text(index: dict) -> str:
-    return str(index.get("_codi_jax", {}).get("mu", "learned"))
+    mu = index.get("_codi_jax", {}).get("mu")
+    return "learned" if mu is None else f"{mu:.4g}"
 
 
 def metrics_section(report: dict | None) -> str:

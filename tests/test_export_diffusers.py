@@ -199,3 +199,18 @@ def test_scheduler_config_for_every_sampler():
     assert lcm["_class_name"] == "LCMScheduler" and lcm["original_inference_steps"] == 50
     with pytest.raises(ValueError, match="sigma_data"):
         export.scheduler_config({**meta, "sigma_data": 1.0, "default_sampler": ["codi", 4]})
+
+
+def test_shipped_teacher_loads_in_diffusers_and_matches():
+    """The teacher shipped in the package is a diffusers pipeline too: no extra argument, and its DDIM images are
+    codi_jax's (its tokenizer pads to the 32 tokens it was trained with)."""
+    from diffusers import StableDiffusionPipeline
+
+    from codi_jax import build
+
+    path = build.resolve("builtin:scenes32", "")
+    pipe = StableDiffusionPipeline.from_pretrained(path)
+    latents, _, prompts = _inputs(seed=3)
+    theirs = pipe(prompts, height=32, width=32, num_inference_steps=3, guidance_scale=1.0, latents=latents,
+                  output_type="np").images
+    np.testing.assert_allclose(_ours(path, None, prompts, latents, "ddim", 3), theirs, atol=1e-3)
