@@ -45,3 +45,28 @@ def make_random_pipeline(path: str, *, max_length: int = 32, seed: int = 0, toke
                    "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
                    "tokenizer": ["transformers", "CLIPTokenizer"], "prediction_type": prediction_type}, f, indent=2)
     return path
+
+
+def tiny_config(name: str = "depth", teacher: str = "", *, finalize: bool = True, **overrides):
+    """configs/<name>.py:tiny with no stages and no evaluation, starting from `teacher`; overrides are dotted keys
+    ('model.prediction_type') written as keyword arguments through a dict. For tests and benchmarks."""
+    import importlib.util
+
+    from codi_jax import config as config_lib
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"codi_jax_config_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config("tiny")
+    c.stages = ()
+    c.run_eval = False
+    c.teacher = teacher
+    c.vae_from = ""
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config_lib.finalize(c) if finalize else c

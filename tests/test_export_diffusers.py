@@ -5,7 +5,6 @@ weights are set to random values where training would have moved them off their 
 last conv, mu), so a dropped or mis-transposed ControlNet changes the image and fails the comparison.
 """
 
-import importlib.util
 import json
 import os
 import types
@@ -13,27 +12,10 @@ import types
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 def _config(name: str, teacher: str, **overrides):
-    from codi_jax import config as config_lib
+    from codi_jax.testing import tiny_config
 
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(REPO, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config("tiny")
-    c.stages = ()
-    c.run_eval = False
-    c.teacher = teacher
-    c.vae_from = ""
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config_lib.finalize(c)
+    return tiny_config(name, teacher, **overrides)
 
 
 def _perturb(params: dict, seed: int) -> dict:

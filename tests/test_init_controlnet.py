@@ -2,7 +2,6 @@
 reproduce diffusers' ControlNetModel residuals, and the conditional UNet diffusers' UNet fed those residuals; every
 misfit is refused before any work, in one line that names the path."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -14,8 +13,8 @@ import torch
 
 from codi_jax import build
 from codi_jax import config as config_lib
+from codi_jax.testing import tiny_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4
 HINT = (8, 16, 16)  # 4x like the tiny VAE, and not the tiny config's (16, 32, 32): the ControlNet's hint net must win
 
@@ -29,17 +28,7 @@ def nchw(a):
 
 
 def depth_config(teacher, controlnet, mode="pe_codi"):
-    spec = importlib.util.spec_from_file_location("depth_config", os.path.join(REPO, "configs", "depth.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config("tiny")
-    c.stages = ()
-    c.run_eval = False
-    c.teacher = teacher
-    c.vae_from = ""
-    c.mode = mode
-    c.init_controlnet = controlnet
-    return config_lib.finalize(c)
+    return tiny_config("depth", teacher, mode=mode, init_controlnet=controlnet)
 
 
 def perturb(model, scale, seed):
