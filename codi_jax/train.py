@@ -249,6 +249,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.sharding
 
     if "://" not in workdir:
         os.makedirs(workdir, exist_ok=True)
+    # The workdir's own checkpoints are checked against this config before anything is built or loaded.
+    checkpointer = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
+    _check_workdir(config, checkpointer)
     mesh = mesh or parallel.make_mesh(config.mesh.to_dict())
     rules = parallel.rules_from_config(config.logical_axis_rules)
     logging.info("mode %s, mesh %s on %d devices (%d processes)", config.mode, dict(mesh.shape), jax.device_count(),
@@ -288,11 +291,10 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.sharding
                                         process_index=jax.process_index(), process_count=jax.process_count())
     data_iter = iter(loader)
 
-    # Start-up order: latest checkpoint in workdir > init_from > teacher import > scratch.
-    checkpointer = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
+    # Start-up order: latest checkpoint in workdir that reads > init_from > teacher import > scratch.
     start = checkpointer.latest_step()
     if start is not None:
-        state = checkpointer.restore(abstract_state, data_iter)
+        start, state = checkpointer.restore_readable(abstract_state, data_iter)
         logging.info("resumed from %s at step %d", checkpointer.directory, start)
     else:
         make_state = jax.jit(
@@ -340,6 +342,39 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.sharding
     return Setup(recipe=recipe, mesh=mesh, state=state, frozen=frozen, step_fn=compiled, batch_spec=batch_spec,
                  state_shardings=state_shardings, abstract_state=abstract_state, data_iter=data_iter,
                  checkpointer=checkpointer, start_step=start, compile_info=info, traces=traces)
+
+
+def _check_workdir(config: ml_collections.ConfigDict, checkpointer: checkpoint.Checkpointer) -> None:
+    """One line (checkpoint.CheckpointError) before any work, for a workdir this config cannot go on with: another
+    mode or task saved there, a checkpoint past total_steps, only damaged checkpoints left, or a missing init_from."""
+    steps = checkpointer.all_steps()
+    where = checkpointer.directory
+    if not steps and checkpointer.quarantined():
+        checkpointer.close()
+        raise checkpoint.CheckpointError(
+            f"no checkpoint in {where} reads (set aside as damaged: {', '.join(checkpointer.quarantined())}); nothing "
+            "was deleted: repair or move them, or use a new workdir, to start again")
+    saved = checkpointer.saved_config()
+    if saved is not None:
+        step, saved_config = saved
+        mine = {"mode": config.mode, "task": config.get("task")}
+        theirs = {k: saved_config.get(k) for k in mine}
+        if mine != theirs:
+            checkpointer.close()
+            raise checkpoint.CheckpointError(
+                f"{where} holds a run of mode {theirs['mode']!r}, task {theirs['task']!r} (checkpoint {step}); this "
+                f"config asks for mode {mine['mode']!r}, task {mine['task']!r}: use another workdir, or that run's "
+                "config")
+    if steps and steps[-1] > config.total_steps:
+        checkpointer.close()
+        raise checkpoint.CheckpointError(
+            f"{where} already holds checkpoint {steps[-1]}, past config.total_steps={config.total_steps}: raise "
+            f"total_steps to train on from step {steps[-1]}, or use a new workdir (nothing is rolled back, and "
+            f"step {steps[-1]}'s model is not exported as a {config.total_steps}-step one)")
+    if not steps and config.init_from and "://" not in config.init_from and not os.path.exists(config.init_from):
+        checkpointer.close()
+        raise checkpoint.CheckpointError(
+            f"config.init_from={config.init_from!r} does not exist (it is only read, never created)")
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> Setup:
