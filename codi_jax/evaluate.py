@@ -309,7 +309,9 @@ def run(config, workdir: str, steps: tuple[int, ...] | None = None) -> dict:
     names.append("ground truth")
     report["meta"] = {
         "num_examples": int(len(real)), "seed": seed, "image_size": int(config.data.image_size),
-        "task": config.task, "steps": list(steps), "methods": dict(methods), "teacher": teacher,
+        "task": config.task, "steps": list(steps), "teacher": config.teacher,
+        # Relative to the workdir, as given for the teacher: a report must not record the machine it ran on.
+        "methods": {k: os.path.relpath(v, workdir) for k, v in methods.items()},
         "unavailable": scorer.unavailable, "grid_columns": names, "seconds": round(time.time() - t0, 1),
         "notes": (f"{GROUND_TRUTH}: depth errors of the real images (the estimator's floor); its FID/KID are those of "
                   f"a disjoint held-out set of the same size (the noise floor). {VAE_CEILING}: encode-decode of the "
@@ -321,7 +323,7 @@ def run(config, workdir: str, steps: tuple[int, ...] | None = None) -> dict:
         f.write(markdown(report))
     zoom = max(1, 128 // int(config.data.image_size))
     Image.fromarray(_grid(columns, min(8, len(real)), zoom)).save(os.path.join(out_dir, "samples.png"))
-    report["meta"]["plots"] = _plots(report, out_dir)
+    report["meta"]["plots"] = [os.path.relpath(p, workdir) for p in _plots(report, out_dir)]
     _update_model_cards(report, methods)
     logging.info("evaluation written to %s:\n%s", out_dir, markdown(report))
     return report
