@@ -37,6 +37,10 @@ def base(task: str) -> ml_collections.ConfigDict:
     c.total_steps = 100_000
     c.checkpoint_every = 1_000
     c.keep_checkpoints = 3
+    # After a SIGTERM, how long the loop may take to reach its checkpoint (it can be stuck waiting for data or in a
+    # compile) before the process exits with status 76 and no new checkpoint; 0 waits for ever. Spot TPUs and SLURM
+    # give about 30 s before the hard kill.
+    c.preemption_grace_s = 30.0
     c.log_every = 100
     c.sample_every = 5_000  # image grids in TensorBoard; 0 disables
     c.num_sample_images = 8
@@ -260,6 +264,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
             fail(field, f"must be positive, got {c[field]}")
     if c.sample_every < 0:
         fail("sample_every", "must be >= 0")
+    if c.preemption_grace_s < 0:
+        fail("preemption_grace_s", f"must be >= 0 (0: no limit), got {c.preemption_grace_s}")
     if c.dtype not in ("float32", "bfloat16"):
         fail("dtype", f"{c.dtype!r} is not float32 or bfloat16")
     if c.model.cond_mode not in ("mu", "controlnet"):

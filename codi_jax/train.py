@@ -12,6 +12,8 @@ import functools
 import json
 import os
 import signal
+import socket
+import threading
 import time
 from typing import Any
 
@@ -179,19 +181,91 @@ def make_train_step(recipe: build.Recipe, tx: optax.GradientTransformation, lr_s
     return train_step
 
 
-class _Preemption:
-    """SIGTERM (what a preempted TPU VM or a scheduler sends) asks for a checkpoint at the next step, then a clean exit."""
+# Exit statuses, for supervisors (launch/supervise.sh) and schedulers.
+EXIT_PREEMPTED = 75  # SIGTERM honoured: a checkpoint of the current step was written; rerun to resume (EX_TEMPFAIL)
+EXIT_NO_PROGRESS = 76  # SIGTERM, but no step finished within preemption_grace_s: no new checkpoint, older ones intact
+EXIT_NO_DATA = 65  # a whole pass over the data had no readable record (EX_DATAERR): restarting cannot help
 
-    def __init__(self):
+
+class NoDataError(SystemExit):
+    """The data yields nothing; raised in place of an endless wait, after the loop has closed its checkpointer."""
+
+    def __init__(self, message: str):
+        super().__init__(EXIT_NO_DATA)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class _Preemption:
+    """SIGTERM (what a preempted TPU VM or a scheduler sends) asks for a checkpoint at the next step, then a clean exit.
+
+    The next step may never come: the loop can be blocked in next(data) on a stalled read, or in a compile. Python runs
+    signal handlers only between bytecodes of the main thread, so the handler alone cannot bound that. The C-level
+    handler also writes the signal number to a wakeup socket, which a watcher thread reads at once; it gives the loop
+    `grace_s` to reach its checkpoint, then exits the process with EXIT_NO_PROGRESS. The committed checkpoints stay
+    as they are (a save in flight is never committed half-written).
+    """
+
+    def __init__(self, grace_s: float = 0.0, last_checkpoint=lambda: None):
         self.requested = False
+        self._grace_s, self._last_checkpoint = float(grace_s), last_checkpoint
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+        self._closed = False
+        self._sockets = None
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # Not the main thread (e.g. under a test runner thread).
             self._previous = None
+            return
+        if self._grace_s > 0:
+            reader, writer = socket.socketpair()
+            writer.setblocking(False)
+            self._previous_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+            self._sockets = (reader, writer)
+            threading.Thread(target=self._watch, name="sigterm-watchdog", daemon=True).start()
 
     def _handle(self, signum, frame):
         logging.warning("SIGTERM received: checkpointing at the next step, then exiting")
         self.requested = True
+
+    def _watch(self):
+        reader = self._sockets[0]
+        while True:
+            try:
+                data = reader.recv(64)
+            except OSError:
+                return
+            with self._lock:
+                if self._closed or not data:
+                    return
+                if int(signal.SIGTERM) in data and self._timer is None:
+                    self._timer = threading.Timer(self._grace_s, self._give_up)
+                    self._timer.daemon = True
+                    self._timer.start()
+
+    def _give_up(self):
+        with self._lock:
+            if self._closed:
+                return
+        try:
+            step = self._last_checkpoint()
+        except Exception:  # noqa: BLE001 - the message must go out whatever the checkpoint folder's state
+            step = "unknown"
+        logging.error("SIGTERM: no training step finished within %.0f s (the loop is waiting for data or compiling); "
+                      "exiting with status %d and no new checkpoint; %s", self._grace_s, EXIT_NO_PROGRESS,
+                      "no checkpoint had been written" if step is None else f"checkpoint {step} is the latest and intact")
+        logging.flush()
+        os._exit(EXIT_NO_PROGRESS)
+
+    def disarm(self):
+        """The loop reached its checkpoint: the save must not be cut short."""
+        with self._lock:
+            self._closed = True
+            if self._timer is not None:
+                self._timer.cancel()
 
     def reached(self, step: int) -> bool:
         if jax.process_count() > 1:
@@ -205,8 +279,30 @@ class _Preemption:
         return self.requested
 
     def restore(self):
+        self.disarm()
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+        if self._sockets is not None:
+            signal.set_wakeup_fd(self._previous_fd)
+            reader, writer = self._sockets
+            try:
+                writer.send(b"\0")  # wakes the watcher, which sees _closed and returns
+            except OSError:
+                pass
+            writer.close()
+
+
+def _next_batch(data_iter):
+    """next(data_iter), with a data source that yields nothing turned into NoDataError's one line."""
+    from codi_jax.data import pipeline
+
+    try:
+        return next(data_iter)
+    except Exception as e:  # noqa: BLE001 - grain re-raises a worker's error under its own type
+        if pipeline.NoReadableData.MARKER in str(e):
+            message = next(line for line in str(e).splitlines() if pipeline.NoReadableData.MARKER in line)
+            raise NoDataError(message[message.index("data:"):] if "data:" in message else message) from e
+        raise
 
 
 def _config_json(config) -> dict:
@@ -379,6 +475,7 @@ def _check_workdir(config: ml_collections.ConfigDict, checkpointer: checkpoint.C
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> Setup:
     """Trains config.mode in workdir until config.total_steps; resumes from workdir by itself."""
+    from codi_jax import data as data_lib
     from codi_jax import export as export_lib
 
     s = setup(config, workdir)
@@ -394,13 +491,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Setup:
         hooks.append(periodic_actions.Profile(num_profile_steps=config.profile_steps, logdir=workdir,
                                               first_profile=start + 3, every_secs=None))
     sampler = _make_sampler(recipe, frozen, config, mesh) if config.sample_every else None
-    preemption = _Preemption()
+    preemption = _Preemption(config.preemption_grace_s, checkpointer.latest_step)
     pending: list[dict] = []
     step = start
     try:
         while step < config.total_steps:
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                local = next(data_iter)
+                local = _next_batch(data_iter)
                 batch = parallel.global_batch({k: local[k] for k in batch_spec}, mesh)
                 state, metrics = compiled(state, frozen, batch)
             step += 1
@@ -412,11 +509,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Setup:
                 pending = []
                 summary = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
                 _check_finite(summary, step, checkpointer)
+                if data_lib.skipped_files():  # distinct unreadable files so far (each logged once, when first seen)
+                    summary["data_skipped_files"] = float(data_lib.skipped_files())
                 writer.write_scalars(step, summary)
             if sampler is not None and step % config.sample_every == 0:
                 with hooks[0].timed("samples"):
                     writer.write_images(step, {"samples": sampler(state)})
             stop = preemption.reached(step)
+            if stop:
+                preemption.disarm()
             if step % config.checkpoint_every == 0 or step == config.total_steps or stop:
                 _check_finite(jax.device_get(metrics), step, checkpointer)
                 checkpointer.save(step, state, data_iter, _config_json(config))
@@ -424,6 +525,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Setup:
                 logging.warning("stopping at step %d after the preemption checkpoint", step)
                 break
         writer.flush()
+    except NoDataError as e:
+        latest = checkpointer.latest_step()
+        logging.error("%s; stopped at step %d with status %d (%s)", e, step, EXIT_NO_DATA,
+                      "no checkpoint written" if latest is None else f"checkpoint {latest} is the latest and intact")
+        raise
     finally:
         checkpointer.close()
         preemption.restore()

@@ -119,9 +119,38 @@ def make_source(cfg, split: str):
                               image_size=cfg.image_size, keys=keys)
 
 
+class NoReadableData(ValueError):
+    """A full pass over the source yielded no readable record: training would wait for a batch forever."""
+
+    MARKER = "no readable record"
+
+
 class _DropBad(grain.FilterTransform):
+    """Drops unreadable records, and stops the pipeline once a whole pass in a row has been unreadable.
+
+    Without the stop, a folder in which nothing decodes is an endless loop: the sampler repeats for ever, every record
+    is dropped, no batch is ever formed, and the trainer waits in next() where it cannot even act on a SIGTERM. One
+    pass is exact with num_workers=0; each grain worker sees its own share, so with workers it takes at most
+    num_workers passes.
+    """
+
+    def __init__(self, num_records: int, source: str):
+        self.num_records, self.source = num_records, source
+        self.bad_in_a_row, self.errors = 0, set()
+
     def filter(self, element) -> bool:
-        return not element["bad"]
+        if not element["bad"]:
+            self.bad_in_a_row = 0
+            return True
+        self.bad_in_a_row += 1
+        self.errors.add(element.get("error", "unreadable"))
+        if self.bad_in_a_row >= self.num_records:
+            example = sorted(self.errors)[0]
+            raise NoReadableData(
+                f"data: {NoReadableData.MARKER} in a full pass over {self.source}: all {self.num_records} records "
+                f"were skipped, {len(self.errors)} distinct failures, e.g. {example}. Fix or remove those files "
+                "(data.folder_validate=True checks every file once before training)")
+        return False
 
 
 class _Task(grain.RandomMapTransform):
@@ -172,7 +201,7 @@ def make_train_loader(cfg, *, global_batch_size: int, seed: int, process_index: 
         raise ValueError(f"dataset has {len(source)} records, fewer than the {shard.shard_count} processes")
     sampler = grain.IndexSampler(num_records=len(source), shard_options=shard, shuffle=cfg.shuffle, num_epochs=None,
                                  seed=int(seed))
-    ops = [_DropBad(), _Task(cfg.task, cfg.sr_scale, cfg.mask_fraction, cfg.text_dropout),
+    ops = [_DropBad(len(source), repr(source)), _Task(cfg.task, cfg.sr_scale, cfg.mask_fraction, cfg.text_dropout),
            _Tokenize(cfg.tokenizer, cfg.max_length), grain.Batch(local_batch, drop_remainder=True)]
     return grain.DataLoader(data_source=source, sampler=sampler, operations=ops, worker_count=cfg.num_workers,
                             worker_buffer_size=cfg.worker_buffer_size,

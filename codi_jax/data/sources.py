@@ -7,6 +7,7 @@ Every source yields raw records at the configured resolution:
   'disparity'    float32 (H,W)  inverse-depth-like, larger = nearer (folders, from prepare_depth; optional)
   'input_image'  uint8 (H,W,3)  edit input (edit task only)
   'bad'          bool           True when the file could not be decoded; the pipeline filters these out
+  'error'        str            (bad records only) the file and why it could not be read
 """
 
 from __future__ import annotations
@@ -31,7 +32,22 @@ SKIPPED = collections.Counter()
 
 
 def skipped_count() -> int:
+    """Failed reads in this process (a file that stays unreadable counts once per pass)."""
     return sum(SKIPPED.values())
+
+
+def skipped_files() -> int:
+    """Distinct files this process has found unreadable (each is logged once, the first time)."""
+    return len(SKIPPED)
+
+
+def _skip(path: str, err: Exception, what: str = "image") -> str:
+    """Counts a failed read; logs the file only the first time, so a long run's log does not repeat it every pass."""
+    first = path not in SKIPPED
+    SKIPPED[path] += 1
+    if first:
+        logging.warning("skipping unreadable %s %s (unreadable files so far: %d): %s", what, path, len(SKIPPED), err)
+    return f"{path}: {err}"
 
 
 def _center_crop_resize(img: Image.Image, size: int, resample=Image.Resampling.BICUBIC) -> Image.Image:
@@ -173,10 +189,9 @@ class FolderSource:
     def _depth_path(self, rel: str) -> str:
         return os.path.join(self.root, DEPTH_DIR, os.path.splitext(rel)[0] + ".png")
 
-    def _count_bad(self, rel: str, err: Exception) -> None:
+    def _count_bad(self, rel: str, err: Exception) -> str:
         self.skipped += 1
-        SKIPPED[os.path.join(self.root, rel)] += 1
-        logging.warning("skipping unreadable image %s: %s", os.path.join(self.root, rel), err)
+        return _skip(os.path.join(self.root, rel), err)
 
     def caption(self, rel: str) -> str:
         if self.captions is not None:
@@ -199,8 +214,7 @@ class FolderSource:
                 ex["disparity"] = load_disparity(self._depth_path(rel), s)
             return ex
         except Exception as e:  # noqa: BLE001 -- skip-and-count is the contract for bad files
-            self._count_bad(rel, e)
-            ex = {"image": np.zeros((s, s, 3), np.uint8), "caption": "", "bad": True}
+            ex = {"image": np.zeros((s, s, 3), np.uint8), "caption": "", "bad": True, "error": self._count_bad(rel, e)}
             if self.need_depth:
                 ex["disparity"] = np.zeros((s, s), np.float32)
             return ex
@@ -242,10 +256,9 @@ class EditFolderSource:
                     "caption": instruction, "bad": False}
         except Exception as e:  # noqa: BLE001
             self.skipped += 1
-            SKIPPED[os.path.join(self.dirs["edited"], out)] += 1
-            logging.warning("skipping unreadable edit triplet %s: %s", out, e)
+            error = _skip(os.path.join(self.dirs["edited"], out), e, "edit triplet")
             z = np.zeros((s, s, 3), np.uint8)
-            return {"input_image": z, "image": z, "caption": "", "bad": True}
+            return {"input_image": z, "image": z, "caption": "", "bad": True, "error": error}
 
     def __repr__(self) -> str:  # grain stores the source's repr in iterator checkpoints
         return f"EditFolderSource({os.path.dirname(self.dirs['input'])!r}, n={len(self.items)})"

@@ -1,0 +1,182 @@
+"""Data faults: a folder in which nothing decodes stops in one line (status 65) instead of looping for ever; a SIGTERM
+while the loop waits for data that never comes ends the process within preemption_grace_s (status 76) with the
+committed checkpoints intact; a SIGTERM during training still checkpoints and exits 75; each unreadable file is
+logged once, however many passes the run makes.
+
+The command-line cases share one random teacher and one persistent compilation cache, so the step compiles once."""
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from codi_jax import data
+from codi_jax.data import pipeline, sources
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _depth_folder(root, good: int, bad: int = 0, fifo: bool = False):
+    """root/train/<name>.png images with depth maps at root/depth/train/<name>.png; `bad` of them are not images, and
+    with fifo=True the last one (zzz.png) is a named pipe: reading it blocks, like a stalled network filesystem."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        (root / split).mkdir(parents=True)
+        (root / "depth" / split).mkdir(parents=True)
+    names = [(f"img{i:02d}.png", "good") for i in range(good)] + [(f"bad{i:02d}.png", "bad") for i in range(bad)]
+    names += [("zzz.png", "fifo")] if fifo else []
+    for split, entries in (("train", names), ("test", [("t0.png", "good")])):
+        for name, kind in entries:
+            path = root / split / name
+            if kind == "good":
+                Image.fromarray(rng.integers(0, 255, (24, 24, 3), np.uint8)).save(path)
+            elif kind == "bad":
+                path.write_bytes(b"this is not a png " * 8)
+            else:
+                os.mkfifo(path)
+            Image.fromarray(rng.integers(0, 255, (24, 24), np.uint8)).save(root / "depth" / split / name)
+    return root
+
+
+def _folder_cfg(root, **kw):
+    cfg = data.default_config()
+    cfg.dataset, cfg.data_dir, cfg.task, cfg.image_size = "folder", str(root), "depth", 16
+    cfg.update(kw)
+    return cfg
+
+
+def test_unreadable_files_are_logged_once_with_a_running_count(tmp_path, caplog):
+    root = _depth_folder(tmp_path / "d", good=6, bad=2)
+    before = sources.skipped_files()
+    it = iter(data.make_train_loader(_folder_cfg(root, shuffle=False), global_batch_size=3, seed=0, process_index=0,
+                                     process_count=1))
+    with caplog.at_level(logging.WARNING):
+        for _ in range(8):  # four passes over the 6 readable records
+            next(it)
+    assert sources.skipped_files() == before + 2
+    for name in ("bad00.png", "bad01.png"):
+        lines = [r.getMessage() for r in caplog.records if name in r.getMessage()]
+        assert len(lines) == 1, lines
+        assert "unreadable files so far" in lines[0]
+    assert sources.skipped_count() >= before + 2 * 3  # each pass still skips them: the count is of reads
+
+
+def test_a_source_with_nothing_readable_raises_within_one_pass(tmp_path):
+    root = _depth_folder(tmp_path / "d", good=0, bad=5)
+    it = iter(data.make_train_loader(_folder_cfg(root), global_batch_size=2, seed=0, process_index=0,
+                                     process_count=1))
+    with pytest.raises(pipeline.NoReadableData, match=r"all 5 records were skipped.*bad0\d\.png"):
+        next(it)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    from codi_jax.testing import make_random_pipeline
+
+    return make_random_pipeline(str(tmp_path_factory.mktemp("teacher")))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("jax_cache"))
+
+
+def _cmd(teacher, workdir, *extra):
+    return [sys.executable, "-m", "codi_jax.main", "--config=configs/depth.py:tiny", f"--workdir={workdir}",
+            "--config.stages=()", "--config.run_eval=False", f"--config.teacher={teacher}", "--config.vae_from=",
+            "--config.batch_size=8", "--config.log_every=1", *extra]
+
+
+def _env(cache):
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    env.update({"JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_COMPILATION_CACHE_DIR": cache,
+                "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"})
+    return env
+
+
+def _committed(workdir):
+    folder = os.path.join(workdir, "checkpoints")
+    return sorted(int(d) for d in os.listdir(folder) if d.isdigit()) if os.path.isdir(folder) else []
+
+
+@pytest.mark.slow
+def test_a_folder_where_nothing_decodes_stops_in_one_line(teacher, cache, tmp_path):
+    root = _depth_folder(tmp_path / "broken", good=0, bad=6)
+    workdir = tmp_path / "run"
+    # It used to loop for ever: the timeout is the test.
+    out = subprocess.run(_cmd(teacher, workdir, "--config.data.dataset=folder", f"--config.data.data_dir={root}",
+                              "--config.total_steps=4"),
+                         cwd=REPO, env=_env(cache), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 65, out.stderr[-3000:]
+    lines = [line for line in out.stderr.splitlines() if "no readable record" in line]
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert str(root) in lines[0] and "all 6 records were skipped" in lines[0] and "status 65" in lines[0]
+    for i in range(6):  # each file once, however often the sampler came back to it
+        assert len([line for line in out.stderr.splitlines() if f"bad{i:02d}.png (" in line]) == 1
+    assert _committed(workdir) == []
+
+
+@pytest.mark.slow
+def test_sigterm_while_waiting_for_data_exits_in_bounded_time(teacher, cache, tmp_path):
+    # 16 readable records then a named pipe, in order: steps 1 and 2 run and checkpoint, step 3 waits for ever.
+    root = _depth_folder(tmp_path / "stalls", good=16, fifo=True)
+    workdir = tmp_path / "run"
+    log = open(tmp_path / "log.txt", "w")
+    proc = subprocess.Popen(_cmd(teacher, workdir, "--config.data.dataset=folder", f"--config.data.data_dir={root}",
+                                 "--config.data.shuffle=False", "--config.total_steps=50",
+                                 "--config.checkpoint_every=1", "--config.preemption_grace_s=3"),
+                            cwd=REPO, env=_env(cache), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 600
+        while _committed(workdir) != [1, 2] and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert _committed(workdir) == [1, 2], open(tmp_path / "log.txt").read()[-3000:]
+        time.sleep(3)  # well inside next(data_iter) by now
+        assert proc.poll() is None
+        t0 = time.time()
+        proc.send_signal(signal.SIGTERM)
+        status = proc.wait(timeout=60)
+        waited = time.time() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    text = open(tmp_path / "log.txt").read()
+    assert status == 76, text[-3000:]
+    assert 3 <= waited < 20, waited
+    line = [x for x in text.splitlines() if "no training step finished within 3 s" in x]
+    assert len(line) == 1 and "checkpoint 2 is the latest and intact" in line[0], text[-3000:]
+    assert _committed(workdir) == [1, 2]
+    assert not [d for d in os.listdir(workdir / "checkpoints") if "tmp" in d]
+
+
+@pytest.mark.slow
+def test_sigterm_during_training_checkpoints_and_exits_75(teacher, cache, tmp_path):
+    workdir = tmp_path / "run"
+    log_path = tmp_path / "log.txt"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(_cmd(teacher, workdir, "--config.total_steps=100000", "--config.checkpoint_every=1000"),
+                                cwd=REPO, env=_env(cache), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 600
+            while "[2]" not in open(log_path).read() and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.2)
+            assert proc.poll() is None, open(log_path).read()[-3000:]
+            proc.send_signal(signal.SIGTERM)
+            status = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = open(log_path).read()
+    assert status == 75, text[-3000:]
+    stops = [x for x in text.splitlines() if "stopping at step" in x]
+    assert len(stops) == 1, text[-3000:]
+    step = int(stops[0].split("stopping at step ")[1].split()[0])
+    assert _committed(workdir) == [step] and step >= 2
