@@ -446,6 +446,18 @@ def test_supervisor_adopts_a_running_job_and_restarts_a_crashed_one(home, repo, 
     assert "worker_train.sh stop" in stop and "--stop-timeout=120" in stop and "--worker=all" in calls[4]
 
 
+def test_supervisor_gives_up_on_errors_a_restart_cannot_fix(home, repo, tmp_path):
+    # exit 65: the trainer found nothing readable in its data; a restart would fail the same way, for ever.
+    fake = _fake_gcloud(tmp_path, ["ACTIVE"] * 4, [ALL4("running"), "running|exit 65|running|running"])
+    args = [a for a in run_args(repo) if a != "--dry-run"]
+    proc = launch("supervise.sh", *args, "--poll-seconds=0", "--backoff-seconds=0", home=home,
+                  path_prepend=fake / "bin", extra_env={"FAKE_GCLOUD_DIR": str(fake)}, timeout=120, expect_ok=False)
+    verbs = [c[3] if c[3] != "ssh" else ("ssh:" + c[-1].split("worker_")[1].split()[0].split(".")[0])
+             for c in (json.loads(line) for line in (fake / "calls.jsonl").read_text().splitlines())]
+    assert proc.returncode == 1 and verbs == ["describe", "ssh:train", "describe", "ssh:train", "ssh:train"], verbs
+    assert "trainer: exit 65" in proc.stderr and "restart cannot fix" in proc.stderr and "recovery" not in proc.stderr
+
+
 def test_supervisor_never_takes_a_preempted_exit_0_for_the_end(home, repo, tmp_path):
     # A preempted trainer checkpoints and may exit 0: one host reporting `terminated 0`, or the
     # TPU leaving ACTIVE right after, must lead to a restart, not to deleting a finished run.
