@@ -2,6 +2,8 @@
 
 import os
 
+import pytest
+
 # Must happen before jax is imported anywhere in the test session.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -35,3 +37,14 @@ def _make_torchvision_importable():
 
 _KEEP_ALIVE: list = []
 _make_torchvision_importable()
+
+
+@pytest.fixture(scope="session")
+def jax_cache(tmp_path_factory):
+    """One persistent compilation cache for the subprocesses that run codi_jax.main on the tiny config: their train
+    step is the same program, so it compiles once per CI run instead of once per test module and xdist worker (the
+    cache writes each entry atomically, so the workers can share it)."""
+    base = tmp_path_factory.getbasetemp()
+    path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "jax_cache"
+    path.mkdir(exist_ok=True)
+    return str(path)

@@ -25,8 +25,8 @@ def teacher(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("jax_cache"))
+def cache(jax_cache):
+    return jax_cache
 
 
 def _run(teacher, cache, workdir, *extra, total_steps=4):
