@@ -18,10 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from codi_jax import diffusion
+from codi_jax import diffusion, modes
 from codi_jax.diffusion import objectives
-
-CONDITIONAL = ("finetune", "codi", "pe_codi", "cm", "gd")
 
 
 PRETRAINED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained")
@@ -149,6 +147,7 @@ class Recipe:
 
         self.config = config
         self.mode = config.mode
+        self.spec = modes.get(config.mode)
         self.dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
         self.schedule = diffusion.make_schedule(**config.schedule.to_dict())
         self.image_size = int(config.data.image_size)
@@ -183,7 +182,7 @@ class Recipe:
         vae_init = lambda r: self.vae.init(r, images, r)["params"]  # noqa: E731 - encoder and decoder
         vae_abstract = jax.eval_shape(vae_init, jax.random.key(0))
 
-        if self.mode == "vae":
+        if self.spec.family == "vae":
             self.model = self.vae
             self.abstract_params = vae_abstract
             self.init_fn = vae_init
@@ -240,16 +239,16 @@ class Recipe:
         t = jnp.zeros((1,), jnp.int32)
         ctx = jnp.zeros((1, int(config.data.max_length), self.unet.config.cross_attention_dim), jnp.float32)
 
-        if self.mode == "pretrain":
+        if self.spec.family == "t2i":
             self.model = self.unet
             self.abstract_params = jax.eval_shape(self.unet.init, jax.random.key(0), z, t, ctx)["params"]
             self.init_fn = lambda rng: self.unet.init(rng, z, t, ctx)["params"]
             self.initial_params = unet_params
             self._apply = lambda p, f, z_, t_, b: self.unet.apply({"params": p}, z_, t_, b["text"])
-            self.objective = objectives.OBJECTIVES["pretrain"]
+            self.objective = objectives.OBJECTIVES[self.spec.objective]
             return
 
-        if self.mode in ("cm", "gd") and not config.init_from and not abstract:
+        if self.spec.teacher == "conditional" and not config.init_from and not abstract:
             raise ValueError(f"config.init_from: mode {self.mode!r} distils a fine-tuned teacher: set it to the "
                              "workdir of a finished finetune run")
         # Conditional modes: the adapted UNet (paper 4.1 / 4.4).
@@ -319,11 +318,10 @@ class Recipe:
         self._apply = lambda p, f, z_, t_, b: self.model.apply(
             {"params": self._merge(p, f)}, z_, t_, b["text"], b["cond"]
         )
-        objective_name = {"pe_codi": "codi"}.get(self.mode, self.mode)
-        self.objective = objectives.OBJECTIVES[objective_name]
+        self.objective = objectives.OBJECTIVES[self.spec.objective]
         # Frozen teachers: the pretrained text-to-image UNet (CoDi's 'teacher' PF-ODE ablation), or the fine-tuned
         # conditional model itself for CM-II / GD-II (restored from init_from by the loop).
-        if self.mode == "codi" or self.mode == "pe_codi":
+        if self.spec.pf_ode_teacher:
             if config.objective.pf_ode == "teacher":
                 if unet_params is None and not abstract:
                     raise ValueError("objective.pf_ode='teacher' needs the pretrained UNet: set config.teacher")
@@ -331,13 +329,13 @@ class Recipe:
                     self.frozen_host["teacher"] = unet_params
                 self.frozen_abstract["teacher"] = full_abstract["unet"]
                 self.teacher_kind = "unet"
-        elif self.mode in ("cm", "gd"):
+        elif self.spec.teacher == "conditional":
             self.frozen_abstract["teacher"] = full_abstract
             self.teacher_kind = "conditional"
 
     # ---------------------------------------------------------------------------------------------------------------
     def _merge(self, params, frozen):
-        if self.mode in CONDITIONAL and self.freeze_unet:
+        if self.spec.conditional and self.freeze_unet:
             return {**params, "unet": frozen["unet"]}
         return params
 
@@ -366,7 +364,7 @@ class Recipe:
         )
 
     def loss(self, params, ema_params, frozen, batch, rng):
-        if self.mode == "vae":
+        if self.spec.family == "vae":
             return self._vae_loss(params, batch, rng)
         rng_vae, rng_obj = jax.random.split(rng)
         inputs = self.encode(frozen, batch, rng_vae)
@@ -388,7 +386,7 @@ class Recipe:
 
     def sample(self, params, frozen, batch, rng, *, method: str, num_steps: int, guidance_scale: float = 1.0):
         """Images in [-1, 1] for a batch of conditions/prompts (or VAE reconstructions in mode 'vae')."""
-        if self.mode == "vae":
+        if self.spec.family == "vae":
             posterior = self.vae.apply({"params": params}, batch["image"], method="encode")
             return self.vae.apply({"params": params}, posterior.mode(), method="decode")
         from codi_jax.sample import sample_latents
@@ -409,12 +407,7 @@ class Recipe:
                 "sigma_data": float(o.sigma_data)}
 
     def timestep_spacing(self) -> str:
-        # GD students are distilled on DDIM's 'trailing' grid (objectives.gd_timesteps) and sampled on it.
-        return "trailing" if self.mode == "gd" else "leading"
+        return self.spec.spacing
 
     def default_sampler(self) -> tuple[str, int]:
-        if self.mode in ("codi", "pe_codi", "cm"):
-            return "codi", 4
-        if self.mode == "gd":
-            return "ddim", int(self.config.objective.gd_student_steps)
-        return "ddim", 50
+        return self.spec.default_sampler(self.config.objective)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import ml_collections
 
-MODES = ("vae", "pretrain", "finetune", "codi", "pe_codi", "cm", "gd")
+from codi_jax import modes
+
 TASKS = ("depth", "sr", "inpaint", "edit", "t2i")
-CONDITIONAL_MODES = ("finetune", "codi", "pe_codi", "cm", "gd")
 
 
 def _objective_defaults() -> ml_collections.ConfigDict:
@@ -233,17 +233,14 @@ def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> None:
 
 
 def finalize(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Mode-dependent settings, then every invariant checked once."""
-    if c.mode == "pe_codi":
-        c.model.cond_mode = "controlnet"
-        c.model.freeze_unet = True
-    elif c.mode in ("finetune", "cm", "gd"):
-        # ControlNet form. model.freeze_unet stays the user's: False (default) trains the UNet too, the same size as
+    """Mode-dependent settings (from the mode table), then every invariant checked once."""
+    spec = modes.TABLE.get(c.mode)
+    if spec is not None and spec.conditional:
+        c.model.cond_mode = spec.cond_form
+        # ControlNet form leaves model.freeze_unet to the user: False (default) trains the UNet too, the same size as
         # CoDi (paper 5.1); True is ControlNet proper and, from such a finetune run, CM-II / GD-II (frozen).
-        c.model.cond_mode = "controlnet"
-    elif c.mode == "codi":
-        c.model.cond_mode = "mu"
-        c.model.freeze_unet = False
+        if spec.freeze_unet is not None:
+            c.model.freeze_unet = spec.freeze_unet
     c.objective.prediction_type = c.model.prediction_type
     validate(c)
     return c
@@ -253,11 +250,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
     def fail(field, message):
         raise ValueError(f"config.{field}: {message}")
 
-    if c.mode not in MODES:
-        fail("mode", f"{c.mode!r} is not one of {MODES}")
+    if c.mode not in modes.TABLE:
+        fail("mode", f"{c.mode!r} is not one of {tuple(modes.TABLE)}")
     if c.task not in TASKS:
         fail("task", f"{c.task!r} is not one of {TASKS}")
-    if c.mode in CONDITIONAL_MODES and c.task == "t2i":
+    if modes.TABLE[c.mode].conditional and c.task == "t2i":
         fail("mode", f"{c.mode!r} needs a conditional task, not t2i")
     for field in ("batch_size", "total_steps", "checkpoint_every", "log_every", "keep_checkpoints"):
         if int(c[field]) <= 0:
@@ -307,22 +304,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
     objectives.validate(c.objective)
 
 
-# Why each mode cannot start from a diffusers ControlNet (config.init_controlnet).
-_NO_INIT_CONTROLNET = {
-    "codi": "full CoDi's mu form mixes the encoder's raw features into the UNet's and has no zero convs, so a "
-            "ControlNet's have nowhere to go (use mode pe_codi or finetune)",
-    "cm": "cm and gd distil a fine-tuned model: start a finetune run from the ControlNet and give its workdir as "
-          "config.init_from",
-    "vae": "it trains no conditional encoder",
-    "pretrain": "it trains no conditional encoder",
-}
-_NO_INIT_CONTROLNET["gd"] = _NO_INIT_CONTROLNET["cm"]
-
-
 def _validate_init_controlnet(c: ml_collections.ConfigDict, fail) -> None:
     """The mode takes a ControlNet, nothing else starts the weights, and the folder holds one that fits the task."""
-    if c.mode in _NO_INIT_CONTROLNET:
-        fail("init_controlnet", f"mode {c.mode!r} cannot start from a ControlNet: {_NO_INIT_CONTROLNET[c.mode]}")
+    reason = modes.get(c.mode).init_controlnet
+    if reason:
+        fail("init_controlnet", f"mode {c.mode!r} cannot start from a ControlNet: {reason}")
     if c.init_from:
         fail("init_controlnet", f"set together with config.init_from={c.init_from!r}: the run starts from one of them "
                                 "(init_from restores the whole model, the ControlNet included)")

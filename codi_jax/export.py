@@ -34,6 +34,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 from safetensors.numpy import load_file, save_file
 
+from codi_jax import modes
+
 
 def _host(tree: Any) -> Any:
     """Global (possibly multi-host sharded) arrays -> full numpy arrays on every process."""
@@ -260,11 +262,12 @@ def model_card(index: dict, config, *, step: int | None = None, report: dict | N
     mode, task = meta["mode"], meta["task"]
     cls = index["_class_name"]
     tags = ["codi_jax", "diffusers", "jax", _TASK_TAGS.get(task, task)]
-    if mode in ("codi", "pe_codi", "cm"):
+    spec = modes.get(mode)
+    if spec.consistency:
         tags += ["consistency-distillation", "few-step"]
     if "controlnet" in index:
         tags.append("controlnet")
-    base = config.teacher if mode not in ("cm", "gd") else config.init_from
+    base = config.init_from if spec.teacher == "conditional" else config.teacher
     header = ["---", "library_name: diffusers", "tags:"] + [f"- {t}" for t in tags]
     if base:
         header.append(f"base_model: {json.dumps(str(base))}")

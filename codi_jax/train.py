@@ -28,7 +28,7 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 
-from codi_jax import build, checkpoint, parallel
+from codi_jax import build, checkpoint, modes, parallel
 
 
 @flax.struct.dataclass
@@ -43,7 +43,7 @@ class TrainState:
 
 def uses_target_ema(config) -> bool:
     """A separate fast EMA for the consistency target (codi, pe_codi, cm) when config.target_ema_decay > 0."""
-    return float(config.target_ema_decay) > 0 and config.mode in ("codi", "pe_codi", "cm")
+    return float(config.target_ema_decay) > 0 and modes.get(config.mode).consistency
 
 
 def _label(path) -> str:

@@ -1,0 +1,85 @@
+"""The mode table (codi_jax/modes.py) is what config.finalize, the recipe, export and evaluation read: each row's
+settings reach each of them, and a new row (here CM-II with the UNet frozen) needs nothing else."""
+
+import dataclasses
+import tempfile
+
+import pytest
+
+from codi_jax import build, config as config_lib, export, modes
+from codi_jax.testing import tiny_config
+
+# The paper's Table 2 rows per mode, as evaluation produced them before the table existed (eval steps 1, 2, 4; the
+# teacher's DDIM 50): the table must reproduce them exactly.
+EXPECTED_ROWS = {
+    "finetune": [(" ddim", "ddim", 1), (" ddim", "ddim", 2), (" ddim", "ddim", 4), (" ddim", "ddim", 50),
+                 (" dpm++", "dpmpp_2m", 1), (" dpm++", "dpmpp_2m", 2), (" dpm++", "dpmpp_2m", 4)],
+    "codi": [("", "codi", 1), ("", "codi", 2), ("", "codi", 4)],
+    "pe_codi": [("", "codi", 1), ("", "codi", 2), ("", "codi", 4)],
+    "cm": [("", "codi", 1), ("", "codi", 2), ("", "codi", 4)],
+    "gd": [("", "ddim", 1), ("", "ddim", 2), ("", "ddim", 4)],
+}
+EXPECTED = {  # mode: (cond_mode, freeze_unet after finalize with the user's False, sampler, spacing, teacher kind)
+    "finetune": ("controlnet", False, ("ddim", 50), "leading", None),
+    "codi": ("mu", False, ("codi", 4), "leading", None),
+    "pe_codi": ("controlnet", True, ("codi", 4), "leading", None),
+    "cm": ("controlnet", False, ("codi", 4), "leading", "conditional"),
+    "gd": ("controlnet", False, ("ddim", 4), "trailing", "conditional"),
+}
+
+
+def _config(mode, **overrides):
+    c = tiny_config("depth")
+    c.mode = mode
+    c.teacher = "builtin:scenes32"
+    c.init_from = "/nonexistent-only-read-by-the-loop" if modes.get(mode).teacher == "conditional" else ""
+    for k, v in overrides.items():
+        node = c
+        *parents, leaf = k.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = v
+    return config_lib.finalize(c)
+
+
+def test_rows_of_table_2():
+    assert modes.MODES == ("vae", "pretrain", "finetune", "codi", "pe_codi", "cm", "gd")
+    assert [m for m in modes.MODES if modes.is_conditional(m)] == list(EXPECTED_ROWS)
+    for mode, rows in EXPECTED_ROWS.items():
+        assert modes.get(mode).eval_rows((1, 2, 4), 50) == rows
+    assert not modes.is_conditional(None) and not modes.is_conditional("pretrain")
+    with pytest.raises(ValueError, match="mode 'codi2' is not one of"):
+        modes.get("codi2")
+
+
+@pytest.mark.parametrize("mode", list(EXPECTED))
+def test_each_row_reaches_config_recipe_and_export(mode):
+    cond_mode, freeze, sampler, spacing, teacher = EXPECTED[mode]
+    c = _config(mode, **{"model.freeze_unet": False})
+    assert (c.model.cond_mode, c.model.freeze_unet) == (cond_mode, freeze)
+    recipe = build.Recipe(c, tempfile.gettempdir(), abstract=True)
+    assert recipe.default_sampler() == sampler and recipe.timestep_spacing() == spacing
+    assert recipe.teacher_kind == teacher
+    index = {"_class_name": "StableDiffusionControlNetPipeline", "controlnet": ["diffusers", "ControlNetModel"],
+             "_codi_jax": {"mode": mode, "task": "depth", "default_sampler": list(sampler),
+                           "prediction_type": "v_prediction"}}
+    card = export.model_card(index, c)
+    assert ("consistency-distillation" in card) == (sampler[0] == "codi")
+    assert f"base_model: \"{c.init_from if teacher else c.teacher}\"" in card
+
+
+def test_a_new_row_is_all_a_new_mode_needs(monkeypatch):
+    # CM-II (frozen): consistency distillation of a frozen-UNet fine-tuned model. One row; the objective exists.
+    row = dataclasses.replace(modes.get("cm"), name="cm_frozen", freeze_unet=True,
+                              summary="CM-II with the UNet frozen (ControlNet proper)")
+    monkeypatch.setitem(modes.TABLE, "cm_frozen", row)
+    c = _config("cm_frozen")
+    assert c.model.cond_mode == "controlnet" and c.model.freeze_unet
+    recipe = build.Recipe(c, tempfile.gettempdir(), abstract=True)
+    assert recipe.teacher_kind == "conditional" and recipe.default_sampler() == ("codi", 4)
+    assert "unet" in recipe.frozen_abstract and "unet" not in recipe.abstract_params
+    assert modes.is_conditional("cm_frozen") and modes.get("cm_frozen").eval_rows((4,), 50) == [("", "codi", 4)]
+    typo = tiny_config("depth")
+    typo.mode = "cm_frozen2"
+    with pytest.raises(ValueError, match=r"config.mode: 'cm_frozen2' is not one of .*'cm_frozen'\)"):
+        config_lib.finalize(typo)
