@@ -4,7 +4,7 @@
     python benchmarks/sampling_speed.py --size=small --batch=16 --latent=16
 
 Both samplers are compiled ahead of time (jit(...).lower(...).compile()), run once to warm up, then timed as the median
-of --repeats calls, each ended by block_until_ready. The goal (DESIGN.md) is wall ratio >= 0.9 x NFE ratio: a sampler
+of --repeats calls, each ended by block_until_ready. The goal (docs/design.md) is wall ratio >= 0.9 x NFE ratio: a sampler
 step must cost about one network evaluation, with no per-step overhead outside the compiled loop. `call_overhead_s` is
 a compiled no-op called with the same arguments: the fixed per-call cost both samplers pay once, which caps the ratio
 when one network evaluation is short (tiny UNets on a GPU).
@@ -30,7 +30,7 @@ from codi_jax.models import unet as unet_lib  # noqa: E402
 
 SIZES = {
     "tiny": lambda: unet_lib.UNetConfig.tiny(),
-    # the (64, 128) row of DESIGN.md's sizing table
+    # the (64, 128) row of docs/design.md's sizing table
     "small": lambda: unet_lib.UNetConfig.tiny(block_out_channels=(64, 128), attention_head_dim=8, sample_size=16),
 }
 

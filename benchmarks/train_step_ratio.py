@@ -7,7 +7,7 @@ Each mode is built by `train.setup` (the real loop's mesh, shardings and ahead-o
 same random tiny teacher (codi_jax.testing.make_random_pipeline). Batches come from each setup's real data loader and
 are fetched before timing, so only the step is measured. After one warm-up step per mode the modes are timed
 interleaved (codi, finetune, pe_codi, codi, ...), each call ended by block_until_ready, so load from other processes on
-a shared machine hits every mode alike; the figures are medians. Goal (DESIGN.md): codi / finetune <= 1.4, ideal 4/3:
+a shared machine hits every mode alike; the figures are medians. Goal (docs/design.md): codi / finetune <= 1.4, ideal 4/3:
 CoDi runs the online model forward and backward plus one gradient-free forward of the EMA target, fine-tuning one
 forward and backward.
 """

@@ -85,6 +85,10 @@ TABLE: dict[str, Mode] = {m.name: m for m in (
     Mode("cm", "conditional", "cm", "CM-II: consistency distillation of a fine-tuned conditional model",
          cond_form="controlnet", teacher="conditional", consistency=True, sampler="codi", sampler_steps=4,
          rows=(("", "codi", "eval"),), init_controlnet=_DISTILS),
+    # CM-II (frozen), the paper's Table 2 row: from a finetune run made with model.freeze_unet=True.
+    Mode("cm_frozen", "conditional", "cm", "CM-II (frozen): consistency distillation with the UNet frozen",
+         cond_form="controlnet", freeze_unet=True, teacher="conditional", consistency=True, sampler="codi",
+         sampler_steps=4, rows=(("", "codi", "eval"),), init_controlnet=_DISTILS),
     Mode("gd", "conditional", "gd", "GD-II: guided progressive distillation of a fine-tuned conditional model",
          cond_form="controlnet", teacher="conditional", sampler="ddim", sampler_steps="gd_student_steps",
          spacing="trailing", rows=(("", "ddim", "eval"),), init_controlnet=_DISTILS),

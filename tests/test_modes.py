@@ -17,6 +17,7 @@ EXPECTED_ROWS = {
     "codi": [("", "codi", 1), ("", "codi", 2), ("", "codi", 4)],
     "pe_codi": [("", "codi", 1), ("", "codi", 2), ("", "codi", 4)],
     "cm": [("", "codi", 1), ("", "codi", 2), ("", "codi", 4)],
+    "cm_frozen": [("", "codi", 1), ("", "codi", 2), ("", "codi", 4)],
     "gd": [("", "ddim", 1), ("", "ddim", 2), ("", "ddim", 4)],
 }
 EXPECTED = {  # mode: (cond_mode, freeze_unet after finalize with the user's False, sampler, spacing, teacher kind)
@@ -24,6 +25,7 @@ EXPECTED = {  # mode: (cond_mode, freeze_unet after finalize with the user's Fal
     "codi": ("mu", False, ("codi", 4), "leading", None),
     "pe_codi": ("controlnet", True, ("codi", 4), "leading", None),
     "cm": ("controlnet", False, ("codi", 4), "leading", "conditional"),
+    "cm_frozen": ("controlnet", True, ("codi", 4), "leading", "conditional"),
     "gd": ("controlnet", False, ("ddim", 4), "trailing", "conditional"),
 }
 
@@ -43,7 +45,7 @@ def _config(mode, **overrides):
 
 
 def test_rows_of_table_2():
-    assert modes.MODES == ("vae", "pretrain", "finetune", "codi", "pe_codi", "cm", "gd")
+    assert modes.MODES == ("vae", "pretrain", "finetune", "codi", "pe_codi", "cm", "cm_frozen", "gd")
     assert [m for m in modes.MODES if modes.is_conditional(m)] == list(EXPECTED_ROWS)
     for mode, rows in EXPECTED_ROWS.items():
         assert modes.get(mode).eval_rows((1, 2, 4), 50) == rows
@@ -69,17 +71,17 @@ def test_each_row_reaches_config_recipe_and_export(mode):
 
 
 def test_a_new_row_is_all_a_new_mode_needs(monkeypatch):
-    # CM-II (frozen): consistency distillation of a frozen-UNet fine-tuned model. One row; the objective exists.
-    row = dataclasses.replace(modes.get("cm"), name="cm_frozen", freeze_unet=True,
-                              summary="CM-II with the UNet frozen (ControlNet proper)")
-    monkeypatch.setitem(modes.TABLE, "cm_frozen", row)
-    c = _config("cm_frozen")
+    # A row added at run time, as a contributor's would be: CM-II (frozen) again under another name. The config, the
+    # recipe and evaluation take it with nothing else changed (the objective exists).
+    row = dataclasses.replace(modes.get("cm"), name="cm_frozen_copy", freeze_unet=True)
+    monkeypatch.setitem(modes.TABLE, "cm_frozen_copy", row)
+    c = _config("cm_frozen_copy")
     assert c.model.cond_mode == "controlnet" and c.model.freeze_unet
     recipe = build.Recipe(c, tempfile.gettempdir(), abstract=True)
     assert recipe.teacher_kind == "conditional" and recipe.default_sampler() == ("codi", 4)
     assert "unet" in recipe.frozen_abstract and "unet" not in recipe.abstract_params
-    assert modes.is_conditional("cm_frozen") and modes.get("cm_frozen").eval_rows((4,), 50) == [("", "codi", 4)]
+    assert modes.is_conditional("cm_frozen_copy") and row.eval_rows((4,), 50) == [("", "codi", 4)]
     typo = tiny_config("depth")
     typo.mode = "cm_frozen2"
-    with pytest.raises(ValueError, match=r"config.mode: 'cm_frozen2' is not one of .*'cm_frozen'\)"):
+    with pytest.raises(ValueError, match=r"config.mode: 'cm_frozen2' is not one of .*'cm_frozen_copy'\)"):
         config_lib.finalize(typo)

@@ -1,6 +1,6 @@
 """Discrete VP noise schedules (SD style) and the timestep grids the samplers and objectives walk.
 
-Notation (DESIGN.md): T training timesteps, abar_n the cumulative product of (1 - beta), alpha_n = sqrt(abar_n),
+Notation (docs/algorithm.md): T training timesteps, abar_n the cumulative product of (1 - beta), alpha_n = sqrt(abar_n),
 sigma_n = sqrt(1 - abar_n), log-SNR lambda_n = log(abar_n / (1 - abar_n)). The network's timestep input is the index n.
 
 The tables live in a small pytree so a jitted sampler or loss may take the schedule as a traced argument; every grid

@@ -22,7 +22,7 @@ from codi_jax.models.controlnet import ControlNetConfig, ControlNetModel
 from codi_jax.models.unet import UNet2DConditionModel, UNetConfig
 
 MODES = ("mu", "controlnet")
-# The control encoder's parts that start as copies of the pretrained UNet (DESIGN.md, "The conditional network").
+# The control encoder's parts that start as copies of the pretrained UNet (docs/algorithm.md, "The conditional network").
 COPIED_FROM_UNET = ("conv_in", "time_embedding", "down_blocks_", "mid_block")
 
 

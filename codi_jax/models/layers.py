@@ -1,7 +1,7 @@
 """Shared Flax building blocks with diffusers semantics and attribute names (NHWC).
 
 Attribute names mirror diffusers' PyTorch modules so `codi_jax.weights.convert` maps weights generically; every param
-carries logical axis names (see DESIGN.md / the shared model conventions) so the training system can shard it.
+carries logical axis names (docs/design.md, "Training system") so the training system can shard it.
 """
 
 from __future__ import annotations
