@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from flax import traverse_util
 from jax.experimental import multihost_utils
 from safetensors.numpy import load_file, save_file
 
@@ -50,28 +51,18 @@ def _float32(module):
     return with_compute(module, jnp.float32, False)
 
 
-def flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
+def flatten(tree: dict) -> dict[str, np.ndarray]:
+    """A params tree as safetensors wants it: 'a/b/kernel' -> float32 (other dtypes kept), C-contiguous, owned."""
     out = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "/"))
-        else:
-            v = np.asarray(v)
-            # np.array keeps 0-d scalars such as mu 0-d (np.ascontiguousarray would promote them to shape (1,)).
-            out[key] = np.array(v, dtype=np.float32 if v.dtype.kind == "f" else v.dtype, order="C", copy=True)
+    for key, v in traverse_util.flatten_dict(tree, sep="/").items():
+        v = np.asarray(v)
+        # np.array keeps 0-d scalars such as mu 0-d (np.ascontiguousarray would promote them to shape (1,)).
+        out[key] = np.array(v, dtype=np.float32 if v.dtype.kind == "f" else v.dtype, order="C", copy=True)
     return out
 
 
 def unflatten(flat: dict[str, np.ndarray]) -> dict:
-    tree: dict = {}
-    for key, value in flat.items():
-        node = tree
-        *parents, leaf = key.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
+    return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def _config_to_json(cfg) -> dict:

@@ -484,7 +484,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Setup:
 
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     if start == 0:
-        writer.write_hparams(_flatten(config.to_dict()))
+        writer.write_hparams(_hparams(config))
     hooks = [periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
                                              every_steps=config.log_every)]
     if jax.process_index() == 0 and config.profile_steps > 0:
@@ -575,17 +575,10 @@ def log_compiled(compiled, seconds: float) -> dict:
     return info
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        elif isinstance(v, (int, float, str, bool)):
-            out[key] = v
-        else:
-            out[key] = str(v)
-    return out
+def _hparams(config) -> dict:
+    """The config as TensorBoard hparams: dotted keys, scalars kept, anything else (tuples, None) as text."""
+    flat = flax.traverse_util.flatten_dict(config.to_dict(), sep=".")
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
 
 
 def _make_sampler(recipe: build.Recipe, frozen: dict, config, mesh):

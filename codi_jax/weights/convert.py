@@ -14,6 +14,7 @@ import struct
 from typing import Any, Iterable, Mapping
 
 import numpy as np
+from flax import traverse_util
 
 # Torch ModuleList / Sequential attribute names: a flax segment `name_N` becomes `name.N` only for these.
 LIST_CONTAINERS = {
@@ -48,26 +49,6 @@ def _unbox(tree):
     return nn.meta.unbox(tree)
 
 
-def _flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple, Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
-
-
-def _unflatten(flat: Mapping[tuple, Any]) -> dict:
-    out: dict = {}
-    for path, v in flat.items():
-        node = out
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = v
-    return out
-
-
 def _torch_to_flax_array(leaf: str, a: np.ndarray) -> np.ndarray:
     if leaf == "kernel" and a.ndim == 4:
         return a.transpose(2, 3, 1, 0)  # OIHW -> HWIO
@@ -90,7 +71,7 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], target: Mapping, *, igno
     Returns a nested dict of float32 numpy arrays. Raises WeightsMismatchError listing every missing, unexpected
     (not matching an `ignore` regex) and mis-shaped tensor.
     """
-    flat_target = _flatten(_unbox(target))
+    flat_target = traverse_util.flatten_dict(_unbox(target))
     used, missing, misshaped, out = set(), [], [], {}
     for path, spec in flat_target.items():
         key = flax_path_to_torch_key(path)
@@ -114,13 +95,13 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], target: Mapping, *, igno
                 lines.append(f"  {len(items)} {title} tensor(s):")
                 lines += [f"    {s}" for s in items]
         raise WeightsMismatchError("\n".join(lines))
-    return _unflatten(out)
+    return traverse_util.unflatten_dict(out)
 
 
 def flax_to_torch(params: Mapping) -> dict[str, np.ndarray]:
     """Flax params -> torch-named, torch-layout float32 numpy arrays."""
     out = {}
-    for path, v in _flatten(_unbox(params)).items():
+    for path, v in traverse_util.flatten_dict(_unbox(params)).items():
         out[flax_path_to_torch_key(path)] = np.array(
             _flax_to_torch_array(path[-1], np.asarray(v, dtype=np.float32)), order="C")
     return out
