@@ -231,8 +231,8 @@ class Recipe:
             unet, unet_params = weights.load_diffusers(teacher, "unet")
             logging.info("teacher UNet from %s", teacher)
         else:
-            unet_cfg = getattr(unet_lib.UNetConfig, _preset("unet", config.model.preset))(
-                cross_attention_dim=int(self.text_encoder.config.hidden_size))
+            unet_cfg = unet_lib.UNetConfig.preset(_preset("unet", config.model.preset),
+                                                  cross_attention_dim=int(self.text_encoder.config.hidden_size))
             unet, unet_params = unet_lib.UNet2DConditionModel(unet_cfg), None
         self.unet = with_compute(unet, self.dtype, config.remat)
         z = jnp.zeros((1, self.latent_size, self.latent_size, self.latent_channels), jnp.float32)

@@ -189,6 +189,14 @@ class UNetConfig(EncoderConfig):
                       "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"), **kw})
 
     @classmethod
+    def preset(cls, name: str, **overrides) -> "UNetConfig":
+        """sd15, sd21 or tiny, by name, as VAEConfig.preset and CLIPTextConfig.preset (config.model.preset)."""
+        presets = {"sd15": cls.sd15, "sd21": cls.sd21, "tiny": cls.tiny}
+        if name not in presets:
+            raise ValueError(f"unknown UNet preset {name!r}; known: {sorted(presets)}")
+        return presets[name](**overrides)
+
+    @classmethod
     def from_diffusers(cls, d: dict, **kw) -> "UNetConfig":
         check_supported(d, _REQUIRED_DEFAULTS, "UNet2DConditionModel")
         fields = {k: d[k] for k in _ENCODER_KEYS + ("out_channels", "up_block_types", "conv_in_kernel",
