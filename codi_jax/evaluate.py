@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from typing import Any
 
 import numpy as np
 from absl import app, flags, logging
+
+from codi_jax import modes
 
 LOWER_IS_BETTER = {"fid": True, "kid": True, "depth_rmse": True, "depth_si_rmse": True, "depth_delta1": False,
                    "lpips": True, "psnr": False, "ssim": False, "psnr_known": False, "clip_score": False}
@@ -41,7 +44,7 @@ def discover(workdir: str, main_mode: str) -> dict[str, str]:
         if not (os.path.isfile(index) and os.path.isfile(os.path.join(export, "DONE"))):
             return None
         with open(index) as f:
-            return json.load(f).get("_codi_jax", {}).get("mode") in ("finetune", "codi", "pe_codi", "cm", "gd")
+            return modes.is_conditional(json.load(f).get("_codi_jax", {}).get("mode"))
 
     if conditional(os.path.join(workdir, "export")):
         found[main_mode] = os.path.join(workdir, "export")
@@ -52,14 +55,23 @@ def discover(workdir: str, main_mode: str) -> dict[str, str]:
     return found
 
 
+class WorkdirMismatch(ValueError):
+    """The workdir's models were trained for another task than the config's."""
+
+
+def _check_tasks(config, methods: dict[str, str]) -> None:
+    for name, export in methods.items():
+        with open(os.path.join(export, "model_index.json")) as f:
+            meta = json.load(f).get("_codi_jax", {})
+        if meta.get("task") != config.task:
+            raise WorkdirMismatch(
+                f"{export} holds a model for task {meta.get('task')!r} (mode {meta.get('mode')!r}), but this config is "
+                f"for task {config.task!r}: evaluate it with that task's config (e.g. configs/{meta.get('task')}.py)")
+
+
 def samplers_for(mode: str, steps: tuple[int, ...], teacher_steps: int) -> list[tuple[str, str, int]]:
     """(row label suffix, sampler, steps) to evaluate for a model of this mode (the paper's Table 2 rows)."""
-    if mode in ("codi", "pe_codi", "cm"):
-        return [("", "codi", s) for s in steps]
-    if mode == "gd":
-        return [("", "ddim", s) for s in steps]
-    rows = [(" ddim", "ddim", s) for s in sorted(set(steps) | {teacher_steps})]
-    return rows + [(" dpm++", "dpmpp_2m", s) for s in steps]
+    return modes.get(mode).eval_rows(steps, teacher_steps)
 
 
 class Scorer:
@@ -263,9 +275,13 @@ def run(config, workdir: str, steps: tuple[int, ...] | None = None) -> dict:
     from codi_jax.sample import Pipeline, to_uint8
 
     steps = tuple(int(s) for s in (steps or config.eval.steps))
+    # Checked before anything is written: a mistyped workdir must not gain an eval/ folder.
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"--workdir={workdir!r} does not exist")
     methods = discover(workdir, config.mode)
     if not methods:
         raise FileNotFoundError(f"no finished conditional model in {workdir!r} (looked for export/ and */export/)")
+    _check_tasks(config, methods)
     out_dir = os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
     n_eval, bs, seed = int(config.eval.num_examples), int(config.eval.batch_size), int(config.eval.seed)
@@ -343,10 +359,18 @@ def _update_model_cards(report: dict, methods: dict[str, str]) -> None:
 def main(argv):
     del argv
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    steps = tuple(int(s) for s in FLAGS.steps.split(",")) if FLAGS.steps else None
-    from codi_jax import config as config_lib
+    from codi_jax import cli
 
-    run(config_lib.finalize(FLAGS.config), FLAGS.workdir, steps)
+    try:
+        steps = tuple(int(s) for s in FLAGS.steps.split(",")) if FLAGS.steps else None
+    except ValueError:
+        cli.fail(f"--steps={FLAGS.steps}: comma-separated step counts, e.g. 1,2,4")
+    config = cli.config(FLAGS)
+    try:
+        run(config, FLAGS.workdir, steps)
+    except (FileNotFoundError, WorkdirMismatch) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
@@ -357,4 +381,6 @@ if __name__ == "__main__":
     flags.DEFINE_string("workdir", None, "The run folder to evaluate")
     flags.DEFINE_string("steps", "", "Comma-separated step counts (default: config.eval.steps)")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    from codi_jax import cli
+
+    app.run(main, flags_parser=cli.flags_parser)

@@ -76,13 +76,13 @@ def main(argv):
         tf.config.set_visible_devices([], "GPU")
     except Exception:  # noqa: BLE001 - TF is optional at this point.
         pass
-    from codi_jax import config as config_lib
-    from codi_jax import train
+    from codi_jax import cli, train
 
     logging.info("JAX %s, process %d/%d, %d local / %d global devices (%s)", jax.__version__, jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
-    # --config.key=value overrides land after get_config: derive the mode-dependent fields and validate again.
-    config = config_lib.finalize(FLAGS.config)
+    # --config.key=value overrides land after get_config: derive the mode-dependent fields and validate again. A
+    # mistake in the config is one line and status 2.
+    config = cli.config(FLAGS)
     if not train.train_and_evaluate(config, FLAGS.workdir):
         # Stopped early by a preemption signal after checkpointing: a distinct status (EX_TEMPFAIL) tells
         # supervisors that the run is not finished and should be restarted from the same workdir.
@@ -90,4 +90,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from codi_jax import cli
+
+    app.run(main, flags_parser=cli.flags_parser)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from codi_jax import diffusion
+from codi_jax import diffusion, modes
 
 
 def sample_latents(apply: Callable, params: Any, inputs: dict, rng: jax.Array, *, method: str, num_steps: int,
@@ -85,7 +85,7 @@ class Pipeline:
         with open(index_file) as f:
             self.meta = json.load(f).get("_codi_jax", {})
         mode = self.meta.get("mode")
-        self.conditional = mode in ("finetune", "codi", "pe_codi", "cm", "gd")
+        self.conditional = modes.is_conditional(mode)
         if not self.conditional and not os.path.isdir(os.path.join(path, "unet")):
             raise ValueError(f"{path!r} holds a {mode!r} model, neither a conditional nor a text-to-image one")
         if not self.conditional:  # a text-to-image pipeline, ours or any diffusers SD folder
@@ -174,7 +174,9 @@ class Pipeline:
         if output_type not in ("uint8", "float"):
             raise ValueError(f"output_type must be 'uint8' or 'float', got {output_type!r}")
         default_method, default_steps = self.default_sampler()
-        method, steps = method or default_method, int(steps or default_steps)
+        if steps is not None and int(steps) < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+        method, steps = method or default_method, int(default_steps if steps is None else steps)
         cond = np.asarray(cond_images, np.float32)
         if self.conditional and (cond.ndim != 4 or cond.shape[-1] != self.model.config.control.conditioning_channels):
             raise ValueError(f"condition images must be (N, H, W, {self.model.config.control.conditioning_channels}), "
@@ -209,7 +211,15 @@ class Pipeline:
         return to_uint8(out)
 
 
-def _load_image(path: str, size: int | None, channels: int) -> np.ndarray:
+# Image modes a condition of N channels may come in as it is; anything else is converted only when asked.
+_CONDITION_MODES = {1: ("L", "I;16", "I;16B", "I"), 3: ("RGB",), 4: ("RGBA",)}
+
+
+def load_condition(path: str, size: int | None, channels: int, *, convert: bool = False,
+                   resize: bool = False) -> np.ndarray:
+    """A condition image file -> float32 (H, W, channels) in [-1, 1], as the task builds it (depth: one grey channel,
+    near = bright; inpaint: RGBA, the alpha the hole mask). A mode or size the model was not trained on is an error
+    naming both, unless convert / resize ask for the conversion."""
     from PIL import Image
 
     try:
@@ -217,10 +227,19 @@ def _load_image(path: str, size: int | None, channels: int) -> np.ndarray:
         image.load()
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files.
         raise ValueError(f"cannot read condition image {path!r}: {e}") from e
-    image = image.convert("L" if channels == 1 else "RGB")
-    if size:
+    accepted = _CONDITION_MODES[channels]
+    if image.mode not in accepted:
+        if not convert:
+            raise ValueError(f"condition image {path!r} is {image.mode} ({len(image.getbands())} channels); the model "
+                             f"takes {channels} channel(s) ({' or '.join(accepted)}): convert it, or pass --convert")
+        image = image.convert(accepted[0])
+    if size and image.size != (size, size):
+        if not resize:
+            raise ValueError(f"condition image {path!r} is {image.size[0]}x{image.size[1]}; the model was trained "
+                             f"at {size}x{size}: resize it, or pass --resize")
         image = image.resize((size, size), Image.BICUBIC)
-    x = np.asarray(image, np.float32) / 127.5 - 1.0
+    x = np.asarray(image, np.float32)
+    x = x / (65535.0 if image.mode.startswith("I") else 255.0) * 2.0 - 1.0
     return x[..., None] if x.ndim == 2 else x
 
 
@@ -233,21 +252,43 @@ def main(argv=None) -> int:
     parser.add_argument("--model", required=True, help="workdir of a finished run, or its export/ folder")
     parser.add_argument("--cond", required=True, nargs="+", help="condition image(s) (depth map, low-res image, ...)")
     parser.add_argument("--prompt", required=True, nargs="+", help="one prompt, or one per condition image")
-    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--steps", type=_positive_int, default=None, help="sampling steps (default: the model's)")
     parser.add_argument("--method", default=None, help="codi | ddim | dpmpp_2m | euler (default: the model's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--guidance", type=float, default=1.0)
     parser.add_argument("--out", required=True, help="output PNG (several images are written side by side)")
+    parser.add_argument("--resize", action="store_true", help="resize condition images to the model's trained size")
+    parser.add_argument("--convert", action="store_true",
+                        help="convert condition images to the model's channels (e.g. RGB to grey for depth)")
     args = parser.parse_args(argv)
-    pipe = Pipeline.load(args.model)
-    channels = pipe.model.config.control.conditioning_channels
-    size = int(pipe.meta.get("image_size", 0)) or None
-    cond = np.stack([_load_image(p, size, channels) for p in args.cond])
+    try:
+        pipe = Pipeline.load(args.model)
+        if not pipe.conditional:
+            raise ValueError(f"{args.model!r} holds a text-to-image model ({pipe.meta.get('mode')!r}): it takes no "
+                             "condition image")
+        channels = pipe.model.config.control.conditioning_channels
+        size = int(pipe.meta.get("image_size", 0)) or None
+        cond = np.stack([load_condition(p, size, channels, convert=args.convert, resize=args.resize)
+                         for p in args.cond])
+    except (ValueError, FileNotFoundError) as e:
+        parser.exit(2, f"error: {e}\n")
     prompts = args.prompt * len(args.cond) if len(args.prompt) == 1 else args.prompt
     images = pipe(cond, prompts, method=args.method, steps=args.steps, seed=args.seed, guidance_scale=args.guidance)
     Image.fromarray(np.concatenate(list(images), axis=1)).save(args.out)
     print(f"wrote {args.out} ({len(images)} images)")
     return 0
+
+
+def _positive_int(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 if __name__ == "__main__":

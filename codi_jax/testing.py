@@ -70,3 +70,18 @@ def tiny_config(name: str = "depth", teacher: str = "", *, finalize: bool = True
             node = node[p]
         node[leaf] = value
     return config_lib.finalize(c) if finalize else c
+
+
+def export_untrained(config, workdir: str, transform=None) -> str:
+    """<workdir>/export for `config` as training would write it, from the recipe's initial weights (optionally
+    transformed, e.g. perturbed off their zero init) without a training step. Returns the export folder."""
+    import types
+
+    from codi_jax import build, export
+
+    recipe = build.Recipe(config, workdir)
+    params = recipe.initial_params if transform is None else transform(recipe.initial_params)
+    state = types.SimpleNamespace(ema_params=params, step=np.asarray(7))
+    path = os.path.join(workdir, "export")
+    export.export(recipe, state, recipe.frozen_host, path)
+    return path

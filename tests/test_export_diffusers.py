@@ -7,7 +7,6 @@ last conv, mu), so a dropped or mis-transposed ControlNet changes the image and 
 
 import json
 import os
-import types
 
 import numpy as np
 import pytest
@@ -38,13 +37,9 @@ def _perturb(params: dict, seed: int) -> dict:
 
 
 def _export(config, path: str, seed: int = 0) -> str:
-    from codi_jax import build, export
+    from codi_jax.testing import export_untrained
 
-    recipe = build.Recipe(config, path)
-    params = _perturb(recipe.initial_params, seed)
-    state = types.SimpleNamespace(ema_params=params, step=np.asarray(7))
-    export.export(recipe, state, recipe.frozen_host, os.path.join(path, "export"))
-    return os.path.join(path, "export")
+    return export_untrained(config, path, lambda params: _perturb(params, seed))
 
 
 @pytest.fixture(scope="module")
