@@ -201,7 +201,7 @@ def diffusers_configs(recipe) -> dict:
             "controlnet": {"conditioning_channels": data_lib.cond_channels(c.data),
                            "conditioning_embedding_out_channels": list(c.model.hint_channels)},
             "schedule": c.schedule.to_dict(), "prediction_type": c.model.prediction_type, "dtype": c.dtype,
-            "max_length": int(c.data.max_length), "codi_kw": recipe.codi_kw(),
+            "max_length": int(c.data.max_length), "codi_kw": recipe.codi_sampler_kwargs(),
             "timestep_spacing": recipe.timestep_spacing()}
 
 
@@ -432,7 +432,7 @@ def make_sampler(recipe, method: str, steps: int, latent_shape: tuple):
                   "text_null": recipe.text_encoder.apply(te, frozen["null_ids"]).astype(jnp.float32)}
         latents = sample_latents(recipe.networks(frozen).apply, params, inputs, rng, method=method, num_steps=steps,
                                  schedule=recipe.schedule, prediction_type=config.model.prediction_type,
-                                 guidance_scale=1.0, codi_kw=recipe.codi_kw(),
+                                 guidance_scale=1.0, codi_kwargs=recipe.codi_sampler_kwargs(),
                                  timestep_spacing=recipe.timestep_spacing())
         images = recipe.vae.apply({"params": frozen["vae"]}, latents / recipe.vae_scale, method="decode")
         return jnp.clip(images.astype(jnp.float32), -1.0, 1.0)

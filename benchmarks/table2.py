@@ -76,7 +76,7 @@ def main(argv=None) -> int:
 
     from absl import logging
 
-    from codi_jax import evaluate, train
+    from codi_jax import evaluate, export, train
 
     logging.set_verbosity(logging.INFO)
     workdir = os.path.abspath(args.workdir)
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"unknown methods {sorted(unknown)}; known: {list(METHODS)}")
     for name in names:  # finetune comes first: cm and gd start from it.
         method_dir = os.path.join(workdir, name)
-        if os.path.isfile(os.path.join(method_dir, "export", "DONE")):
+        if export.is_finished(os.path.join(method_dir, "export")):
             continue
         t0 = time.time()
         if not train.train_mode(method_config("tiny", name, workdir, args.steps, args.teacher), method_dir):

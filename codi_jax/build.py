@@ -396,12 +396,13 @@ class Recipe:
         latents = sample_latents(
             self.networks(frozen).apply, params, inputs, rng_s, method=method, num_steps=num_steps,
             schedule=self.schedule, prediction_type=self.config.model.prediction_type,
-            guidance_scale=guidance_scale, codi_kw=self.codi_kw(), timestep_spacing=self.timestep_spacing(),
+            guidance_scale=guidance_scale, codi_kwargs=self.codi_sampler_kwargs(),
+            timestep_spacing=self.timestep_spacing(),
         )
         images = self.vae.apply({"params": frozen["vae"]}, latents / self.vae_scale, method="decode")
         return jnp.clip(images.astype(jnp.float32), -1.0, 1.0)
 
-    def codi_kw(self) -> dict:
+    def codi_sampler_kwargs(self) -> dict:
         o = self.config.objective
         return {"distill_steps": int(o.distill_steps), "timestep_scaling": float(o.timestep_scaling),
                 "sigma_data": float(o.sigma_data)}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import os
+import re
 import sys
 
 from absl import flags
@@ -54,11 +55,23 @@ def flags_parser(argv):
         # An override that does not fit the config (config_flags applies them while parsing).
         fail(_explain_override(argv) or " ".join(str(e).split()))
     except flags.Error as e:
-        # config_flags wraps the config module's own error in a traceback; its last line is the message.
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        message = lines[-1] if lines else str(e)
-        flag = lines[0].split(":", 1)[0] if lines and lines[0].startswith("flag ") else ""
-        fail(f"{flag.removeprefix('flag ')}: {message}" if flag and message != lines[0] else message)
+        fail(_flag_error(e, spec))
+
+
+def _flag_error(error: Exception, spec: str | None) -> str:
+    """absl's 'flag --name=value: message'; for --config, config_flags puts the config module's own traceback in the
+    message, whose last line (less the exception's type) is what went wrong."""
+    text = str(error).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if len(lines) == 1:
+        return lines[0].removeprefix("flag ")
+    message = re.sub(r"^[\w.]*(Error|Exception): ", "", lines[-1])
+    name = re.match(r"flag (--[\w.]+)", lines[0])
+    if name and name.group(1) == "--config" and spec:
+        return f"--config={spec}: {message}"
+    return f"{name.group(1)}: {message}" if name else message
 
 
 def _base_config(spec: str):
@@ -88,7 +101,8 @@ def _explain_override(argv) -> str | None:
             if part not in fields:
                 near = difflib.get_close_matches(part, fields, n=1)
                 where = f"config.{'.'.join(walked)}" if walked else "the config"
-                hint = f"; did you mean {'.'.join(walked + near)!r}?" if near else f" (fields: {', '.join(sorted(fields))})"
+                hint = (f"; did you mean {'.'.join(walked + near)!r}?" if near
+                        else f" (fields: {', '.join(sorted(fields))})")
                 return f"--config.{key}={value}: {where} has no field {part!r}{hint}"
             node, walked = node[part], walked + [part]
     return None

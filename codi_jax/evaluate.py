@@ -28,7 +28,9 @@ from typing import Any
 import numpy as np
 from absl import app, flags, logging
 
+from codi_jax import export as export_lib
 from codi_jax import modes
+from codi_jax.data.tasks import condition_rgb
 
 LOWER_IS_BETTER = {"fid": True, "kid": True, "depth_rmse": True, "depth_si_rmse": True, "depth_delta1": False,
                    "lpips": True, "psnr": False, "ssim": False, "psnr_known": False, "clip_score": False}
@@ -41,7 +43,7 @@ def discover(workdir: str, main_mode: str) -> dict[str, str]:
 
     def conditional(export):
         index = os.path.join(export, "model_index.json")
-        if not (os.path.isfile(index) and os.path.isfile(os.path.join(export, "DONE"))):
+        if not (os.path.isfile(index) and export_lib.is_finished(export)):
             return None
         with open(index) as f:
             return modes.is_conditional(json.load(f).get("_codi_jax", {}).get("mode"))
@@ -63,7 +65,8 @@ def _check_tasks(config, methods: dict[str, str]) -> None:
     for name, export in methods.items():
         with open(os.path.join(export, "model_index.json")) as f:
             meta = json.load(f).get("_codi_jax", {})
-        if meta.get("task") != config.task:
+        # Exports written before the task was recorded say nothing: those are let through, as before.
+        if meta.get("task") not in (None, config.task):
             raise WorkdirMismatch(
                 f"{export} holds a model for task {meta.get('task')!r} (mode {meta.get('mode')!r}), but this config is "
                 f"for task {config.task!r}: evaluate it with that task's config (e.g. configs/{meta.get('task')}.py)")
@@ -167,7 +170,7 @@ def _grid(columns: list[np.ndarray], n: int, zoom: int = 1) -> np.ndarray:
     """Rows = examples, columns = condition | methods | ground truth (uint8), each tile enlarged `zoom` times
     (nearest neighbour, so 32 px scenes stay readable) with a 1-pixel white gutter between columns."""
     def rgb(x):
-        x = np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x[..., :3]
+        x = condition_rgb(x)
         return np.pad(x.repeat(zoom, 0).repeat(zoom, 1), ((0, 1), (0, 1), (0, 0)), constant_values=255)
 
     rows = [np.concatenate([rgb(c[i]) for c in columns], axis=1) for i in range(n)]

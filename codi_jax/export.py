@@ -79,6 +79,11 @@ def _config_to_json(cfg) -> dict:
     return convert(cfg)
 
 
+def is_finished(path: str) -> bool:
+    """A finished export: its DONE file is written last, after every component."""
+    return os.path.isfile(os.path.join(path, "DONE"))
+
+
 def export(recipe, state, frozen: dict, path: str) -> None:
     from codi_jax import weights
 
@@ -96,7 +101,7 @@ def export(recipe, state, frozen: dict, path: str) -> None:
             "schedule": config.schedule.to_dict(), "image_size": int(config.data.image_size),
             "max_length": int(config.data.max_length), "default_sampler": list(recipe.default_sampler()),
             "timestep_spacing": recipe.timestep_spacing() if recipe.mode != "vae" else "leading",
-            **(recipe.codi_kw() if recipe.mode != "vae" else {})}
+            **(recipe.codi_sampler_kwargs() if recipe.mode != "vae" else {})}
     pipeline_class = "StableDiffusionPipeline"
     if recipe.mode == "vae":
         weights.save_diffusers(os.path.join(path, "vae"), "vae", _float32(recipe.vae), ema)

@@ -66,6 +66,12 @@ def main(argv):
     del argv
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     logging.get_absl_handler().addFilter(_QuietLibraries())
+    from codi_jax import cli
+
+    # --config.key=value overrides land after get_config: derive the mode-dependent fields and validate again. A
+    # mistake in the config is one line and status 2, before the distributed runtime, TensorFlow or any device starts
+    # (on a pod every host would otherwise wait on the others first).
+    config = cli.config(FLAGS)
     initialize_distributed()
     import jax
 
@@ -76,13 +82,10 @@ def main(argv):
         tf.config.set_visible_devices([], "GPU")
     except Exception:  # noqa: BLE001 - TF is optional at this point.
         pass
-    from codi_jax import cli, train
+    from codi_jax import train
 
     logging.info("JAX %s, process %d/%d, %d local / %d global devices (%s)", jax.__version__, jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
-    # --config.key=value overrides land after get_config: derive the mode-dependent fields and validate again. A
-    # mistake in the config is one line and status 2.
-    config = cli.config(FLAGS)
     if not train.train_and_evaluate(config, FLAGS.workdir):
         # Stopped early by a preemption signal after checkpointing: a distinct status (EX_TEMPFAIL) tells
         # supervisors that the run is not finished and should be restarted from the same workdir.

@@ -24,7 +24,7 @@ from codi_jax import diffusion, modes
 
 
 def sample_latents(apply: Callable, params: Any, inputs: dict, rng: jax.Array, *, method: str, num_steps: int,
-                   schedule, prediction_type: str, guidance_scale: float = 1.0, codi_kw: dict | None = None,
+                   schedule, prediction_type: str, guidance_scale: float = 1.0, codi_kwargs: dict | None = None,
                    timestep_spacing: str = "leading", z_T: jax.Array | None = None):
     """apply(params, z, t, inputs) -> raw network output; inputs has 'latents' (for the shape), 'text', 'text_null'.
     z_T: the initial noise (default: drawn from rng)."""
@@ -39,7 +39,7 @@ def sample_latents(apply: Callable, params: Any, inputs: dict, rng: jax.Array, *
             return out
         return out, apply(params, z, t, uncond)
 
-    kw = dict(codi_kw or {}) if method == "codi" else {}
+    kw = dict(codi_kwargs or {}) if method == "codi" else {}
     return diffusion.sample(model_fn, z_T, method=method, num_steps=num_steps, schedule=schedule,
                             prediction_type=prediction_type, timestep_spacing=timestep_spacing,
                             guidance_scale=guidance_scale, rng=rng_s, **kw)
@@ -62,6 +62,35 @@ def _meta_from_scheduler(path: str) -> dict:
             "prediction_type": c.get("prediction_type", "epsilon")}
 
 
+def export_folder(path: str) -> str:
+    """A run's <workdir>/export, or `path` itself when it is an export (or any diffusers pipeline folder)."""
+    if os.path.isdir(os.path.join(path, "export")):
+        path = os.path.join(path, "export")
+    if not os.path.isfile(os.path.join(path, "model_index.json")):
+        raise FileNotFoundError(f"{path!r} is not a codi_jax export (no model_index.json); pass a workdir whose "
+                                "training finished, or its export/ folder")
+    return path
+
+
+def condition_spec(path: str) -> tuple[int, int | None]:
+    """(channels, trained size or None) of the condition images the model at `path` takes, from its metadata alone,
+    so that a wrong condition is refused before the weights load (seconds for an SD1.5-size model)."""
+    from codi_jax import export as export_lib
+
+    path = export_folder(path)
+    with open(os.path.join(path, "model_index.json")) as f:
+        meta = json.load(f).get("_codi_jax", {})
+    if not modes.is_conditional(meta.get("mode")):
+        raise ValueError(f"{path!r} holds a text-to-image model ({meta.get('mode') or 'no codi_jax mode'}): it takes "
+                         "no condition image")
+    config_file = os.path.join(path, "conditional", "config.json")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"{path!r} holds no exported conditional model (conditional/config.json is missing)")
+    with open(config_file) as f:
+        control = export_lib.conditional_config_from_json(json.load(f)).control
+    return int(control.conditioning_channels), int(meta.get("image_size", 0)) or None
+
+
 def to_uint8(images) -> np.ndarray:
     return np.asarray(((np.asarray(images, np.float32) + 1.0) * 127.5).round().clip(0, 255), np.uint8)
 
@@ -76,13 +105,8 @@ class Pipeline:
         from codi_jax import weights
         from codi_jax.data import load_tokenizer
 
-        if os.path.isdir(os.path.join(path, "export")):
-            path = os.path.join(path, "export")
-        index_file = os.path.join(path, "model_index.json")
-        if not os.path.isfile(index_file):
-            raise FileNotFoundError(f"{path!r} is not a codi_jax export (no model_index.json); pass a workdir whose "
-                                    "training finished, or its export/ folder")
-        with open(index_file) as f:
+        path = export_folder(path)
+        with open(os.path.join(path, "model_index.json")) as f:
             self.meta = json.load(f).get("_codi_jax", {})
         mode = self.meta.get("mode")
         self.conditional = modes.is_conditional(mode)
@@ -122,9 +146,10 @@ class Pipeline:
     def _fn(self, method: str, steps: int, guidance_scale: float, stochastic: bool = False):
         key = (method, steps, guidance_scale, stochastic)
         if key not in self._compiled:
-            codi_kw = {k: self.meta[k] for k in ("distill_steps", "timestep_scaling", "sigma_data") if k in self.meta}
+            codi_kwargs = {k: self.meta[k] for k in ("distill_steps", "timestep_scaling", "sigma_data")
+                           if k in self.meta}
             if stochastic:
-                codi_kw["stochastic"] = True
+                codi_kwargs["stochastic"] = True
             factor = self.vae.config.downsample_factor
 
             def run(params, cond, ids, null_ids, rng, z_T):
@@ -139,7 +164,7 @@ class Pipeline:
                     apply = lambda p, z, t, x: self.model.apply({"params": p}, z, t, x["text"])  # noqa: E731
                 latents = sample_latents(apply, params["model"], inputs, rng, method=method, num_steps=steps,
                                          schedule=self.schedule, prediction_type=self.meta["prediction_type"],
-                                         guidance_scale=guidance_scale, codi_kw=codi_kw,
+                                         guidance_scale=guidance_scale, codi_kwargs=codi_kwargs,
                                          timestep_spacing=self.meta.get("timestep_spacing", "leading"), z_T=z_T)
                 images = self.vae.apply({"params": params["vae"]}, latents / self.scale, method="decode")
                 return jnp.clip(images, -1.0, 1.0)
@@ -253,7 +278,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cond", required=True, nargs="+", help="condition image(s) (depth map, low-res image, ...)")
     parser.add_argument("--prompt", required=True, nargs="+", help="one prompt, or one per condition image")
     parser.add_argument("--steps", type=_positive_int, default=None, help="sampling steps (default: the model's)")
-    parser.add_argument("--method", default=None, help="codi | ddim | dpmpp_2m | euler (default: the model's)")
+    parser.add_argument("--method", default=None, choices=diffusion.METHODS, help="default: the model's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--guidance", type=float, default=1.0)
     parser.add_argument("--out", required=True, help="output PNG (several images are written side by side)")
@@ -261,15 +286,20 @@ def main(argv=None) -> int:
     parser.add_argument("--convert", action="store_true",
                         help="convert condition images to the model's channels (e.g. RGB to grey for depth)")
     args = parser.parse_args(argv)
+    # Everything that can be wrong with the request is checked before the model loads and compiles, so that the
+    # mistake costs seconds, not a sampling run that then cannot save its image.
+    if len(args.prompt) not in (1, len(args.cond)):
+        parser.error(f"{len(args.prompt)} prompts for {len(args.cond)} condition images: give one, or one per image")
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        parser.error(f"--out={args.out}: the folder {out_dir!r} does not exist")
+    if os.path.splitext(args.out)[1].lower() not in Image.registered_extensions():
+        parser.error(f"--out={args.out}: not an image file name (e.g. out.png)")
     try:
-        pipe = Pipeline.load(args.model)
-        if not pipe.conditional:
-            raise ValueError(f"{args.model!r} holds a text-to-image model ({pipe.meta.get('mode')!r}): it takes no "
-                             "condition image")
-        channels = pipe.model.config.control.conditioning_channels
-        size = int(pipe.meta.get("image_size", 0)) or None
+        channels, size = condition_spec(args.model)
         cond = np.stack([load_condition(p, size, channels, convert=args.convert, resize=args.resize)
                          for p in args.cond])
+        pipe = Pipeline.load(args.model)
     except (ValueError, FileNotFoundError) as e:
         parser.exit(2, f"error: {e}\n")
     prompts = args.prompt * len(args.cond) if len(args.prompt) == 1 else args.prompt

@@ -597,9 +597,7 @@ def _make_sampler(recipe: build.Recipe, frozen: dict, config, mesh):
         images = np.asarray(multihost_utils.process_allgather(fn(state.ema_params, frozen, batch), tiled=True))
         rows = [images, host["image"]]
         if "cond" in host and recipe.mode != "vae":
-            cond = host["cond"]
-            cond = cond[..., :3] if cond.shape[-1] >= 3 else np.repeat(cond[..., :1], 3, axis=-1)
-            rows.insert(0, cond)
+            rows.insert(0, data_lib.tasks.condition_rgb(host["cond"]))
         grid = np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)
         return ((grid[None] + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
 
@@ -640,6 +638,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> bool:
     """Runs the prerequisite stages (embedded default: VAE, then the text-to-image teacher), the main mode, and
     optionally the evaluation, each resuming where it stopped. False when a preemption stopped it early."""
     from codi_jax import config as common
+    from codi_jax import export as export_lib
 
     for stage in config.stages:
         stage_cfg = common.stage_config(config, stage)
@@ -647,7 +646,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> bool:
         for field in ("teacher", "vae_from", "text_encoder_from"):
             stage_cfg[field] = build.resolve(stage_cfg[field], workdir)
         stage_dir = os.path.join(workdir, stage)
-        if os.path.isfile(os.path.join(stage_dir, "export", "DONE")):
+        if export_lib.is_finished(os.path.join(stage_dir, "export")):
             logging.info("stage %s already done in %s", stage, stage_dir)
             continue
         logging.info("=== stage %s (%d steps) in %s", stage, stage_cfg.total_steps, stage_dir)

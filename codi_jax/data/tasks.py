@@ -33,6 +33,12 @@ def disparity_condition(rec: dict[str, Any]) -> np.ndarray:
     return (norm * 2 - 1)[..., None].astype(np.float32)
 
 
+def condition_rgb(cond: np.ndarray) -> np.ndarray:
+    """A condition (..., C) as an image to look at, (..., 3), same value range: depth's one channel as grey, the
+    first three channels otherwise (inpaint: the masked image; its mask channel is dropped)."""
+    return cond[..., :3] if cond.shape[-1] >= 3 else np.repeat(cond[..., :1], 3, axis=-1)
+
+
 def inpaint_condition(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Masked image (holes set to 0, i.e. mid-grey) and the mask in [-1,1] (1 = hole): (H,W,4)."""
     keep = (1.0 - mask)[..., None]
