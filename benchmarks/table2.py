@@ -41,27 +41,13 @@ METHODS = {
 
 
 def method_config(base_arg: str, name: str, workdir: str, steps: int, teacher: str = "builtin:scenes32"):
-    from codi_jax import config as config_lib
-    import importlib.util
+    """configs/depth.py:<base_arg> for one method: no stages, no evaluation, `steps` steps from `teacher`; cm and gd
+    start from the finetune run in the same workdir ('@finetune': a codi_jax workdir, not its export)."""
+    from codi_jax.testing import tiny_config
 
-    spec = importlib.util.spec_from_file_location("depth", os.path.join(REPO, "configs", "depth.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config(base_arg)
-    c.stages = ()
-    c.run_eval = False
-    c.teacher = teacher
-    c.vae_from = ""
-    c.total_steps = steps
-    for key, value in METHODS[name].items():
-        if key == "init_from":
-            value = os.path.join(workdir, value[1:])
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config_lib.finalize(c)
+    assert base_arg == "tiny", "the miniature Table 2 runs the tiny config"
+    overrides = {k: os.path.join(workdir, v[1:]) if k == "init_from" else v for k, v in METHODS[name].items()}
+    return tiny_config("depth", teacher, total_steps=steps, **overrides)
 
 
 def main(argv=None) -> int:
