@@ -244,7 +244,7 @@ def load_condition(path: str, size: int | None, channels: int, *, convert: bool 
                    resize: bool = False) -> np.ndarray:
     """A condition image file -> float32 (H, W, channels) in [-1, 1], as the task builds it (depth: one grey channel,
     near = bright; inpaint: RGBA, the alpha the hole mask). A mode or size the model was not trained on is an error
-    naming both, unless convert / resize ask for the conversion."""
+    naming what the file is and what the model takes, unless convert / resize ask for the conversion."""
     from PIL import Image
 
     try:
@@ -253,15 +253,19 @@ def load_condition(path: str, size: int | None, channels: int, *, convert: bool 
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files.
         raise ValueError(f"cannot read condition image {path!r}: {e}") from e
     accepted = _CONDITION_MODES[channels]
-    if image.mode not in accepted:
-        if not convert:
-            raise ValueError(f"condition image {path!r} is {image.mode} ({len(image.getbands())} channels); the model "
-                             f"takes {channels} channel(s) ({' or '.join(accepted)}): convert it, or pass --convert")
+    wrong_mode, wrong_size = image.mode not in accepted, bool(size) and image.size != (size, size)
+    # Both mismatches in the one line, so that a user fixes the file (or picks the flags) once.
+    needed = [flag for flag, wrong, asked in (("--convert", wrong_mode, convert), ("--resize", wrong_size, resize))
+              if wrong and not asked]
+    if needed:
+        wanted = f"{size}x{size}, " if size else ""
+        raise ValueError(
+            f"condition image {path!r} is {image.size[0]}x{image.size[1]}, {image.mode} ({len(image.getbands())} "
+            f"channel(s)); the model takes {wanted}{channels} channel(s) ({' or '.join(accepted)}): prepare it so, or "
+            f"pass {' '.join(needed)}")
+    if wrong_mode:
         image = image.convert(accepted[0])
-    if size and image.size != (size, size):
-        if not resize:
-            raise ValueError(f"condition image {path!r} is {image.size[0]}x{image.size[1]}; the model was trained "
-                             f"at {size}x{size}: resize it, or pass --resize")
+    if wrong_size:
         image = image.resize((size, size), Image.BICUBIC)
     x = np.asarray(image, np.float32)
     x = x / (65535.0 if image.mode.startswith("I") else 255.0) * 2.0 - 1.0

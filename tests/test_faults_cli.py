@@ -3,6 +3,7 @@
 workdir that does not exist or holds another task's model; sample's step count and a condition image of the wrong
 mode or size (converted or resized only when asked)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -26,9 +27,9 @@ def _run(*args):
 
 def _one_line(out, needle):
     assert "Traceback" not in out.stderr, out.stderr[-3000:]
-    lines = [line for line in out.stderr.splitlines() if needle in line]
-    assert len(lines) == 1, out.stderr[-3000:]
-    return lines[0]
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert lines and needle in lines[-1] and sum(needle in line for line in lines) == 1, out.stderr[-3000:]
+    return lines[-1]
 
 
 @pytest.mark.parametrize("flag, needle, expected", [
@@ -43,6 +44,7 @@ def test_main_config_mistakes(tmp_path, flag, needle, expected):
     assert out.returncode == 2
     assert expected in _one_line(out, needle)
     assert not workdir.exists()
+    assert "global devices" not in out.stderr  # refused before JAX or TensorFlow started
 
 
 def test_missing_config_file_and_unknown_variant(tmp_path):
@@ -50,7 +52,8 @@ def test_missing_config_file_and_unknown_variant(tmp_path):
     assert out.returncode == 2 and "no such config file 'configs/nope.py'" in _one_line(out, "nope.py")
     out = _run("codi_jax.evaluate", "--config=configs/depth.py:huge", f"--workdir={tmp_path / 'b'}")
     assert out.returncode == 2
-    assert "unknown config variant 'huge'" in _one_line(out, "huge")
+    line = _one_line(out, "huge")
+    assert "--config=configs/depth.py:huge: unknown config variant 'huge'" in line and "ValueError" not in line
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
@@ -62,34 +65,57 @@ def test_evaluate_missing_workdir_creates_nothing(tmp_path):
     assert not workdir.exists()
 
 
-@pytest.fixture(scope="module")
-def depth_export(tmp_path_factory):
-    from codi_jax.testing import export_untrained, make_random_pipeline, tiny_config
+def _depth_export(workdir, task="depth") -> str:
+    """<workdir>/export as training writes it for a 32x32, one-channel depth model, less the weights: everything the
+    checks below read (the model index's metadata, the conditional model's config, DONE), in the real format."""
+    from codi_jax import export
+    from codi_jax.models.conditional import ConditionalConfig
+    from codi_jax.models.controlnet import ControlNetConfig
+    from codi_jax.models.unet import UNetConfig
 
-    teacher = make_random_pipeline(str(tmp_path_factory.mktemp("teacher")))
-    workdir = str(tmp_path_factory.mktemp("depth_run"))
-    export_untrained(tiny_config("depth", teacher, mode="codi"), workdir)
-    return workdir
+    path = os.path.join(workdir, "export")
+    os.makedirs(os.path.join(path, "conditional"))
+    unet = UNetConfig.tiny()
+    config = ConditionalConfig(unet=unet, control=ControlNetConfig.from_unet(unet, conditioning_channels=1))
+    with open(os.path.join(path, "conditional", "config.json"), "w") as f:
+        json.dump(export._config_to_json(config), f)
+    with open(os.path.join(path, "model_index.json"), "w") as f:
+        json.dump({"_codi_jax": {"mode": "codi", "task": task, "image_size": 32, "default_sampler": ["codi", 4]}}, f)
+    open(os.path.join(path, "DONE"), "w").close()
+    return path
 
 
-def test_evaluate_another_tasks_config_names_both_tasks(depth_export):
+def test_evaluate_another_tasks_config_names_both_tasks(tmp_path):
+    _depth_export(tmp_path)
+    out = _run("codi_jax.evaluate", "--config=configs/sr.py:tiny", f"--workdir={tmp_path}")
+    assert out.returncode == 1
+    line = _one_line(out, "task 'depth'")
+    assert "task 'depth' (mode 'codi'), but this config is for task 'sr'" in line and "configs/depth.py" in line
+    assert not (tmp_path / "eval").exists()
+
+
+def test_evaluate_lets_through_an_export_that_records_no_task(tmp_path):
     from codi_jax.testing import tiny_config
 
-    config = tiny_config("sr")
-    with pytest.raises(evaluate.WorkdirMismatch, match=r"task 'depth' \(mode 'codi'\), but this config is for task "
-                                                       r"'sr'.*configs/depth.py"):
-        evaluate.run(config, depth_export)
-    assert not os.path.exists(os.path.join(depth_export, "eval"))
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "model_index.json").write_text('{"_codi_jax": {"mode": "codi"}}')
+    evaluate._check_tasks(tiny_config("sr"), {"codi": str(export)})
+    (export / "model_index.json").write_text('{"_codi_jax": {"mode": "codi", "task": "depth"}}')
+    with pytest.raises(evaluate.WorkdirMismatch, match="task 'depth'"):
+        evaluate._check_tasks(tiny_config("sr"), {"codi": str(export)})
 
 
 def test_sample_condition_mode_and_size_only_converted_when_asked(tmp_path):
     rgba = tmp_path / "odd.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (23, 17, 4), np.uint8), "RGBA").save(rgba)
-    with pytest.raises(ValueError, match=r"odd.png' is RGBA \(4 channels\); the model takes 1 channel\(s\) "
-                                         r"\(L or .*pass --convert"):
+    with pytest.raises(ValueError, match=r"odd.png' is 17x23, RGBA \(4 channel\(s\)\); the model takes 32x32, 1 "
+                                         r"channel\(s\) \(L or .*: prepare it so, or pass --convert --resize$"):
         sample.load_condition(str(rgba), 32, 1)
-    with pytest.raises(ValueError, match=r"odd.png' is 17x23; the model was trained at 32x32: .*--resize"):
+    with pytest.raises(ValueError, match=r"odd.png' is 17x23, RGBA .* pass --resize$"):
         sample.load_condition(str(rgba), 32, 1, convert=True)
+    with pytest.raises(ValueError, match=r"odd.png' is 17x23, RGBA .* pass --convert$"):
+        sample.load_condition(str(rgba), 32, 1, resize=True)
     x = sample.load_condition(str(rgba), 32, 1, convert=True, resize=True)
     assert x.shape == (32, 32, 1) and -1 <= x.min() and x.max() <= 1
     grey = tmp_path / "depth.png"
@@ -97,15 +123,23 @@ def test_sample_condition_mode_and_size_only_converted_when_asked(tmp_path):
     assert np.all(sample.load_condition(str(grey), 32, 1) == 1.0)  # accepted as it is: no conversion
 
 
-def test_sample_cli_steps_and_condition(depth_export, tmp_path):
-    out = _run("codi_jax.sample", f"--model={depth_export}", "--cond=x.png", "--prompt=a", "--out=o.png", "--steps=0")
-    assert out.returncode == 2 and "argument --steps: must be at least 1, got 0" in out.stderr
+def test_sample_cli_steps_and_condition(tmp_path, capsys):
+    export = _depth_export(tmp_path)
+    assert sample.condition_spec(str(tmp_path)) == (1, 32)
     rgba = tmp_path / "odd.png"
     Image.fromarray(np.zeros((23, 17, 4), np.uint8), "RGBA").save(rgba)
-    out = _run("codi_jax.sample", f"--model={depth_export}", f"--cond={rgba}", "--prompt=a red sphere",
+    out = _run("codi_jax.sample", f"--model={tmp_path}", f"--cond={rgba}", "--prompt=a red sphere",
                f"--out={tmp_path / 'o.png'}")
-    assert out.returncode == 2 and "is RGBA (4 channels); the model takes 1" in _one_line(out, "odd.png")
+    assert out.returncode == 2
+    assert "odd.png' is 17x23, RGBA (4 channel(s)); the model takes 32x32, 1 channel(s)" in _one_line(out, "odd.png")
     assert not (tmp_path / "o.png").exists()
-    pipe = sample.Pipeline.load(depth_export)
+    with pytest.raises(SystemExit) as exit_:  # argparse: refused before the model is read at all
+        sample.main([f"--model={export}", f"--cond={rgba}", "--prompt=a", "--out=o.png", "--steps=0"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith("argument --steps: must be at least 1, got 0")
+    # The Python API refuses it too, instead of quietly taking the model's default: checked before any weights are
+    # touched, so a Pipeline without them shows it.
+    pipe = sample.Pipeline.__new__(sample.Pipeline)
+    pipe.meta = {"default_sampler": ["codi", 4]}
     with pytest.raises(ValueError, match="steps must be at least 1, got 0"):
         pipe(np.zeros((1, 32, 32, 1), np.float32), ["a"], steps=0)
