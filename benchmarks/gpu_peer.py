@@ -256,18 +256,9 @@ def random_tree(abstract, key):
 
 def batch_spec(config) -> dict:
     """The global batch train.setup's loader delivers (image, token ids, condition), as ShapeDtypeStructs."""
-    import jax
-    import jax.numpy as jnp
+    from codi_jax import train
 
-    from codi_jax import data as data_lib
-
-    b, s = int(config.batch_size), int(config.data.image_size)
-    spec = {"image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.float32),
-            "input_ids": jax.ShapeDtypeStruct((b, int(config.data.max_length)), jnp.int32)}
-    channels = data_lib.cond_channels(config.data)
-    if channels:
-        spec["cond"] = jax.ShapeDtypeStruct((b, s, s, channels), jnp.float32)
-    return spec
+    return train.batch_spec(config)
 
 
 def random_batch(spec: dict, vocab: int, seed: int = 0) -> dict:
@@ -329,26 +320,22 @@ class Program:
         self.step_fn = train.make_train_step(recipe, tx, self.lr_schedule, config)
 
     def lower(self, mesh):
-        """The step jitted with train.setup's shardings on `mesh` (donated state), lowered on abstract arguments.
-        Returns (lowered, shardings)."""
+        """The step jitted with train.setup's shardings on `mesh` (donated state, train.plan), lowered on abstract
+        arguments. Returns (lowered, shardings)."""
         import flax.linen as nn
         import jax
 
-        from codi_jax import checkpoint, parallel
+        from codi_jax import checkpoint, parallel, train
 
-        with nn.logical_axis_rules(self.rules):
-            state_sh = parallel.logical_shardings(self.abstract_boxed, mesh, self.rules)
-            frozen_sh = parallel.logical_shardings(self.recipe.frozen_abstract, mesh, self.rules)
-        spec = batch_spec(self.config)
-        batch_sh = {k: parallel.batch_sharding(mesh, len(v.shape)) for k, v in spec.items()}
-        abstract_state = checkpoint.abstract_with_shardings(nn.meta.unbox(self.abstract_boxed), state_sh)
-        abstract_frozen = checkpoint.abstract_with_shardings(nn.meta.unbox(self.recipe.frozen_abstract), frozen_sh)
-        abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh[k]) for k, v in spec.items()}
-        with nn.logical_axis_rules(self.rules), jax.set_mesh(mesh):
-            fn = jax.jit(self.step_fn, in_shardings=(state_sh, frozen_sh, batch_sh),
-                         out_shardings=(state_sh, parallel.replicated(mesh)), donate_argnums=(0,))
-            lowered = fn.lower(abstract_state, abstract_frozen, abstract_batch)
-        return lowered, (state_sh, frozen_sh, batch_sh)
+        p = train.plan(self.config, self.recipe, mesh)
+        abstract_frozen = checkpoint.abstract_with_shardings(nn.meta.unbox(self.recipe.frozen_abstract),
+                                                             p.frozen_shardings)
+        batch_sh = {k: parallel.batch_sharding(mesh, len(v.shape)) for k, v in p.batch_spec.items()}
+        abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh[k])
+                          for k, v in p.batch_spec.items()}
+        with nn.logical_axis_rules(p.rules), jax.set_mesh(mesh):
+            lowered = p.jit().lower(p.abstract_state, abstract_frozen, abstract_batch)
+        return lowered, (p.state_shardings, p.frozen_shardings, batch_sh)
 
     def lower_init(self, shardings):
         """The random initialisation of the state (as train.setup's make_state: params, AdamW state, EMA = params)

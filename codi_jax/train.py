@@ -103,7 +103,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTra
     return optax.chain(*chain), lr
 
 
-def _batch_spec(config) -> dict[str, jax.ShapeDtypeStruct]:
+def batch_spec(config) -> dict[str, jax.ShapeDtypeStruct]:
     """The global batch the loader delivers, known without reading data (for the ahead-of-time compile)."""
     from codi_jax import data as data_lib
 
@@ -339,6 +339,54 @@ class Setup:
     finished: bool = False  # reached total_steps (False: stopped by a preemption signal)
 
 
+@dataclasses.dataclass
+class Plan:
+    """A config's train step before any weight exists: the state's abstract value and shardings, the frozen parts'
+    shardings, the batch it takes, and the step itself. train.setup runs it; the AOT pod plan
+    (benchmarks/aot_tpu.py) and the GPU benchmark compile it for hardware they do not have."""
+
+    recipe: build.Recipe
+    mesh: jax.sharding.Mesh
+    rules: Any
+    tx: optax.GradientTransformation
+    init_boxed_state: Any  # rng -> TrainState with boxed (logically annotated) params: for eval_shape and scratch init
+    state_shardings: Any
+    frozen_shardings: dict
+    abstract_state: Any  # ShapeDtypeStructs with shardings
+    batch_spec: dict
+    step_fn: Any  # (state, frozen, batch) -> (state, metrics), not yet jitted
+
+    def jit(self, frozen_keys=None, step_fn=None):
+        """The step jitted with explicit shardings and the state donated; frozen_keys: the frozen parts passed."""
+        keys = self.frozen_shardings if frozen_keys is None else frozen_keys
+        batch_shardings = {k: parallel.batch_sharding(self.mesh, len(v.shape)) for k, v in self.batch_spec.items()}
+        return jax.jit(step_fn or self.step_fn,
+                       in_shardings=(self.state_shardings, {k: self.frozen_shardings[k] for k in keys},
+                                     batch_shardings),
+                       out_shardings=(self.state_shardings, parallel.replicated(self.mesh)), donate_argnums=(0,))
+
+
+def plan(config: ml_collections.ConfigDict, recipe: build.Recipe, mesh: jax.sharding.Mesh) -> Plan:
+    rules = parallel.rules_from_config(config.logical_axis_rules)
+    tx, lr_schedule = make_optimizer(config)
+    target = uses_target_ema(config)
+
+    def init_boxed_state(rng):
+        params = recipe.init_fn(rng)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), ema_params=params,
+                          rng=rng, target_params=params if target else None)
+
+    # Shardings from abstract values: nothing is materialised before it is placed.
+    with nn.logical_axis_rules(rules):
+        abstract_boxed = jax.eval_shape(init_boxed_state, jax.random.PRNGKey(config.seed))
+        state_shardings = parallel.logical_shardings(abstract_boxed, mesh, rules)
+        frozen_shardings = parallel.logical_shardings(recipe.frozen_abstract, mesh, rules)
+    abstract_state = checkpoint.abstract_with_shardings(nn.meta.unbox(abstract_boxed), state_shardings)
+    return Plan(recipe=recipe, mesh=mesh, rules=rules, tx=tx, init_boxed_state=init_boxed_state,
+                state_shardings=state_shardings, frozen_shardings=frozen_shardings, abstract_state=abstract_state,
+                batch_spec=batch_spec(config), step_fn=make_train_step(recipe, tx, lr_schedule, config))
+
+
 def setup(config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.sharding.Mesh | None = None) -> Setup:
     """Mesh, recipe, shardings, start-up (workdir checkpoint > init_from > teacher > scratch) and the compiled step."""
     from codi_jax import data as data_lib
@@ -349,7 +397,6 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.sharding
     checkpointer = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
     _check_workdir(config, checkpointer)
     mesh = mesh or parallel.make_mesh(config.mesh.to_dict())
-    rules = parallel.rules_from_config(config.logical_axis_rules)
     logging.info("mode %s, mesh %s on %d devices (%d processes)", config.mode, dict(mesh.shape), jax.device_count(),
                  jax.process_count())
     if config.batch_size % parallel.data_parallel_size(mesh):
@@ -359,22 +406,11 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.sharding
         raise ValueError(f"config.batch_size={config.batch_size} does not divide over {jax.process_count()} processes")
 
     recipe = build.Recipe(config, workdir)
-    tx, lr_schedule = make_optimizer(config)
-
-    # Shardings from abstract values: nothing is materialised before it is placed.
+    p = plan(config, recipe, mesh)
+    rules, tx, init_boxed_state = p.rules, p.tx, p.init_boxed_state
+    state_shardings, frozen_shardings, abstract_state = p.state_shardings, p.frozen_shardings, p.abstract_state
     target = uses_target_ema(config)
-
-    def init_boxed_state(rng):
-        params = recipe.init_fn(rng)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), ema_params=params,
-                          rng=rng, target_params=params if target else None)
-
     rng0 = jax.random.PRNGKey(config.seed)
-    with nn.logical_axis_rules(rules):
-        abstract_boxed = jax.eval_shape(init_boxed_state, rng0)
-        state_shardings = parallel.logical_shardings(abstract_boxed, mesh, rules)
-        frozen_shardings = parallel.logical_shardings(recipe.frozen_abstract, mesh, rules)
-    abstract_state = checkpoint.abstract_with_shardings(nn.meta.unbox(abstract_boxed), state_shardings)
     replicated = parallel.replicated(mesh)
     frozen = parallel.put_global(recipe.frozen_host, {k: frozen_shardings[k] for k in recipe.frozen_host})
     if recipe.teacher_kind == "conditional":  # CM-II / GD-II: the fine-tuned model's EMA, frozen.
@@ -414,19 +450,15 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.sharding
     logging.info("%s: %.2fM trainable parameters", config.mode, n_params / 1e6)
 
     # The train step: explicit shardings, donated state, compiled ahead of time (once).
-    batch_spec = _batch_spec(config)
-    batch_shardings = {k: parallel.batch_sharding(mesh, len(v.shape)) for k, v in batch_spec.items()}
+    batch_spec = p.batch_spec
     traces: list = []
-    step_fn = make_train_step(recipe, tx, lr_schedule, config)
 
     def traced_step(state, frozen, batch):
         traces.append(1)
-        return step_fn(state, frozen, batch)
+        return p.step_fn(state, frozen, batch)
 
     with nn.logical_axis_rules(rules), jax.set_mesh(mesh):
-        jitted = jax.jit(traced_step, in_shardings=(state_shardings, {k: frozen_shardings[k] for k in frozen},
-                                                    batch_shardings),
-                         out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+        jitted = p.jit(frozen_keys=frozen, step_fn=traced_step)
         if start < config.total_steps:
             t0 = time.time()
             compiled = jitted.lower(abstract_state, jax.tree.map(
