@@ -206,6 +206,10 @@ def stage_config(c: ml_collections.ConfigDict, stage: str) -> ml_collections.Con
     return finalize(s)
 
 
+def _within(token: str, arg: str) -> str:
+    return "" if token == arg else f" in {arg!r}"
+
+
 def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> None:
     for token in filter(None, (arg or "").split(",")):
         token = token.strip()
@@ -226,9 +230,9 @@ def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> None:
             elif key == "batch":
                 c.batch_size = int(value)
             else:
-                raise ValueError(f"unknown config variant key {key!r} in {arg!r} (known: mode=, steps=, batch=)")
+                raise ValueError(f"unknown config variant key {key!r}{_within(token, arg)} (known: mode=, steps=, batch=)")
         else:
-            raise ValueError(f"unknown config variant {token!r} in {arg!r} "
+            raise ValueError(f"unknown config variant {token!r}{_within(token, arg)} "
                              "(known: tiny, scratch, full, pe, mode=, steps=, batch=)")
 
 

@@ -37,22 +37,25 @@ LOWER_IS_BETTER = {"fid": True, "kid": True, "depth_rmse": True, "depth_si_rmse"
 GROUND_TRUTH, VAE_CEILING, TEACHER = "ground truth", "ground truth via VAE", "teacher (text only)"
 
 
-def discover(workdir: str, main_mode: str) -> dict[str, str]:
-    """name -> export folder of every finished conditional model in the workdir (the run's own first)."""
+def discover(workdir: str) -> dict[str, str]:
+    """name -> export folder of every finished conditional model in the workdir: the run's own first, named by the
+    mode its export records, then each <name>/export (e.g. the methods of a Table 2 run) by its folder."""
     found = {}
 
-    def conditional(export):
+    def conditional_mode(export):
         index = os.path.join(export, "model_index.json")
         if not (os.path.isfile(index) and export_lib.is_finished(export)):
             return None
         with open(index) as f:
-            return modes.is_conditional(json.load(f).get("_codi_jax", {}).get("mode"))
+            mode = json.load(f).get("_codi_jax", {}).get("mode")
+        return mode if modes.is_conditional(mode) else None
 
-    if conditional(os.path.join(workdir, "export")):
-        found[main_mode] = os.path.join(workdir, "export")
+    own = conditional_mode(os.path.join(workdir, "export"))
+    if own:
+        found[own] = os.path.join(workdir, "export")
     for name in sorted(os.listdir(workdir)):
         export = os.path.join(workdir, name, "export")
-        if name not in found and os.path.isdir(export) and conditional(export):
+        if name not in found and os.path.isdir(export) and conditional_mode(export):
             found[name] = export
     return found
 
@@ -281,7 +284,7 @@ def run(config, workdir: str, steps: tuple[int, ...] | None = None) -> dict:
     # Checked before anything is written: a mistyped workdir must not gain an eval/ folder.
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"--workdir={workdir!r} does not exist")
-    methods = discover(workdir, config.mode)
+    methods = discover(workdir)
     if not methods:
         raise FileNotFoundError(f"no finished conditional model in {workdir!r} (looked for export/ and */export/)")
     _check_tasks(config, methods)
