@@ -408,7 +408,7 @@ def make_sampler(recipe, method: str, steps: int, latent_shape: tuple):
     not)."""
     import jax.numpy as jnp
 
-    from codi_jax.sample import sample_latents
+    from codi_jax.inference import sample_latents
 
     config = recipe.config
 

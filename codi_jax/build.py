@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any
 
@@ -18,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from codi_jax import diffusion, modes
+from codi_jax import diffusion, inference, modes
 from codi_jax.diffusion import objectives
+from codi_jax.models import with_compute
 
 
 PRETRAINED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained")
@@ -103,17 +103,6 @@ def _preset(component: str, name: str) -> str:
     if name not in _PRESETS:
         raise ValueError(f"config.model.preset={name!r} is not one of {sorted(_PRESETS)}")
     return _PRESETS[name][component]
-
-
-def with_compute(module: nn.Module, dtype, remat: bool) -> nn.Module:
-    """The same module with another compute dtype / remat setting (params are unaffected)."""
-    cfg = module.config
-    updates = {}
-    if hasattr(cfg, "dtype"):
-        updates["dtype"] = dtype
-    if hasattr(cfg, "remat"):
-        updates["remat"] = remat
-    return type(module)(dataclasses.replace(cfg, **updates))
 
 
 def _to_numpy(tree):
@@ -389,18 +378,15 @@ class Recipe:
         if self.spec.family == "vae":
             posterior = self.vae.apply({"params": params}, batch["image"], method="encode")
             return self.vae.apply({"params": params}, posterior.mode(), method="decode")
-        from codi_jax.sample import sample_latents
-
         rng_vae, rng_s = jax.random.split(rng)
         inputs = self.encode(frozen, batch, rng_vae)
-        latents = sample_latents(
-            self.networks(frozen).apply, params, inputs, rng_s, method=method, num_steps=num_steps,
-            schedule=self.schedule, prediction_type=self.config.model.prediction_type,
+        nets = self.networks(frozen)
+        return inference.generate(
+            nets.apply, params, nets.decode, text=inputs["text"], text_null=inputs["text_null"],
+            cond=inputs.get("cond"), latent_shape=inputs["latents"].shape, rng=rng_s, method=method,
+            num_steps=num_steps, schedule=self.schedule, prediction_type=self.config.model.prediction_type,
             guidance_scale=guidance_scale, codi_kwargs=self.codi_sampler_kwargs(),
-            timestep_spacing=self.timestep_spacing(),
-        )
-        images = self.vae.apply({"params": frozen["vae"]}, latents / self.vae_scale, method="decode")
-        return jnp.clip(images.astype(jnp.float32), -1.0, 1.0)
+            timestep_spacing=self.timestep_spacing())
 
     def codi_sampler_kwargs(self) -> dict:
         o = self.config.objective

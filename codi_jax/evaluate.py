@@ -358,7 +358,7 @@ def _update_model_cards(report: dict, methods: dict[str, str]) -> None:
     for name, path in methods.items():
         own = {k: v for k, v in report.items()
                if k in (GROUND_TRUTH, VAE_CEILING, TEACHER, "meta") or k == name or k.startswith(name + " ")}
-        if not export_lib.update_model_card(path, own):
+        if not export_lib.update_model_card(path, markdown(own)):
             logging.warning("%s has no codi_jax model card: its metrics are only in the eval report", path)
 
 

@@ -31,11 +31,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from flax import traverse_util
 from jax.experimental import multihost_utils
-from safetensors.numpy import load_file, save_file
 
 from codi_jax import modes
+from codi_jax.models import with_compute
 
 
 def _host(tree: Any) -> Any:
@@ -46,37 +45,7 @@ def _host(tree: Any) -> Any:
 
 
 def _float32(module):
-    from codi_jax.build import with_compute
-
     return with_compute(module, jnp.float32, False)
-
-
-def flatten(tree: dict) -> dict[str, np.ndarray]:
-    """A params tree as safetensors wants it: 'a/b/kernel' -> float32 (other dtypes kept), C-contiguous, owned."""
-    out = {}
-    for key, v in traverse_util.flatten_dict(tree, sep="/").items():
-        v = np.asarray(v)
-        # np.array keeps 0-d scalars such as mu 0-d (np.ascontiguousarray would promote them to shape (1,)).
-        out[key] = np.array(v, dtype=np.float32 if v.dtype.kind == "f" else v.dtype, order="C", copy=True)
-    return out
-
-
-def unflatten(flat: dict[str, np.ndarray]) -> dict:
-    return traverse_util.unflatten_dict(flat, sep="/")
-
-
-def _config_to_json(cfg) -> dict:
-    def convert(x):
-        if dataclasses.is_dataclass(x):
-            return {f.name: convert(getattr(x, f.name)) for f in dataclasses.fields(x)}
-        if isinstance(x, (tuple, list)):
-            return [convert(v) for v in x]
-        if isinstance(x, type) or "dtype" in type(x).__name__.lower() or hasattr(x, "dtype") and not isinstance(
-                x, (int, float)):
-            return str(jnp.dtype(x))
-        return x
-
-    return convert(cfg)
 
 
 def is_finished(path: str) -> bool:
@@ -119,7 +88,7 @@ def export(recipe, state, frozen: dict, path: str) -> None:
         else:
             full = {**ema, "unet": frozen_host["unet"]} if "unet" not in ema else ema
             model = _float32(recipe.model)
-            save_conditional(os.path.join(path, "conditional"), model, full)
+            weights.save_conditional(os.path.join(path, "conditional"), model, full)
             weights.save_diffusers(os.path.join(path, "unet"), "unet", _float32(recipe.unet), full["unet"])
             components["unet"] = ["diffusers", "UNet2DConditionModel"]
             nets = diffusers_controlnets(model.config, full)
@@ -253,7 +222,7 @@ def _command() -> str:
     return "python " + " ".join(argv)
 
 
-def model_card(index: dict, config, *, step: int | None = None, report: dict | None = None) -> str:
+def model_card(index: dict, config, *, step: int | None = None, metrics: str | None = None) -> str:
     meta = index["_codi_jax"]
     mode, task = meta["mode"], meta["task"]
     cls = index["_class_name"]
@@ -302,7 +271,7 @@ def model_card(index: dict, config, *, step: int | None = None, report: dict | N
                  "noise estimate: one step is identical, more steps agree in distribution, not pixel for pixel.", ""]
     body += ["## Training", "", "```", _command(), "```", "", "<details><summary>config</summary>", "", "```json",
              config.to_json_best_effort(indent=1) if hasattr(config, "to_json_best_effort") else json.dumps(config),
-             "```", "", "</details>", "", METRICS_BEGIN, metrics_section(report), METRICS_END, ""]
+             "```", "", "</details>", "", METRICS_BEGIN, metrics_section(metrics), METRICS_END, ""]
     return "\n".join(header + body)
 
 
@@ -311,16 +280,15 @@ def _mu_text(index: dict) -> str:
     return "learned" if mu is None else f"{mu:.4g}"
 
 
-def metrics_section(report: dict | None) -> str:
-    if not report:
+def metrics_section(table: str | None) -> str:
+    if not table:
         return "## Metrics\n\nNot evaluated yet: `python -m codi_jax.evaluate --config=... --workdir=...` fills this in."
-    from codi_jax import evaluate
-
-    return "## Metrics\n\n" + evaluate.markdown(report)
+    return "## Metrics\n\n" + table
 
 
-def update_model_card(path: str, report: dict) -> bool:
-    """Replaces the metrics section of the export's model card by `report`'s table; False if there is no card."""
+def update_model_card(path: str, table: str) -> bool:
+    """Replaces the metrics section of the export's model card by `table` (evaluate's markdown of its rows); False if
+    there is no card."""
     card = os.path.join(path, "README.md")
     if not os.path.isfile(card):
         return False
@@ -332,43 +300,6 @@ def update_model_card(path: str, report: dict) -> bool:
     _, tail = rest.split(METRICS_END, 1)
     tmp = card + ".tmp"
     with open(tmp, "w") as f:
-        f.write(head + METRICS_BEGIN + "\n" + metrics_section(report) + "\n" + METRICS_END + tail)
+        f.write(head + METRICS_BEGIN + "\n" + metrics_section(table) + "\n" + METRICS_END + tail)
     os.replace(tmp, card)
     return True
-
-
-def save_conditional(path: str, module, params: dict) -> None:
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(_config_to_json(module.config), f, indent=2)
-    save_file(flatten(params), os.path.join(path, "model.safetensors"))
-
-
-def conditional_config_from_json(d: dict):
-    from codi_jax.models.conditional import ConditionalConfig
-    from codi_jax.models.controlnet import ControlNetConfig
-    from codi_jax.models.unet import UNetConfig
-
-    def fields(cls, values):
-        names = {f.name for f in dataclasses.fields(cls)}
-        out = {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items() if k in names}
-        if "dtype" in out:
-            out["dtype"] = jnp.dtype(out["dtype"]).type
-        return out
-
-    return ConditionalConfig(unet=UNetConfig(**fields(UNetConfig, d["unet"])),
-                             control=ControlNetConfig(**fields(ControlNetConfig, d["control"])), mode=d["mode"])
-
-
-def load_conditional(path: str):
-    """(module, params) of an exported conditional model (folder conditional/ or the export folder holding it)."""
-    from codi_jax.models import conditional as cond_lib
-
-    if os.path.isdir(os.path.join(path, "conditional")):
-        path = os.path.join(path, "conditional")
-    config_file = os.path.join(path, "config.json")
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"{path!r} holds no exported conditional model (config.json is missing)")
-    with open(config_file) as f:
-        cfg = conditional_config_from_json(json.load(f))
-    return cond_lib.ConditionalUNet(cfg), unflatten(load_file(os.path.join(path, "model.safetensors")))

@@ -21,28 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from codi_jax import diffusion, modes
-
-
-def sample_latents(apply: Callable, params: Any, inputs: dict, rng: jax.Array, *, method: str, num_steps: int,
-                   schedule, prediction_type: str, guidance_scale: float = 1.0, codi_kwargs: dict | None = None,
-                   timestep_spacing: str = "leading", z_T: jax.Array | None = None):
-    """apply(params, z, t, inputs) -> raw network output; inputs has 'latents' (for the shape), 'text', 'text_null'.
-    z_T: the initial noise (default: drawn from rng)."""
-    rng_z, rng_s = jax.random.split(rng)
-    if z_T is None:
-        z_T = jax.random.normal(rng_z, inputs["latents"].shape, jnp.float32)
-    uncond = {**inputs, "text": jnp.broadcast_to(inputs["text_null"], inputs["text"].shape)}
-
-    def model_fn(z, t):
-        out = apply(params, z, t, inputs)
-        if guidance_scale == 1.0:
-            return out
-        return out, apply(params, z, t, uncond)
-
-    kw = dict(codi_kwargs or {}) if method == "codi" else {}
-    return diffusion.sample(model_fn, z_T, method=method, num_steps=num_steps, schedule=schedule,
-                            prediction_type=prediction_type, timestep_spacing=timestep_spacing,
-                            guidance_scale=guidance_scale, rng=rng_s, **kw)
+from codi_jax.inference import generate, sample_latents  # noqa: F401 - sample_latents: part of this module's API
 
 
 def _meta_from_scheduler(path: str) -> dict:
@@ -75,7 +54,7 @@ def export_folder(path: str) -> str:
 def condition_spec(path: str) -> tuple[int, int | None]:
     """(channels, trained size or None) of the condition images the model at `path` takes, from its metadata alone,
     so that a wrong condition is refused before the weights load (seconds for an SD1.5-size model)."""
-    from codi_jax import export as export_lib
+    from codi_jax import weights
 
     path = export_folder(path)
     with open(os.path.join(path, "model_index.json")) as f:
@@ -87,7 +66,7 @@ def condition_spec(path: str) -> tuple[int, int | None]:
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"{path!r} holds no exported conditional model (conditional/config.json is missing)")
     with open(config_file) as f:
-        control = export_lib.conditional_config_from_json(json.load(f)).control
+        control = weights.conditional_config_from_json(json.load(f)).control
     return int(control.conditioning_channels), int(meta.get("image_size", 0)) or None
 
 
@@ -101,7 +80,6 @@ class Pipeline:
     only set the batch and image size."""
 
     def __init__(self, path: str, *, schedule: dict | None = None, prediction_type: str | None = None):
-        from codi_jax import export as export_lib
         from codi_jax import weights
         from codi_jax.data import load_tokenizer
 
@@ -124,7 +102,7 @@ class Pipeline:
                 raise ValueError(f"{path!r}: a text-to-image pipeline without codi_jax metadata needs {missing} "
                                  "(pass schedule= and prediction_type=)")
         if self.conditional:
-            self.model, params = export_lib.load_conditional(path)
+            self.model, params = weights.load_conditional(path)
         else:
             self.model, params = weights.load_diffusers(path, "unet")
         self.vae, vae_params = weights.load_diffusers(path, "vae")
@@ -156,18 +134,17 @@ class Pipeline:
                 text = self.text_encoder.apply({"params": params["text"]}, ids)
                 text_null = self.text_encoder.apply({"params": params["text"]}, null_ids)
                 b, h, w, _ = cond.shape
-                inputs = {"latents": jnp.zeros((b, h // factor, w // factor, self.vae.config.latent_channels)),
-                          "text": text, "text_null": text_null, "cond": cond}
                 if self.conditional:
                     apply = lambda p, z, t, x: self.model.apply({"params": p}, z, t, x["text"], x["cond"])  # noqa
                 else:
                     apply = lambda p, z, t, x: self.model.apply({"params": p}, z, t, x["text"])  # noqa: E731
-                latents = sample_latents(apply, params["model"], inputs, rng, method=method, num_steps=steps,
-                                         schedule=self.schedule, prediction_type=self.meta["prediction_type"],
-                                         guidance_scale=guidance_scale, codi_kwargs=codi_kwargs,
-                                         timestep_spacing=self.meta.get("timestep_spacing", "leading"), z_T=z_T)
-                images = self.vae.apply({"params": params["vae"]}, latents / self.scale, method="decode")
-                return jnp.clip(images, -1.0, 1.0)
+                decode = lambda lat: self.vae.apply({"params": params["vae"]}, lat / self.scale, method="decode")  # noqa
+                return generate(apply, params["model"], decode, text=text, text_null=text_null, cond=cond,
+                                latent_shape=(b, h // factor, w // factor, self.vae.config.latent_channels), rng=rng,
+                                method=method, num_steps=steps, schedule=self.schedule,
+                                prediction_type=self.meta["prediction_type"], guidance_scale=guidance_scale,
+                                codi_kwargs=codi_kwargs, timestep_spacing=self.meta.get("timestep_spacing", "leading"),
+                                z_T=z_T)
 
             self._compiled[key] = jax.jit(run)
         return self._compiled[key]

@@ -68,7 +68,7 @@ def test_evaluate_missing_workdir_creates_nothing(tmp_path):
 def _depth_export(workdir, task="depth") -> str:
     """<workdir>/export as training writes it for a 32x32, one-channel depth model, less the weights: everything the
     checks below read (the model index's metadata, the conditional model's config, DONE), in the real format."""
-    from codi_jax import export
+    from codi_jax import weights
     from codi_jax.models.conditional import ConditionalConfig
     from codi_jax.models.controlnet import ControlNetConfig
     from codi_jax.models.unet import UNetConfig
@@ -78,7 +78,7 @@ def _depth_export(workdir, task="depth") -> str:
     unet = UNetConfig.tiny()
     config = ConditionalConfig(unet=unet, control=ControlNetConfig.from_unet(unet, conditioning_channels=1))
     with open(os.path.join(path, "conditional", "config.json"), "w") as f:
-        json.dump(export._config_to_json(config), f)
+        json.dump(weights.config_to_json(config), f)
     with open(os.path.join(path, "model_index.json"), "w") as f:
         json.dump({"_codi_jax": {"mode": "codi", "task": task, "image_size": 32, "default_sampler": ["codi", 4]}}, f)
     open(os.path.join(path, "DONE"), "w").close()

@@ -20,6 +20,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from codi_jax.weights.conditional import (config_to_json, conditional_config_from_json, load_conditional,
+                                          save_conditional)
 from codi_jax.weights.convert import (LIST_CONTAINERS, WeightsMismatchError, flax_path_to_torch_key, flax_to_torch,
                                       read_safetensors, safetensors_files, torch_to_flax, write_safetensors)
 
@@ -151,6 +153,7 @@ def save_diffusers(path: str, component: str, module, params) -> str:
     return folder
 
 
-__all__ = ["LIST_CONTAINERS", "REGISTRY", "WeightsMismatchError", "flax_path_to_torch_key", "flax_to_torch",
-           "load_diffusers", "param_shapes", "read_config", "read_safetensors", "resolve_folder", "safetensors_files",
+__all__ = ["LIST_CONTAINERS", "REGISTRY", "WeightsMismatchError", "conditional_config_from_json", "config_to_json",
+           "flax_path_to_torch_key", "flax_to_torch", "load_conditional", "load_diffusers", "param_shapes",
+           "read_config", "read_safetensors", "resolve_folder", "safetensors_files", "save_conditional",
            "save_diffusers", "torch_to_flax", "write_safetensors"]
