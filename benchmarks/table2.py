@@ -73,12 +73,12 @@ def main(argv=None) -> int:
         raise SystemExit(f"unknown methods {sorted(unknown)}; known: {list(METHODS)}")
     for name in names:  # finetune comes first: cm and gd start from it.
         method_dir = os.path.join(workdir, name)
-        if export.is_finished(os.path.join(method_dir, "export")):
-            continue
+        ran = not export.is_finished(os.path.join(method_dir, "export"))  # time only what trains in this call
         t0 = time.time()
-        if not train.train_mode(method_config("tiny", name, workdir, args.steps, args.teacher), method_dir):
+        if not train.run_stage(method_config("tiny", name, workdir, args.steps, args.teacher), method_dir, name):
             return 75  # stopped by SIGTERM after a checkpoint: rerun to resume
-        timings[name] = time.time() - t0
+        if ran:
+            timings[name] = time.time() - t0
 
     eval_cfg = method_config("tiny", "codi", workdir, args.steps, args.teacher)
     eval_cfg.eval.num_examples = args.examples

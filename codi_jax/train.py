@@ -666,23 +666,30 @@ def train_mode(config: ml_collections.ConfigDict, workdir: str) -> bool:
     return train(config, workdir).finished
 
 
+def run_stage(config: ml_collections.ConfigDict, workdir: str, label: str = "") -> bool:
+    """Trains `config` in `workdir` unless a finished export is already there; True once it is, False when a
+    preemption stopped it. How a run's prerequisite stages and the Table 2 benchmark's methods are each run."""
+    from codi_jax import export as export_lib
+
+    label = label or config.mode
+    if export_lib.is_finished(os.path.join(workdir, "export")):
+        logging.info("%s already done in %s", label, workdir)
+        return True
+    logging.info("=== %s (%d steps) in %s", label, config.total_steps, workdir)
+    return train_mode(config, workdir)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> bool:
     """Runs the prerequisite stages (embedded default: VAE, then the text-to-image teacher), the main mode, and
     optionally the evaluation, each resuming where it stopped. False when a preemption stopped it early."""
     from codi_jax import config as common
-    from codi_jax import export as export_lib
 
     for stage in config.stages:
         stage_cfg = common.stage_config(config, stage)
         # '@stage' names are relative to the top workdir, not to the stage's own folder.
         for field in ("teacher", "vae_from", "text_encoder_from"):
             stage_cfg[field] = build.resolve(stage_cfg[field], workdir)
-        stage_dir = os.path.join(workdir, stage)
-        if export_lib.is_finished(os.path.join(stage_dir, "export")):
-            logging.info("stage %s already done in %s", stage, stage_dir)
-            continue
-        logging.info("=== stage %s (%d steps) in %s", stage, stage_cfg.total_steps, stage_dir)
-        if not train(stage_cfg, stage_dir).finished:
+        if not run_stage(stage_cfg, os.path.join(workdir, stage), f"stage {stage}"):
             return False
     if not train_mode(config, workdir):
         return False
