@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -387,6 +388,19 @@ class Recipe:
             num_steps=num_steps, schedule=self.schedule, prediction_type=self.config.model.prediction_type,
             guidance_scale=guidance_scale, codi_kwargs=self.codi_sampler_kwargs(),
             timestep_spacing=self.timestep_spacing())
+
+    def after_training(self, params, data_iter, batches: int = 8) -> None:
+        """What the finished model needs before export. The VAE: SD's latent scale, scaling_factor = 1 / std of its
+        latents over `batches` training batches, so the diffusion model sees unit-variance data."""
+        if self.spec.family != "vae":
+            return
+        encode = jax.jit(lambda p, x, r: self.vae.apply({"params": p}, x, method="encode").sample(r))
+        params = jax.device_get(params)
+        latents = [np.asarray(encode(params, next(data_iter)["image"], jax.random.PRNGKey(i))) for i in range(batches)]
+        scale = float(1.0 / np.std(np.concatenate(latents)))
+        self.vae = type(self.vae)(dataclasses.replace(self.vae.config, scaling_factor=scale))
+        self.vae_scale = scale
+        logging.info("VAE latent scaling factor: %.5f (1 / std over %d batches)", scale, batches)
 
     def codi_sampler_kwargs(self) -> dict:
         o = self.config.objective

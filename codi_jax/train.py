@@ -566,23 +566,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Setup:
         checkpointer.close()
         preemption.restore()
     if step >= config.total_steps:
-        if recipe.mode == "vae":
-            _set_latent_scale(recipe, state.ema_params, data_iter)
+        recipe.after_training(state.ema_params, data_iter)
         export_lib.export(recipe, state, frozen, os.path.join(workdir, "export"))
     s.state = state
     s.finished = step >= config.total_steps
     return s
-
-
-def _set_latent_scale(recipe: build.Recipe, params, data_iter, batches: int = 8) -> None:
-    """SD's recipe: scaling_factor = 1 / std of the latents, so the diffusion model sees unit-variance data."""
-    encode = jax.jit(lambda p, x, r: recipe.vae.apply({"params": p}, x, method="encode").sample(r))
-    params = jax.device_get(params)
-    latents = [np.asarray(encode(params, next(data_iter)["image"], jax.random.PRNGKey(i))) for i in range(batches)]
-    scale = float(1.0 / np.std(np.concatenate(latents)))
-    recipe.vae = type(recipe.vae)(dataclasses.replace(recipe.vae.config, scaling_factor=scale))
-    recipe.vae_scale = scale
-    logging.info("VAE latent scaling factor: %.5f (1 / std over %d batches)", scale, batches)
 
 
 def log_compiled(compiled, seconds: float) -> dict:
