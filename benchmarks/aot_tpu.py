@@ -109,7 +109,7 @@ class Planner:
         from codi_jax import parallel, train
 
         self.config.batch_size = batch
-        spec = train._batch_spec(self.config)
+        spec = train.batch_spec(self.config)
         abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=parallel.batch_sharding(self.mesh, v.ndim))
                           for k, v in spec.items()}
         batch_shardings = {k: v.sharding for k, v in abstract_batch.items()}
@@ -175,9 +175,10 @@ class BufferStagePlanner:
     upper bound. FLOPs come from the lowered step (Planner lower_only), not from this compile.
     """
 
-    def __init__(self, name: str, devices: list, child_args: list[str], hbm_bytes: int, log_dir: str):
+    def __init__(self, name: str, devices: list, child_args: list[str], hbm_bytes: int, log_dir: str,
+                 hlo_dir: str | None = None):
         self.name, self.devices, self.child_args = name, devices, child_args
-        self.hbm_bytes, self.log_dir = hbm_bytes, log_dir
+        self.hbm_bytes, self.log_dir, self.hlo_dir = hbm_bytes, log_dir, hlo_dir
         os.makedirs(log_dir, exist_ok=True)
 
     def compile(self, batch: int) -> dict:
@@ -219,6 +220,13 @@ class BufferStagePlanner:
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait()
+                if self.hlo_dir:  # keep the optimized HLO and its buffer assignment (e.g. to grep its all-gathers)
+                    keep = os.path.join(self.hlo_dir, f"{self.name}_{batch}")
+                    os.makedirs(keep, exist_ok=True)
+                    for path in glob.glob(f"{dump}/hlo/*jit_train_step*"):
+                        # (not the -buffer-assignment-values dump: over 1 GB for SD1.5)
+                        if ("after_optimizations" in path or "oom" in path) and not path.endswith("-values.txt"):
+                            shutil.copy(path, keep)
                 shutil.rmtree(dump, ignore_errors=True)
         return result
 
@@ -358,6 +366,8 @@ def main() -> None:
                     help="full: compile to an executable (memory_analysis + cost_analysis); buffers: stop each compile "
                          "(a child process) once the compiler has assigned its HBM buffers, minutes instead of hours; "
                          "lower: no compile, the lowered step's XLA cost analysis (FLOPs) only")
+    ap.add_argument("--hlo_dir", default="", help="--stage=buffers: keep each compile's optimized HLO text, buffer "
+                                                  "assignment and memory-usage report under DIR/<slice>_<batch>/")
     ap.add_argument("--hbm_gib", type=float, default=32.0, help="HBM per device (v4: 32 GiB)")
     ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "aot_tpu.json"))
     ap.add_argument("--resume", metavar="JSON", help="continue the largest-batch search of an earlier output (same "
@@ -479,7 +489,8 @@ def main() -> None:
         if args.stage == "buffers":
             flops_planner = planner
             log_dir = os.path.dirname(os.path.abspath(args.out)) if args.out else tempfile.gettempdir()
-            planner = BufferStagePlanner(name, flops_planner.devices, child_args, int(args.hbm_gib * GIB), log_dir)
+            planner = BufferStagePlanner(name, flops_planner.devices, child_args, int(args.hbm_gib * GIB), log_dir,
+                                         args.hlo_dir)
 
         def log(r, row=row):
             if args.stage == "buffers":
