@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from codi_jax import diffusion, inference, modes
+from codi_jax import checkpoint, diffusion, inference, modes
 from codi_jax.diffusion import objectives
 from codi_jax.models import with_compute
 
@@ -388,6 +388,17 @@ class Recipe:
             num_steps=num_steps, schedule=self.schedule, prediction_type=self.config.model.prediction_type,
             guidance_scale=guidance_scale, codi_kwargs=self.codi_sampler_kwargs(),
             timestep_spacing=self.timestep_spacing())
+
+    def placed_frozen(self, frozen: dict, abstract_params) -> dict:
+        """The frozen parts on the mesh, completed with what only exists as a checkpoint: CM-II / GD-II's teacher, the
+        fine-tuned model's EMA from config.init_from (restored with the trainable params' shardings), which shares
+        the frozen pretrained UNet when that is frozen too."""
+        if self.teacher_kind != "conditional":
+            return frozen
+        teacher = checkpoint.restore_params(self.config.init_from, abstract_params)[1]
+        if self.freeze_unet:
+            teacher = {**teacher, "unet": frozen["unet"]}
+        return {**frozen, "teacher": teacher}
 
     def after_training(self, params, data_iter, batches: int = 8) -> None:
         """What the finished model needs before export. The VAE: SD's latent scale, scaling_factor = 1 / std of its

@@ -412,11 +412,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.sharding
     target = uses_target_ema(config)
     rng0 = jax.random.PRNGKey(config.seed)
     replicated = parallel.replicated(mesh)
-    frozen = parallel.put_global(recipe.frozen_host, {k: frozen_shardings[k] for k in recipe.frozen_host})
-    if recipe.teacher_kind == "conditional":  # CM-II / GD-II: the fine-tuned model's EMA, frozen.
-        frozen["teacher"] = checkpoint.restore_params(config.init_from, abstract_state.params)[1]
-        if recipe.freeze_unet:  # CM-II / GD-II (frozen): the teacher shares the frozen pretrained UNet
-            frozen["teacher"] = {**frozen["teacher"], "unet": frozen["unet"]}
+    frozen = recipe.placed_frozen(parallel.put_global(recipe.frozen_host,
+                                                      {k: frozen_shardings[k] for k in recipe.frozen_host}),
+                                  abstract_state.params)
 
     # Data: each process reads its own slice of the global batch.
     loader = data_lib.make_train_loader(config.data, global_batch_size=config.batch_size, seed=config.seed,

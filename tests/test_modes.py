@@ -2,6 +2,7 @@
 settings reach each of them, and a new row (here CM-II with the UNet frozen) needs nothing else."""
 
 import dataclasses
+import os
 import tempfile
 
 import pytest
@@ -85,3 +86,31 @@ def test_a_new_row_is_all_a_new_mode_needs(monkeypatch):
     typo.mode = "cm_frozen2"
     with pytest.raises(ValueError, match=r"config.mode: 'cm_frozen2' is not one of .*'cm_frozen_copy'\)"):
         config_lib.finalize(typo)
+
+
+@pytest.mark.slow
+def test_cm_frozen_distils_a_frozen_finetune_run(tmp_path):
+    """The walk-through of docs/adding.md, in miniature: finetune with the UNet frozen, then cm_frozen from it. The
+    frozen teacher is the finetune run's EMA (restored from init_from) and shares the pretrained UNet."""
+    import jax
+    import numpy as np
+
+    from codi_jax import train
+    from codi_jax.testing import make_random_pipeline, tiny_config
+
+    teacher = make_random_pipeline(str(tmp_path / "teacher"))
+    small = {"batch_size": 8, "total_steps": 2, "checkpoint_every": 2, "log_every": 1}
+    ft = train.train(tiny_config("depth", teacher, mode="finetune", **{"model.freeze_unet": True}, **small),
+                     str(tmp_path / "ft"))
+    assert ft.finished and os.path.isfile(tmp_path / "ft" / "export" / "DONE")
+    cm = train.setup(tiny_config("depth", teacher, mode="cm_frozen", init_from=str(tmp_path / "ft"), **small),
+                     str(tmp_path / "cm"))
+    try:
+        got, want = jax.device_get(cm.frozen["teacher"]), jax.device_get(ft.state.ema_params)
+        assert set(got) == set(want) | {"unet"} and "unet" not in cm.state.params
+        for a, b in zip(jax.tree.leaves(got["control"]), jax.tree.leaves(want["control"])):
+            np.testing.assert_array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(got["unet"]), jax.tree.leaves(jax.device_get(cm.frozen["unet"]))):
+            np.testing.assert_array_equal(a, b)
+    finally:
+        cm.checkpointer.close()
