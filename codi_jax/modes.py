@@ -41,6 +41,7 @@ class Mode:
     # those and config.eval.teacher_steps, sorted
     rows: tuple[tuple[str, str, str], ...] = ()
     init_controlnet: str | None = None  # None: may start from a diffusers ControlNet; else why it cannot
+    progressive: bool = False  # trained in config.gd_rounds rounds, each halving the student's steps (GD-II)
 
     @property
     def conditional(self) -> bool:
@@ -91,7 +92,7 @@ TABLE: dict[str, Mode] = {m.name: m for m in (
          sampler_steps=4, rows=(("", "codi", "eval"),), init_controlnet=_DISTILS),
     Mode("gd", "conditional", "gd", "GD-II: guided progressive distillation of a fine-tuned conditional model",
          cond_form="controlnet", teacher="conditional", sampler="ddim", sampler_steps="gd_student_steps",
-         spacing="trailing", rows=(("", "ddim", "eval"),), init_controlnet=_DISTILS),
+         spacing="trailing", rows=(("", "ddim", "eval"),), init_controlnet=_DISTILS, progressive=True),
 )}
 
 MODES = tuple(TABLE)

@@ -92,7 +92,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTra
     chain = []
     if o.grad_clip > 0:
         chain.append(optax.clip_by_global_norm(o.grad_clip))
-    if config.model.cond_mode == "mu" and config.mode == "codi":
+    if modes.get(config.mode).cond_form == "mu":
         mu_lr = _lr_schedule(config, float(o.mu_learning_rate or o.learning_rate))
         labels = lambda params: {k: jax.tree.map(lambda _: "mu" if k == "mu" else "rest", v)  # noqa: E731
                                  for k, v in params.items()}
@@ -614,7 +614,7 @@ def _make_sampler(recipe: build.Recipe, frozen: dict, config, mesh):
     def sample(state):
         images = np.asarray(multihost_utils.process_allgather(fn(state.ema_params, frozen, batch), tiled=True))
         rows = [images, host["image"]]
-        if "cond" in host and recipe.mode != "vae":
+        if "cond" in host:
             rows.insert(0, data_lib.tasks.condition_rgb(host["cond"]))
         grid = np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)
         return ((grid[None] + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
@@ -646,7 +646,7 @@ def _gd_rounds(config: ml_collections.ConfigDict, workdir: str) -> bool:
 
 def train_mode(config: ml_collections.ConfigDict, workdir: str) -> bool:
     """The main mode alone (no stages, no evaluation): GD-II's progressive rounds or one train(). False if preempted."""
-    if config.mode == "gd" and config.gd_rounds > 1:
+    if modes.get(config.mode).progressive and config.gd_rounds > 1:
         return _gd_rounds(config, workdir)
     logging.info("=== %s in %s", config.mode, workdir)
     return train(config, workdir).finished
