@@ -69,10 +69,10 @@ def export(recipe, state, frozen: dict, path: str) -> None:
     meta = {"mode": recipe.mode, "task": config.task, "prediction_type": config.model.prediction_type,
             "schedule": config.schedule.to_dict(), "image_size": int(config.data.image_size),
             "max_length": int(config.data.max_length), "default_sampler": list(recipe.default_sampler()),
-            "timestep_spacing": recipe.timestep_spacing() if recipe.mode != "vae" else "leading",
-            **(recipe.codi_sampler_kwargs() if recipe.mode != "vae" else {})}
+            "timestep_spacing": recipe.timestep_spacing() if recipe.spec.family != "vae" else "leading",
+            **(recipe.codi_sampler_kwargs() if recipe.spec.family != "vae" else {})}
     pipeline_class = "StableDiffusionPipeline"
-    if recipe.mode == "vae":
+    if recipe.spec.family == "vae":
         weights.save_diffusers(os.path.join(path, "vae"), "vae", _float32(recipe.vae), ema)
         components["vae"] = ["diffusers", "AutoencoderKL"]
     else:
@@ -82,7 +82,7 @@ def export(recipe, state, frozen: dict, path: str) -> None:
         save_tokenizer(recipe.tokenizer, os.path.join(path, "tokenizer"), meta["max_length"])
         components.update(vae=["diffusers", "AutoencoderKL"], text_encoder=["transformers", "CLIPTextModel"],
                           tokenizer=["transformers", "CLIPTokenizer"])
-        if recipe.mode == "pretrain":
+        if recipe.spec.family == "t2i":
             weights.save_diffusers(os.path.join(path, "unet"), "unet", _float32(recipe.unet), ema)
             components["unet"] = ["diffusers", "UNet2DConditionModel"]
         else:
@@ -259,7 +259,7 @@ def model_card(index: dict, config, *, step: int | None = None, metrics: str | N
                  f"image = pipe('a prompt', image={cond}, {steps_kw}, guidance_scale=1.0).images[0]"]
     body += ["```", "", "or in JAX: `python -m codi_jax.sample --model=PATH --cond=cond.png --prompt='a prompt' "
              "--out=out.png`.", ""]
-    if mode == "codi":
+    if spec.cond_form == "mu":
         body += ["Full CoDi mixes the conditional encoder's features into the UNet's skips, (1 - mu) h + mu h_eta "
                  f"(mu = {_mu_text(index)}). diffusers runs it exactly as two ControlNets: `controlnet` (the "
                  "conditional encoder, output convs mu I) and `controlnet_1` (the UNet's own encoder, output convs "
