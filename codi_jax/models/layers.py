@@ -33,11 +33,34 @@ def constrain_seq(x):
 # Param-annotated primitives. Factories return plain flax modules so the param tree stays {name: {kernel, bias}}.
 
 
+def _gathered(kernel):
+    """The kernel replicated at its use: FSDP's all-gather of a weight, made explicit (a no-op without a mesh).
+
+    Left to itself, XLA's TPU SPMD partitioner may instead keep an FSDP-sharded kernel sharded and run the matmul /
+    conv as a windowed einsum (collective matmul): a loop of collective-permutes over the kernel's input-channel
+    shards. On v4-32 (fsdp=16) it did so for ~1500 of the SD1.5 step's matmuls and convs (not on v4-128, fsdp=64),
+    and each loop slices the activation's channels, so its activation gets a batch-minor layout whose 128-lane
+    tiling pads the per-device batch: the frozen VAE encoder's bf16[16,512,512,128] (1 GiB) took 8 GiB buffers, and
+    the step needed 29.7 GiB at 16 examples per device (v4-128: 14.1 GiB). Gathering the kernel (a few MiB) first
+    leaves a plain conv / matmul on the batch-sharded activation (v4-32: 14.5 GiB, no windowed loop left); the
+    kernel's gradient is then the partial sum over each device's batch, reduced onto its shards.
+    """
+    return nn.with_logical_constraint(kernel, (None,) * kernel.ndim)
+
+
+def _conv_gathered_kernel(lhs, rhs, *args, **kwargs):
+    return jax.lax.conv_general_dilated(lhs, _gathered(rhs), *args, **kwargs)
+
+
+def _dot_gathered_kernel(lhs, rhs, *args, **kwargs):
+    return jax.lax.dot_general(lhs, _gathered(rhs), *args, **kwargs)
+
+
 def Dense(features: int, *, axes: tuple = ("embed", "embed"), use_bias: bool = True, dtype: Dtype = None,
           kernel_init: Callable = nn.initializers.lecun_normal(), name: Optional[str] = None) -> nn.Dense:
     """nn.Dense with logical axes (in, out) on the kernel and (out,) on the bias."""
     return nn.Dense(
-        features, use_bias=use_bias, dtype=dtype, param_dtype=PARAM_DTYPE,
+        features, use_bias=use_bias, dtype=dtype, param_dtype=PARAM_DTYPE, dot_general=_dot_gathered_kernel,
         kernel_init=nn.with_logical_partitioning(kernel_init, axes),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)), name=name)
 
@@ -50,7 +73,7 @@ def Conv(features: int, kernel_size: int = 3, *, stride: int = 1, padding: Any =
         padding = ((padding, padding), (padding, padding))
     return nn.Conv(
         features, (kernel_size, kernel_size), strides=(stride, stride), padding=padding, use_bias=use_bias,
-        dtype=dtype, param_dtype=PARAM_DTYPE,
+        dtype=dtype, param_dtype=PARAM_DTYPE, conv_general_dilated=_conv_gathered_kernel,
         kernel_init=nn.with_logical_partitioning(kernel_init, (None, None, "conv_in", "conv_out")),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)), name=name)
 
@@ -182,6 +205,12 @@ class Upsample2D(nn.Module):
         b, h, w, c = x.shape
         # Exact 2x nearest == torch F.interpolate(scale_factor=2, mode='nearest').
         x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
+        # Keep the conv's input batch-sharded. Without this, in the remat'd backward the SPMD partitioner propagated
+        # the FSDP sharding of the kernel gradient (over input channels) back into this recomputed, unconstrained
+        # activation: on v4-32 (16 devices) it rebuilt it for the whole global batch with channels split (an
+        # all-to-all) and all-gathered the output gradient (bf16[256,64,64,640], 1.25 GiB per device in up_blocks_2)
+        # to form the kernel gradient, instead of a per-device partial sum that is reduce-scattered.
+        x = constrain_image(x)
         if self.use_conv:
             x = Conv(self.out_channels, 3, dtype=self.dtype, name="conv")(x)
         return x
