@@ -625,30 +625,6 @@ def peer_configs(args, s: dict) -> dict:
     return diffusers_configs(build.Recipe(codi_config("codi", s, args.tiny), tempfile.gettempdir(), abstract=True))
 
 
-def _make_torchvision_importable() -> None:
-    """transformers / diffusers import torchvision when it is installed. A torchvision wheel built for another torch
-    (e.g. the PyPI CUDA build beside a CPU torch, as in this project's CPU venv) stops that import while registering
-    fake kernels for its ops nms / qnms: declare those two schemas (no kernels; nothing here calls them) when, and
-    only when, its C++ library cannot load (tests/conftest.py does the same for the test session)."""
-    import glob
-    import importlib.util
-
-    spec = importlib.util.find_spec("torchvision")
-    if spec is None:
-        return
-    import torch
-
-    libs = glob.glob(os.path.join(next(iter(spec.submodule_search_locations)), "_C*.so"))
-    try:
-        torch.ops.load_library(libs[0])
-    except (OSError, IndexError):
-        lib = torch.library.Library("torchvision", "DEF")
-        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        _KEEP_ALIVE.append(lib)
-
-
-_KEEP_ALIVE: list = []
 
 
 class Peer:
@@ -727,7 +703,9 @@ class Peer:
 
 
 def run_torch(args, s: dict, rec: Recorder, deadline: float) -> None:
-    _make_torchvision_importable()
+    from codi_jax.testing import make_torchvision_importable
+
+    make_torchvision_importable()
     import diffusers
     import torch
     import transformers

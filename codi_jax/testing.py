@@ -85,3 +85,32 @@ def export_untrained(config, workdir: str, transform=None) -> str:
     path = os.path.join(workdir, "export")
     export.export(recipe, state, recipe.frozen_host, path)
     return path
+
+
+def make_torchvision_importable() -> None:
+    """The PyPI torchvision for torch 2.13.0 (0.28.0) is a CUDA build: its C++ ops library links libtorch_cuda and
+    cannot load beside the CPU torch, and its import then stops while registering fake kernels for the ops `nms` and
+    `qnms`. The references we use (lpips' AlexNet/VGG, transformers, diffusers) need only torchvision's pure-Python
+    parts. So, only when the library really cannot load, declare those two op schemas (no kernels: calling them
+    would still fail) and torchvision imports unchanged. For the tests (tests/conftest.py) and benchmarks/gpu_peer.py;
+    call it before importing transformers or diffusers."""
+    import glob
+    import importlib.util
+
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None:
+        return
+    import torch
+
+    libs = glob.glob(os.path.join(next(iter(spec.submodule_search_locations)), "_C*.so"))
+    try:
+        torch.ops.load_library(libs[0])
+    except (OSError, IndexError):
+        lib = torch.library.Library("torchvision", "DEF")
+        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        _KEEP_ALIVE.append(lib)  # the schemas live as long as this object
+    import torchvision  # noqa: F401
+
+
+_KEEP_ALIVE: list = []

@@ -11,6 +11,9 @@ import os
 import numpy as np
 import pytest
 
+# One worker runs the whole module: the exports (module fixture) are built once, not once per xdist worker.
+pytestmark = pytest.mark.xdist_group("export_diffusers")
+
 def _config(name: str, teacher: str, **overrides):
     from codi_jax.testing import tiny_config
 

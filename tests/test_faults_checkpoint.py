@@ -16,17 +16,8 @@ from codi_jax import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    from codi_jax.testing import make_random_pipeline
-
-    return make_random_pipeline(str(tmp_path_factory.mktemp("teacher")))
-
-
-@pytest.fixture(scope="module")
-def cache(jax_cache):
-    return jax_cache
+# One worker runs the whole module: its expensive module fixtures are built once, not once per xdist worker.
+pytestmark = pytest.mark.xdist_group("codi_main")
 
 
 def _run(teacher, cache, workdir, *extra, total_steps=4):
@@ -42,10 +33,10 @@ def _run(teacher, cache, workdir, *extra, total_steps=4):
 
 
 @pytest.fixture(scope="module")
-def trained(teacher, cache, tmp_path_factory):
+def trained(random_teacher, jax_cache, tmp_path_factory):
     """A finished 4-step run with checkpoints 2, 3 and 4."""
     workdir = tmp_path_factory.mktemp("trained") / "run"
-    out = _run(teacher, cache, workdir)
+    out = _run(random_teacher, jax_cache, workdir)
     assert out.returncode == 0, out.stderr[-3000:]
     assert _steps(workdir) == ["2", "3", "4"]
     return workdir
@@ -74,11 +65,11 @@ def _lines(text, needle):
 
 
 @pytest.mark.slow
-def test_damaged_latest_checkpoint_is_set_aside_and_the_run_resumes_from_the_older_one(teacher, cache, trained,
-                                                                                       tmp_path):
+def test_damaged_latest_checkpoint_is_set_aside_and_the_run_resumes_from_the_older_one(
+        random_teacher, jax_cache, trained, tmp_path):
     workdir = _copy(trained, tmp_path)
     damaged_file = _damage(workdir, 4)
-    out = _run(teacher, cache, workdir)
+    out = _run(random_teacher, jax_cache, workdir)
     assert out.returncode == 0, out.stderr[-3000:]
     damaged = _lines(out.stderr, "is damaged")
     assert len(damaged) == 1, out.stderr[-3000:]
@@ -98,19 +89,19 @@ def test_damaged_latest_checkpoint_is_set_aside_and_the_run_resumes_from_the_old
 
 
 @pytest.mark.slow
-def test_no_checkpoint_reads_stops_in_one_line_and_keeps_them_all(teacher, cache, trained, tmp_path):
+def test_no_checkpoint_reads_stops_in_one_line_and_keeps_them_all(random_teacher, jax_cache, trained, tmp_path):
     workdir = _copy(trained, tmp_path)
     shutil.rmtree(workdir / "checkpoints" / "2")  # two damaged steps show the walk back; a third adds only time
     for step in (3, 4):
         _damage(workdir, step)
-    out = _run(teacher, cache, workdir)
+    out = _run(random_teacher, jax_cache, workdir)
     assert out.returncode == 1
     assert len(_lines(out.stderr, "is damaged")) == 2, out.stderr[-3000:]
     assert out.stderr.rstrip().splitlines()[-1].startswith(f"no checkpoint in {workdir}/checkpoints reads: 4 (")
     assert "Traceback" not in out.stderr
     assert _steps(workdir) == ["3.damaged-1", "4.damaged-1"]
     # The restart neither loops on them nor silently starts from scratch over them.
-    again = _run(teacher, cache, workdir)
+    again = _run(random_teacher, jax_cache, workdir)
     assert again.returncode == 1
     last = again.stderr.rstrip().splitlines()[-1]
     assert last.startswith("no checkpoint in") and "3.damaged-1, 4.damaged-1" in last, last
@@ -118,9 +109,9 @@ def test_no_checkpoint_reads_stops_in_one_line_and_keeps_them_all(teacher, cache
     assert _steps(workdir) == ["3.damaged-1", "4.damaged-1"]
 
 
-def test_workdir_of_another_mode_is_refused_in_one_line(teacher, cache, trained, tmp_path):
+def test_workdir_of_another_mode_is_refused_in_one_line(random_teacher, jax_cache, trained, tmp_path):
     workdir = _copy(trained, tmp_path)
-    out = _run(teacher, cache, workdir, "--config.mode=pe_codi")
+    out = _run(random_teacher, jax_cache, workdir, "--config.mode=pe_codi")
     assert out.returncode == 1
     last = out.stderr.rstrip().splitlines()[-1]
     assert last == (f"{workdir}/checkpoints holds a run of mode 'codi', task 'depth' (checkpoint 4); this config asks "
@@ -129,10 +120,10 @@ def test_workdir_of_another_mode_is_refused_in_one_line(teacher, cache, trained,
     assert _steps(workdir) == ["2", "3", "4"]
 
 
-def test_another_train_state_is_refused_in_one_line(teacher, cache, trained, tmp_path):
+def test_another_train_state_is_refused_in_one_line(random_teacher, jax_cache, trained, tmp_path):
     """Same mode and task, but a setting that changes the saved tree (a separate fast target EMA)."""
     workdir = _copy(trained, tmp_path)
-    out = _run(teacher, cache, workdir, "--config.target_ema_decay=0.9")
+    out = _run(random_teacher, jax_cache, workdir, "--config.target_ema_decay=0.9")
     assert out.returncode == 1
     last = out.stderr.rstrip().splitlines()[-1]
     assert last.startswith(f"checkpoint 4 in {workdir}/checkpoints holds another train state"), last
@@ -141,10 +132,10 @@ def test_another_train_state_is_refused_in_one_line(teacher, cache, trained, tmp
     assert _steps(workdir) == ["2", "3", "4"]
 
 
-def test_total_steps_below_the_latest_checkpoint_is_refused(teacher, cache, trained, tmp_path):
+def test_total_steps_below_the_latest_checkpoint_is_refused(random_teacher, jax_cache, trained, tmp_path):
     workdir = _copy(trained, tmp_path)
     export = sorted(os.listdir(workdir / "export"))
-    out = _run(teacher, cache, workdir, total_steps=2)
+    out = _run(random_teacher, jax_cache, workdir, total_steps=2)
     assert out.returncode == 1
     last = out.stderr.rstrip().splitlines()[-1]
     assert last.startswith(f"{workdir}/checkpoints already holds checkpoint 4, past config.total_steps=2"), last
@@ -152,9 +143,9 @@ def test_total_steps_below_the_latest_checkpoint_is_refused(teacher, cache, trai
     assert _steps(workdir) == ["2", "3", "4"] and sorted(os.listdir(workdir / "export")) == export
 
 
-def test_missing_init_from_is_refused_and_not_created(teacher, cache, tmp_path):
+def test_missing_init_from_is_refused_and_not_created(random_teacher, jax_cache, tmp_path):
     missing = tmp_path / "no" / "such_run"
-    out = _run(teacher, cache, tmp_path / "fresh", f"--config.init_from={missing}")
+    out = _run(random_teacher, jax_cache, tmp_path / "fresh", f"--config.init_from={missing}")
     assert out.returncode == 1
     last = out.stderr.rstrip().splitlines()[-1]
     assert last == f"config.init_from={str(missing)!r} does not exist (it is only read, never created)", last

@@ -21,6 +21,9 @@ from codi_jax.data import pipeline, sources
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# One worker runs the whole module: its expensive module fixtures are built once, not once per xdist worker.
+pytestmark = pytest.mark.xdist_group("codi_main")
+
 
 def _depth_folder(root, good: int, bad: int = 0, fifo: bool = False):
     """root/train/<name>.png images with depth maps at root/depth/train/<name>.png; `bad` of them are not images, and
@@ -75,18 +78,6 @@ def test_a_source_with_nothing_readable_raises_within_one_pass(tmp_path):
         next(it)
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    from codi_jax.testing import make_random_pipeline
-
-    return make_random_pipeline(str(tmp_path_factory.mktemp("teacher")))
-
-
-@pytest.fixture(scope="module")
-def cache(jax_cache):
-    return jax_cache
-
-
 def _cmd(teacher, workdir, *extra):
     return [sys.executable, "-m", "codi_jax.main", "--config=configs/depth.py:tiny", f"--workdir={workdir}",
             "--config.stages=()", "--config.run_eval=False", f"--config.teacher={teacher}", "--config.vae_from=",
@@ -107,13 +98,13 @@ def _committed(workdir):
 
 
 @pytest.mark.slow
-def test_a_folder_where_nothing_decodes_stops_in_one_line(teacher, cache, tmp_path):
+def test_a_folder_where_nothing_decodes_stops_in_one_line(random_teacher, jax_cache, tmp_path):
     root = _depth_folder(tmp_path / "broken", good=0, bad=6)
     workdir = tmp_path / "run"
     # It used to loop for ever: the timeout is the test.
-    out = subprocess.run(_cmd(teacher, workdir, "--config.data.dataset=folder", f"--config.data.data_dir={root}",
+    out = subprocess.run(_cmd(random_teacher, workdir, "--config.data.dataset=folder", f"--config.data.data_dir={root}",
                               "--config.total_steps=4"),
-                         cwd=REPO, env=_env(cache), capture_output=True, text=True, timeout=600)
+                         cwd=REPO, env=_env(jax_cache), capture_output=True, text=True, timeout=600)
     assert out.returncode == 65, out.stderr[-3000:]
     lines = [line for line in out.stderr.splitlines() if "no readable record" in line]
     assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
@@ -124,15 +115,16 @@ def test_a_folder_where_nothing_decodes_stops_in_one_line(teacher, cache, tmp_pa
 
 
 @pytest.mark.slow
-def test_sigterm_while_waiting_for_data_exits_in_bounded_time(teacher, cache, tmp_path):
+def test_sigterm_while_waiting_for_data_exits_in_bounded_time(random_teacher, jax_cache, tmp_path):
     # 16 readable records then a named pipe, in order: steps 1 and 2 run and checkpoint, step 3 waits for ever.
     root = _depth_folder(tmp_path / "stalls", good=16, fifo=True)
     workdir = tmp_path / "run"
     log = open(tmp_path / "log.txt", "w")
-    proc = subprocess.Popen(_cmd(teacher, workdir, "--config.data.dataset=folder", f"--config.data.data_dir={root}",
+    proc = subprocess.Popen(_cmd(random_teacher, workdir, "--config.data.dataset=folder",
+                                 f"--config.data.data_dir={root}",
                                  "--config.data.shuffle=False", "--config.total_steps=50",
                                  "--config.checkpoint_every=1", "--config.preemption_grace_s=3"),
-                            cwd=REPO, env=_env(cache), stdout=log, stderr=subprocess.STDOUT)
+                            cwd=REPO, env=_env(jax_cache), stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 600
         while _committed(workdir) != [1, 2] and proc.poll() is None and time.time() < deadline:
@@ -158,12 +150,13 @@ def test_sigterm_while_waiting_for_data_exits_in_bounded_time(teacher, cache, tm
 
 
 @pytest.mark.slow
-def test_sigterm_during_training_checkpoints_and_exits_75(teacher, cache, tmp_path):
+def test_sigterm_during_training_checkpoints_and_exits_75(random_teacher, jax_cache, tmp_path):
     workdir = tmp_path / "run"
     log_path = tmp_path / "log.txt"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(_cmd(teacher, workdir, "--config.total_steps=100000", "--config.checkpoint_every=1000"),
-                                cwd=REPO, env=_env(cache), stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(_cmd(random_teacher, workdir, "--config.total_steps=100000",
+                                     "--config.checkpoint_every=1000"),
+                                cwd=REPO, env=_env(jax_cache), stdout=log, stderr=subprocess.STDOUT)
         try:
             deadline = time.time() + 600
             while "[2]" not in open(log_path).read() and proc.poll() is None and time.time() < deadline:
