@@ -42,6 +42,10 @@ sys.path.insert(0, REPO)  # run as a script from a checkout without installing t
 # libtpu describes each TensorCore as a device). Only a full 4x4x4 cube has wrap-around (torus) links.
 TOPOLOGIES = {"v4-8": ("v4:2x2x1", False), "v4-32": ("v4:2x2x4", False), "v4-128": ("v4:4x4x4", True)}
 GIB = 1 << 30
+V4_PEAK_BF16_FLOPS = 275e12  # per chip (both TensorCores), Google's published v4 figure
+STEP_ESTIMATE_MFU = 0.4
+STEP_ESTIMATE = ("an estimate, not a measurement: FLOPs per device per step (lowered, exact attention) / (40 % of "
+                 "v4's 275 TFLOP/s bf16 peak per chip); nothing ran on a TPU")
 LOWERED_FLOPS = ("XLA cost analysis of the lowered global step (exact attention) / devices: before partitioning and "
                  "the compiler's own rematerialisation")
 
@@ -59,16 +63,16 @@ def load_config(arg: str | None, image_size: int, mesh: dict, rules: str | None)
 
 
 class Planner:
-    """Everything batch-independent for one topology (devices, mesh, abstract state and shardings); compile(batch)."""
+    """Everything batch-independent for one topology (devices, mesh, train.plan's abstract state, shardings and step);
+    compile(batch) lowers (and compiles) the step exactly as train.setup jits it."""
 
     def __init__(self, config, topology: tuple[str, bool], compiler_options: dict, lower_only: bool = False):
         import flax.linen as nn
         import jax
-        import jax.numpy as jnp
         import numpy as np
         from jax.experimental import topologies
 
-        from codi_jax import build, checkpoint, parallel, train
+        from codi_jax import recipes, checkpoint, parallel, train
 
         self.config, self.compiler_options = config, compiler_options
         self.lower_only = lower_only
@@ -80,46 +84,31 @@ class Planner:
         # client's has none); its FLOPs are the global step's, divided over the slice's devices.
         self.slice_mesh = parallel.make_mesh(config.mesh.to_dict(), self.devices)
         self.mesh = parallel.make_mesh(config.mesh.to_dict(), jax.devices("cpu")[:1]) if lower_only else self.slice_mesh
-        self.rules = parallel.rules_from_config(config.logical_axis_rules)
-        self.recipe = build.Recipe(config, tempfile.gettempdir(), abstract=True)
-        tx, lr_schedule = train.make_optimizer(config)
-        recipe = self.recipe
-
-        def init_boxed_state(rng):  # as train.setup, evaluated abstractly only
-            params = recipe.init_fn(rng)
-            return train.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                                    ema_params=params, rng=rng)
-
-        with nn.logical_axis_rules(self.rules):
-            abstract_boxed = jax.eval_shape(init_boxed_state, jax.random.PRNGKey(config.seed))
-            self.state_shardings = parallel.logical_shardings(abstract_boxed, self.mesh, self.rules)
-            self.frozen_shardings = parallel.logical_shardings(recipe.frozen_abstract, self.mesh, self.rules)
-        self.abstract_state = checkpoint.abstract_with_shardings(nn.meta.unbox(abstract_boxed), self.state_shardings)
-        self.abstract_frozen = checkpoint.abstract_with_shardings(nn.meta.unbox(recipe.frozen_abstract),
-                                                                  self.frozen_shardings)
+        self.recipe = recipes.make(config, tempfile.gettempdir(), abstract=True)
+        self.plan = train.plan(config, self.recipe, self.mesh)
+        frozen = nn.meta.unbox(self.recipe.frozen_abstract)
+        self.abstract_frozen = checkpoint.abstract_with_shardings(
+            frozen, {k: self.plan.frozen_shardings[k] for k in frozen})
         count = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))  # noqa: E731
-        self.trainable = count(self.abstract_state.params)
+        self.trainable = count(self.plan.abstract_state.params)
         self.frozen = count({k: v for k, v in self.abstract_frozen.items() if k != "null_ids"})
-        self.step_fn = train.make_train_step(recipe, tx, lr_schedule, config)
 
     def compile(self, batch: int) -> dict:
+        import dataclasses
+
         import flax.linen as nn
         import jax
 
         from codi_jax import parallel, train
 
         self.config.batch_size = batch
-        spec = train.batch_spec(self.config)
-        abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=parallel.batch_sharding(self.mesh, v.ndim))
-                          for k, v in spec.items()}
-        batch_shardings = {k: v.sharding for k, v in abstract_batch.items()}
+        p = dataclasses.replace(self.plan, batch_spec=train.batch_spec(self.config))
         out = {"batch": batch, "per_device_batch": batch // (len(self.devices) if self.lower_only else
                                                                parallel.data_parallel_size(self.mesh))}
-        with nn.logical_axis_rules(self.rules), jax.set_mesh(self.mesh):
-            jitted = jax.jit(self.step_fn, in_shardings=(self.state_shardings, self.frozen_shardings, batch_shardings),
-                             out_shardings=(self.state_shardings, parallel.replicated(self.mesh)), donate_argnums=(0,))
+        with nn.logical_axis_rules(p.rules), jax.set_mesh(self.mesh):
             t0 = time.time()
-            lowered = jitted.lower(self.abstract_state, self.abstract_frozen, abstract_batch)
+            lowered = p.jit(frozen_keys=self.abstract_frozen).lower(p.abstract_state, self.abstract_frozen,
+                                                                    p.batch_spec)
             t1 = time.time()
             if self.lower_only:
                 # XLA's cost analysis of the lowered (global, not yet partitioned) step; a while loop's body counts
@@ -156,7 +145,9 @@ class Planner:
         out["total_gib"] = round(out["total_bytes"] / GIB, 3)
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        out["flops_per_device"] = float(cost.get("flops", 0.0)) if cost else None
+        # Counts each while-loop body (the attention chunks' lax.map) once: main() replaces flops_per_device with the
+        # lowered exact-attention count and keeps this one beside it.
+        out["compiled_flops_per_device"] = float(cost.get("flops", 0.0)) if cost else None
         out["lower_seconds"] = round(t1 - t0, 1)
         out["compile_seconds"] = round(t2 - t1, 1)
         return out
@@ -289,6 +280,13 @@ def summarize(row: dict, goal_batch: int) -> None:
                                          "generated_code_bytes", "other_bytes", "total_bytes", "total_gib",
                                          "flops_per_device", "compile_seconds", "fits", "required_temp_gib", "stage")
                     if k in goal})
+    for r in trials:
+        if r.get("flops_per_device"):
+            r["estimated_step_seconds"] = round(r["flops_per_device"] / (STEP_ESTIMATE_MFU * V4_PEAK_BF16_FLOPS), 4)
+    if goal is not None and "estimated_step_seconds" in goal:
+        row["estimated_step_seconds"] = goal["estimated_step_seconds"]
+        row["estimated_images_per_second"] = round(goal["batch"] / goal["estimated_step_seconds"], 1)
+        row["estimate"] = STEP_ESTIMATE
     ok = [r["batch"] for r in trials if r["fits"]]
     row["largest_batch_that_fits"] = max(ok) if ok else None
     # None: no larger batch was compiled, so largest_batch_that_fits is only a lower bound.
@@ -486,19 +484,23 @@ def main() -> None:
             "trials": [],
         }
         out["topologies"][key] = row
+        # FLOPs for every stage from the lowered step, on the CPU (the compiled step's own count is short, above);
+        # built at the first fitting trial, so a --stage=buffers child, stopped before that, never builds it.
+        flops_planner = [planner] if planner.lower_only else []
         if args.stage == "buffers":
-            flops_planner = planner
             log_dir = os.path.dirname(os.path.abspath(args.out)) if args.out else tempfile.gettempdir()
-            planner = BufferStagePlanner(name, flops_planner.devices, child_args, int(args.hbm_gib * GIB), log_dir,
+            planner = BufferStagePlanner(name, flops_planner[0].devices, child_args, int(args.hbm_gib * GIB), log_dir,
                                          args.hlo_dir)
 
         def log(r, row=row):
-            if args.stage == "buffers":
+            if args.stage != "lower" and r.get("fits"):
                 # FLOPs from the lowered step with exact attention (chunked attention's lax.map body would be counted
                 # once), on the CPU: a full compile's cost_analysis is what this stage skips.
                 chunk, layers.ATTENTION_CHUNK_SCORES = layers.ATTENTION_CHUNK_SCORES, 0
                 try:
-                    r["flops_per_device"] = flops_planner.compile(r["batch"])["flops_per_device"]
+                    if not flops_planner:
+                        flops_planner.append(Planner(config, TOPOLOGIES[name], options, lower_only=True))
+                    r["flops_per_device"] = flops_planner[0].compile(r["batch"])["flops_per_device"]
                 finally:
                     layers.ATTENTION_CHUNK_SCORES = chunk
                 r["flops_source"] = LOWERED_FLOPS

@@ -8,7 +8,7 @@ Train steps, same batch and resolution, bf16 compute (SD1.5 config / mixed preci
 (nothing downloaded):
 - codi_jax full CoDi (configs/depth.py, mode codi: UNet + duplicated encoder + mu, fp32 params / AdamW / EMA, remat)
   and PE-CoDi (mode pe_codi: frozen UNet, trained ControlNet-form encoder), each exactly the step train.setup
-  compiles (build.Recipe, train.make_optimizer, train.make_train_step, jit with the state / frozen / batch shardings,
+  compiles (recipes.Recipe, train.make_optimizer, train.make_train_step, jit with the state / frozen / batch shardings,
   donated state; the frozen VAE encoder and CLIP text encoder run inside the step), built from abstract values as
   benchmarks/aot_tpu.py does and filled with random weights on the device.
 - the peer: diffusers' examples/controlnet/train_controlnet.py step (frozen bf16 UNet / VAE / text encoder, trained fp32
@@ -302,10 +302,10 @@ class Program:
         import jax
         import jax.numpy as jnp
 
-        from codi_jax import build, parallel, train
+        from codi_jax import recipes, parallel, train
 
         self.config = config
-        self.recipe = build.Recipe(config, tempfile.gettempdir(), abstract=True)
+        self.recipe = recipes.make(config, tempfile.gettempdir(), abstract=True)
         self.tx, self.lr_schedule = train.make_optimizer(config)
         recipe, tx, target = self.recipe, self.tx, train.uses_target_ema(config)
 
@@ -620,9 +620,9 @@ def _time_jax_mode(args, s, mode, program, shardings, compiles, times, workers, 
 
 def peer_configs(args, s: dict) -> dict:
     """The diffusers configs of the full-CoDi recipe's own modules (an abstract Recipe: nothing is initialised)."""
-    from codi_jax import build
+    from codi_jax import recipes
 
-    return diffusers_configs(build.Recipe(codi_config("codi", s, args.tiny), tempfile.gettempdir(), abstract=True))
+    return diffusers_configs(recipes.make(codi_config("codi", s, args.tiny), tempfile.gettempdir(), abstract=True))
 
 
 

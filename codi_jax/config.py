@@ -316,6 +316,6 @@ def _validate_init_controlnet(c: ml_collections.ConfigDict, fail) -> None:
     if c.init_from:
         fail("init_controlnet", f"set together with config.init_from={c.init_from!r}: the run starts from one of them "
                                 "(init_from restores the whole model, the ControlNet included)")
-    from codi_jax import build
+    from codi_jax import recipes
 
-    build.controlnet_source(c.init_controlnet, c.task)  # the folder alone: exists, a ControlNet, channels fit
+    recipes.controlnet_source(c.init_controlnet, c.task)  # the folder alone: exists, a ControlNet, channels fit

@@ -276,7 +276,7 @@ def _sample_rows(pipe, label_prefix: str, samplers, batches, config, scorer, rep
 def run(config, workdir: str, steps: tuple[int, ...] | None = None) -> dict:
     from PIL import Image
 
-    from codi_jax import build
+    from codi_jax import recipes
     from codi_jax import data as data_lib
     from codi_jax.sample import Pipeline, to_uint8
 
@@ -312,7 +312,7 @@ def run(config, workdir: str, steps: tuple[int, ...] | None = None) -> dict:
     main = next(iter(pipes.values()))
     recon = np.concatenate([main.autoencode(b["image"]) for b in batches])
     report[VAE_CEILING] = {"-": scorer(recon)}
-    teacher = build.resolve(config.teacher, workdir) if config.eval.teacher_steps else ""
+    teacher = recipes.resolve(config.teacher, workdir) if config.eval.teacher_steps else ""
     if teacher:
         pipe = Pipeline.load(teacher, schedule=config.schedule.to_dict(), prediction_type=config.model.prediction_type)
         _sample_rows(pipe, TEACHER, [("", "ddim", int(config.eval.teacher_steps))], batches, config, scorer, report,

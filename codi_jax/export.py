@@ -44,7 +44,7 @@ def _host(tree: Any) -> Any:
     return jax.tree.map(np.asarray, jax.device_get(tree))
 
 
-def _float32(module):
+def float32(module):
     return with_compute(module, jnp.float32, False)
 
 
@@ -54,8 +54,8 @@ def is_finished(path: str) -> bool:
 
 
 def export(recipe, state, frozen: dict, path: str) -> None:
-    from codi_jax import weights
-
+    """The run's EMA weights as a diffusers-layout pipeline (the recipe's components), model_index.json with the
+    codi_jax metadata, a model card, and DONE last: a folder without DONE is never read as an export."""
     ema = _host(state.ema_params)
     frozen_host = _host({k: v for k, v in frozen.items() if k in ("vae", "text_encoder", "unet")})
     if jax.process_index() != 0:
@@ -64,52 +64,11 @@ def export(recipe, state, frozen: dict, path: str) -> None:
     done = os.path.join(path, "DONE")
     if os.path.exists(done):
         os.remove(done)
-    components: dict = {}
     config = recipe.config
     meta = {"mode": recipe.mode, "task": config.task, "prediction_type": config.model.prediction_type,
             "schedule": config.schedule.to_dict(), "image_size": int(config.data.image_size),
-            "max_length": int(config.data.max_length), "default_sampler": list(recipe.default_sampler()),
-            "timestep_spacing": recipe.timestep_spacing() if recipe.spec.family != "vae" else "leading",
-            **(recipe.codi_sampler_kwargs() if recipe.spec.family != "vae" else {})}
-    pipeline_class = "StableDiffusionPipeline"
-    if recipe.spec.family == "vae":
-        weights.save_diffusers(os.path.join(path, "vae"), "vae", _float32(recipe.vae), ema)
-        components["vae"] = ["diffusers", "AutoencoderKL"]
-    else:
-        weights.save_diffusers(os.path.join(path, "vae"), "vae", _float32(recipe.vae), frozen_host["vae"])
-        weights.save_diffusers(os.path.join(path, "text_encoder"), "text_encoder", _float32(recipe.text_encoder),
-                               frozen_host["text_encoder"])
-        save_tokenizer(recipe.tokenizer, os.path.join(path, "tokenizer"), meta["max_length"])
-        components.update(vae=["diffusers", "AutoencoderKL"], text_encoder=["transformers", "CLIPTextModel"],
-                          tokenizer=["transformers", "CLIPTokenizer"])
-        if recipe.spec.family == "t2i":
-            weights.save_diffusers(os.path.join(path, "unet"), "unet", _float32(recipe.unet), ema)
-            components["unet"] = ["diffusers", "UNet2DConditionModel"]
-        else:
-            full = {**ema, "unet": frozen_host["unet"]} if "unet" not in ema else ema
-            model = _float32(recipe.model)
-            weights.save_conditional(os.path.join(path, "conditional"), model, full)
-            weights.save_diffusers(os.path.join(path, "unet"), "unet", _float32(recipe.unet), full["unet"])
-            components["unet"] = ["diffusers", "UNet2DConditionModel"]
-            nets = diffusers_controlnets(model.config, full)
-            for i, (module, params) in enumerate(nets):
-                weights.save_diffusers(os.path.join(path, "controlnet" + (f"_{i}" if i else "")), "controlnet",
-                                       module, params)
-            components["controlnet"] = ["diffusers", "ControlNetModel" if len(nets) == 1 else "MultiControlNetModel"]
-            pipeline_class = "StableDiffusionControlNetPipeline"
-            meta["controlnets"] = len(nets)
-            if "mu" in full:
-                meta["mu"] = float(np.asarray(full["mu"]))
-        scheduler = scheduler_config(meta)
-        os.makedirs(os.path.join(path, "scheduler"), exist_ok=True)
-        with open(os.path.join(path, "scheduler", "scheduler_config.json"), "w") as f:
-            json.dump(scheduler, f, indent=2)
-        components["scheduler"] = ["diffusers", scheduler["_class_name"]]
-        if scheduler["_class_name"] == "LCMScheduler":
-            meta["diffusers_timesteps"] = {str(n): codi_timesteps_list(meta, n) for n in (1, 2, 4)}
-        # Listed as absent, so from_pretrained needs no extra argument (the SD pipelines' optional components).
-        components.update(safety_checker=[None, None], feature_extractor=[None, None], image_encoder=[None, None],
-                          requires_safety_checker=False)
+            "max_length": int(config.data.max_length), "default_sampler": list(recipe.default_sampler())}
+    components, pipeline_class = recipe.save_components(path, ema, frozen_host, meta)
     index = {"_class_name": pipeline_class, "_codi_jax": meta, **components}
     with open(os.path.join(path, "model_index.json"), "w") as f:
         json.dump(index, f, indent=2)
@@ -142,6 +101,17 @@ def codi_timesteps_list(meta: dict, num_steps: int) -> list[int]:
 
     return [int(t) for t in schedules.codi_timesteps(num_steps, int(meta["distill_steps"]),
                                                      int(meta["schedule"]["num_train_timesteps"]))]
+
+
+def save_scheduler(path: str, meta: dict) -> str:
+    """The diffusers scheduler of a diffusion model's export (scheduler/); returns its class name."""
+    scheduler = scheduler_config(meta)
+    os.makedirs(os.path.join(path, "scheduler"), exist_ok=True)
+    with open(os.path.join(path, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(scheduler, f, indent=2)
+    if scheduler["_class_name"] == "LCMScheduler":
+        meta["diffusers_timesteps"] = {str(n): codi_timesteps_list(meta, n) for n in (1, 2, 4)}
+    return scheduler["_class_name"]
 
 
 def scheduler_config(meta: dict) -> dict:

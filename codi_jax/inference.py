@@ -1,6 +1,6 @@
 """The inference path, pure and jittable: encoded prompts (and a condition) -> latents -> images.
 
-Both the training loop's sample grids (build.Recipe.sample) and codi_jax.sample.Pipeline call `generate`; they differ
+Both the training loop's sample grids (recipes.Recipe.sample) and codi_jax.sample.Pipeline call `generate`; they differ
 only in where the encoders' weights and the noise come from.
 """
 

@@ -77,9 +77,9 @@ def export_untrained(config, workdir: str, transform=None) -> str:
     transformed, e.g. perturbed off their zero init) without a training step. Returns the export folder."""
     import types
 
-    from codi_jax import build, export
+    from codi_jax import recipes, export
 
-    recipe = build.Recipe(config, workdir)
+    recipe = recipes.make(config, workdir)
     params = recipe.initial_params if transform is None else transform(recipe.initial_params)
     state = types.SimpleNamespace(ema_params=params, step=np.asarray(7))
     path = os.path.join(workdir, "export")

@@ -28,7 +28,7 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 
-from codi_jax import build, checkpoint, modes, parallel
+from codi_jax import recipes, checkpoint, modes, parallel
 
 
 @flax.struct.dataclass
@@ -122,7 +122,7 @@ def _tree_norm(tree) -> jax.Array:
     return optax.global_norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
 
 
-def make_train_step(recipe: build.Recipe, tx: optax.GradientTransformation, lr_schedule, config):
+def make_train_step(recipe: recipes.Recipe, tx: optax.GradientTransformation, lr_schedule, config):
     accum = int(config.optimizer.grad_accum_steps)
     decay = float(config.ema_decay)
 
@@ -323,7 +323,7 @@ def _check_finite(metrics: dict, step: int, checkpointer: checkpoint.Checkpointe
 class Setup:
     """Everything the loop needs, built once; tests build it on several meshes and compare."""
 
-    recipe: build.Recipe
+    recipe: recipes.Recipe
     mesh: jax.sharding.Mesh
     state: TrainState
     frozen: dict
@@ -345,7 +345,7 @@ class Plan:
     shardings, the batch it takes, and the step itself. train.setup runs it; the AOT pod plan
     (benchmarks/aot_tpu.py) and the GPU benchmark compile it for hardware they do not have."""
 
-    recipe: build.Recipe
+    recipe: recipes.Recipe
     mesh: jax.sharding.Mesh
     rules: Any
     tx: optax.GradientTransformation
@@ -366,7 +366,7 @@ class Plan:
                        out_shardings=(self.state_shardings, parallel.replicated(self.mesh)), donate_argnums=(0,))
 
 
-def plan(config: ml_collections.ConfigDict, recipe: build.Recipe, mesh: jax.sharding.Mesh) -> Plan:
+def plan(config: ml_collections.ConfigDict, recipe: recipes.Recipe, mesh: jax.sharding.Mesh) -> Plan:
     rules = parallel.rules_from_config(config.logical_axis_rules)
     tx, lr_schedule = make_optimizer(config)
     target = uses_target_ema(config)
@@ -405,7 +405,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.sharding
     if config.batch_size % jax.process_count():
         raise ValueError(f"config.batch_size={config.batch_size} does not divide over {jax.process_count()} processes")
 
-    recipe = build.Recipe(config, workdir)
+    recipe = recipes.make(config, workdir)
     p = plan(config, recipe, mesh)
     rules, tx, init_boxed_state = p.rules, p.tx, p.init_boxed_state
     state_shardings, frozen_shardings, abstract_state = p.state_shardings, p.frozen_shardings, p.abstract_state
@@ -599,7 +599,7 @@ def _hparams(config) -> dict:
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
 
 
-def _make_sampler(recipe: build.Recipe, frozen: dict, config, mesh):
+def _make_sampler(recipe: recipes.Recipe, frozen: dict, config, mesh):
     """Image grid of EMA samples on a fixed held-out batch (jitted once; frozen weights passed, not captured)."""
     from codi_jax import data as data_lib
 
@@ -674,7 +674,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> bool:
         stage_cfg = common.stage_config(config, stage)
         # '@stage' names are relative to the top workdir, not to the stage's own folder.
         for field in ("teacher", "vae_from", "text_encoder_from"):
-            stage_cfg[field] = build.resolve(stage_cfg[field], workdir)
+            stage_cfg[field] = recipes.resolve(stage_cfg[field], workdir)
         if not run_stage(stage_cfg, os.path.join(workdir, stage), f"stage {stage}"):
             return False
     if not train_mode(config, workdir):

@@ -186,9 +186,9 @@ def test_shipped_teacher_loads_in_diffusers_and_matches():
     codi_jax's (its tokenizer pads to the 32 tokens it was trained with)."""
     from diffusers import StableDiffusionPipeline
 
-    from codi_jax import build
+    from codi_jax import recipes
 
-    path = build.resolve("builtin:scenes32", "")
+    path = recipes.resolve("builtin:scenes32", "")
     pipe = StableDiffusionPipeline.from_pretrained(path)
     latents, _, prompts = _inputs(seed=3)
     theirs = pipe(prompts, height=32, width=32, num_inference_steps=3, guidance_scale=1.0, latents=latents,

@@ -105,7 +105,7 @@ def test_no_checkpoint_reads_stops_in_one_line_and_keeps_them_all(random_teacher
     assert again.returncode == 1
     last = again.stderr.rstrip().splitlines()[-1]
     assert last.startswith("no checkpoint in") and "3.damaged-1, 4.damaged-1" in last, last
-    assert "build.py" not in again.stderr  # refused before the teacher was loaded
+    assert "recipes.py" not in again.stderr  # refused before the teacher was loaded
     assert _steps(workdir) == ["3.damaged-1", "4.damaged-1"]
 
 
@@ -116,7 +116,7 @@ def test_workdir_of_another_mode_is_refused_in_one_line(random_teacher, jax_cach
     last = out.stderr.rstrip().splitlines()[-1]
     assert last == (f"{workdir}/checkpoints holds a run of mode 'codi', task 'depth' (checkpoint 4); this config asks "
                     "for mode 'pe_codi', task 'depth': use another workdir, or that run's config"), last
-    assert "Traceback" not in out.stderr and "build.py" not in out.stderr
+    assert "Traceback" not in out.stderr and "recipes.py" not in out.stderr
     assert _steps(workdir) == ["2", "3", "4"]
 
 

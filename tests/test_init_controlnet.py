@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from codi_jax import build
+from codi_jax import recipes
 from codi_jax import config as config_lib
 from codi_jax.testing import tiny_config
 
@@ -86,7 +86,7 @@ def folders(tmp_path_factory):
 def case(folders):
     teacher, folder, unet, cn = folders
     config = depth_config(teacher, folder)
-    recipe = build.Recipe(config, "/nonexistent-workdir")
+    recipe = recipes.make(config, "/nonexistent-workdir")
     r = np.random.RandomState(0)
     z = r.randn(2, 4, 8, 8).astype(np.float32)
     t = np.array([17, 803])
@@ -193,11 +193,11 @@ def test_encoder_and_hint_must_fit_the_teacher(folders, tmp_path):
     teacher, folder, *_ = folders
     wide = _variant(folder, tmp_path / "wide", cross_attention_dim=64)
     with pytest.raises(ValueError) as e:
-        build.Recipe(depth_config(teacher, wide), "/nonexistent-workdir")
+        recipes.make(depth_config(teacher, wide), "/nonexistent-workdir")
     _one_line(e, f"config.init_controlnet={wide!r}", "cross_attention_dim")
     coarse = _variant(folder, tmp_path / "coarse", conditioning_embedding_out_channels=[8, 16])
     with pytest.raises(ValueError) as e:
-        build.Recipe(depth_config(teacher, coarse), "/nonexistent-workdir")
+        recipes.make(depth_config(teacher, coarse), "/nonexistent-workdir")
     _one_line(e, f"config.init_controlnet={coarse!r}", "2x", "4x")
 
 
@@ -205,7 +205,7 @@ def test_keeps_channel_order_and_global_pooling(folders, tmp_path):
     teacher, folder, *_ = folders
     variant = _variant(folder, tmp_path / "bgr", controlnet_conditioning_channel_order="bgr",
                        global_pool_conditions=True)
-    control = build.Recipe(depth_config(teacher, variant, mode="finetune"), "/nonexistent-workdir").model.config.control
+    control = recipes.make(depth_config(teacher, variant, mode="finetune"), "/nonexistent-workdir").model.config.control
     assert control.controlnet_conditioning_channel_order == "bgr" and control.global_pool_conditions
 
 

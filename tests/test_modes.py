@@ -7,7 +7,7 @@ import tempfile
 
 import pytest
 
-from codi_jax import build, config as config_lib, export, modes
+from codi_jax import config as config_lib, export, modes, recipes
 from codi_jax.testing import tiny_config
 
 # The paper's Table 2 rows per mode, as evaluation produced them before the table existed (eval steps 1, 2, 4; the
@@ -60,7 +60,7 @@ def test_each_row_reaches_config_recipe_and_export(mode):
     cond_mode, freeze, sampler, spacing, teacher = EXPECTED[mode]
     c = _config(mode, **{"model.freeze_unet": False})
     assert (c.model.cond_mode, c.model.freeze_unet) == (cond_mode, freeze)
-    recipe = build.Recipe(c, tempfile.gettempdir(), abstract=True)
+    recipe = recipes.make(c, tempfile.gettempdir(), abstract=True)
     assert recipe.default_sampler() == sampler and recipe.timestep_spacing() == spacing
     assert recipe.teacher_kind == teacher
     index = {"_class_name": "StableDiffusionControlNetPipeline", "controlnet": ["diffusers", "ControlNetModel"],
@@ -71,6 +71,30 @@ def test_each_row_reaches_config_recipe_and_export(mode):
     assert f"base_model: \"{c.init_from if teacher else c.teacher}\"" in card
 
 
+FAMILY_PARTS = {  # family: (recipe class, frozen parts, top-level trainable trees) in abstract form, tiny presets
+    "vae": (recipes.VAERecipe, set(), {"encoder", "decoder", "quant_conv", "post_quant_conv"}),
+    "pretrain": (recipes.TextToImageRecipe, {"vae", "text_encoder", "null_ids"}, None),
+    "codi": (recipes.ConditionalRecipe, {"vae", "text_encoder", "null_ids"}, {"unet", "control", "mu"}),
+    "pe_codi": (recipes.ConditionalRecipe, {"vae", "text_encoder", "null_ids", "unet"}, {"control"}),
+    "cm": (recipes.ConditionalRecipe, {"vae", "text_encoder", "null_ids", "teacher"}, {"unet", "control"}),
+}
+
+
+@pytest.mark.parametrize("mode", list(FAMILY_PARTS))
+def test_each_family_has_its_recipe(mode):
+    """recipes.make picks the row's family; each family's recipe says what trains and what is frozen."""
+    cls, frozen, trainable = FAMILY_PARTS[mode]
+    c = tiny_config("depth", mode=mode, init_from="/only-read-by-the-loop" if mode == "cm" else "")
+    recipe = recipes.make(c, tempfile.gettempdir(), abstract=True)
+    assert type(recipe) is cls and recipe.spec.family == modes.get(mode).family
+    assert set(recipe.frozen_abstract) == frozen
+    if trainable is not None:
+        assert set(recipe.abstract_params) == trainable
+    # The protocol: the same methods on every family, the defaults only where the family needs nothing.
+    assert (type(recipe).after_training is recipes.Recipe.after_training) == (mode != "vae")
+    assert (type(recipe).placed_frozen is recipes.Recipe.placed_frozen) == (mode in ("vae", "pretrain"))
+
+
 def test_a_new_row_is_all_a_new_mode_needs(monkeypatch):
     # A row added at run time, as a contributor's would be: CM-II (frozen) again under another name. The config, the
     # recipe and evaluation take it with nothing else changed (the objective exists).
@@ -78,7 +102,7 @@ def test_a_new_row_is_all_a_new_mode_needs(monkeypatch):
     monkeypatch.setitem(modes.TABLE, "cm_frozen_copy", row)
     c = _config("cm_frozen_copy")
     assert c.model.cond_mode == "controlnet" and c.model.freeze_unet
-    recipe = build.Recipe(c, tempfile.gettempdir(), abstract=True)
+    recipe = recipes.make(c, tempfile.gettempdir(), abstract=True)
     assert recipe.teacher_kind == "conditional" and recipe.default_sampler() == ("codi", 4)
     assert "unet" in recipe.frozen_abstract and "unet" not in recipe.abstract_params
     assert modes.is_conditional("cm_frozen_copy") and row.eval_rows((4,), 50) == [("", "codi", 4)]

@@ -243,7 +243,7 @@ def test_ema_warmup_forgets_the_init(warmup):
 
     from codi_jax import train
 
-    class Quadratic:  # stands in for build.Recipe: only .loss is used by the step
+    class Quadratic:  # stands in for recipes.Recipe: only .loss is used by the step
         @staticmethod
         def loss(params, ema_params, frozen, batch, rng):
             loss = jnp.sum((params["w"] - batch["target"]) ** 2)
@@ -303,7 +303,7 @@ def _toy_step(c, loss_fn, params):
 
     from codi_jax import train
 
-    class Toy:  # stands in for build.Recipe: only .loss is used by the step
+    class Toy:  # stands in for recipes.Recipe: only .loss is used by the step
         loss = staticmethod(loss_fn)
 
     tx, lr = train.make_optimizer(c)
