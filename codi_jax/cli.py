@@ -15,6 +15,8 @@ import sys
 
 from absl import flags
 
+from codi_jax import config as config_lib
+
 USAGE_ERROR = 2
 
 
@@ -110,8 +112,6 @@ def _explain_override(argv) -> str | None:
 
 def config(flag_values=None, argv=None):
     """The finalized config of --config, or one line (status 2) naming what is wrong with it."""
-    from codi_jax import config as config_lib
-
     flag_values = flag_values or flags.FLAGS
     argv = list(sys.argv if argv is None else argv)
     try:

@@ -15,14 +15,19 @@ from codi_jax import modes
 TASKS = ("depth", "sr", "inpaint", "edit", "t2i")
 
 
+# The objectives, the data stack and the recipes import JAX (and grain) at module level, and this module must not:
+# configs are parsed, and their mistakes reported in one line, before JAX starts (cli.py, the launch tooling). So the
+# defaults and checks that need them import them where they are used.
+
+
 def _objective_defaults() -> ml_collections.ConfigDict:
-    from codi_jax.diffusion import objectives
+    from codi_jax.diffusion import objectives  # JAX: see above
 
     return objectives.default_config()
 
 
 def _data_defaults() -> ml_collections.ConfigDict:
-    from codi_jax import data
+    from codi_jax import data  # JAX and grain: see above
 
     return data.default_config()
 
@@ -301,7 +306,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     for step in c.eval.steps:
         if int(step) <= 0:
             fail("eval.steps", f"step counts must be positive, got {tuple(c.eval.steps)}")
-    from codi_jax import data
+    from codi_jax import data  # JAX and grain: see above
     from codi_jax.diffusion import objectives
 
     data.validate(c.data)
@@ -316,6 +321,6 @@ def _validate_init_controlnet(c: ml_collections.ConfigDict, fail) -> None:
     if c.init_from:
         fail("init_controlnet", f"set together with config.init_from={c.init_from!r}: the run starts from one of them "
                                 "(init_from restores the whole model, the ControlNet included)")
-    from codi_jax import recipes
+    from codi_jax import recipes  # JAX: see above
 
     recipes.controlnet_source(c.init_controlnet, c.task)  # the folder alone: exists, a ControlNet, channels fit

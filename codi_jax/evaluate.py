@@ -27,10 +27,16 @@ from typing import Any
 
 import numpy as np
 from absl import app, flags, logging
+from ml_collections import config_flags
+from PIL import Image
 
+from codi_jax import cli, modes, recipes
+from codi_jax import data as data_lib
 from codi_jax import export as export_lib
-from codi_jax import modes
 from codi_jax.data.tasks import condition_rgb
+from codi_jax.metrics import MetricUnavailable, depth, fid, image, lpips, stats
+from codi_jax.metrics import clip_score as clip_lib
+from codi_jax.sample import Pipeline, to_uint8
 
 LOWER_IS_BETTER = {"fid": True, "kid": True, "depth_rmse": True, "depth_si_rmse": True, "depth_delta1": False,
                    "lpips": True, "psnr": False, "ssim": False, "psnr_known": False, "clip_score": False}
@@ -86,10 +92,6 @@ class Scorer:
     real_uint8 / cond are the held-out ground truth and conditions that every row is scored against."""
 
     def __init__(self, config, real_uint8: np.ndarray, captions: list[str], cond: np.ndarray | None = None):
-        from codi_jax.metrics import MetricUnavailable
-        from codi_jax.metrics import clip_score as clip_lib
-        from codi_jax.metrics import depth, fid, lpips
-
         self.unavailable: dict[str, str] = {}
         self.real = real_uint8
         self.captions = captions
@@ -122,8 +124,6 @@ class Scorer:
 
     def distribution(self, images_uint8: np.ndarray) -> dict[str, Any]:
         """FID and KID (with a bootstrap interval) of a set of images against the held-out ground truth."""
-        from codi_jax.metrics import fid
-
         if self.inception is None:
             return {}
         features = fid.inception_features(self.inception, images_uint8)
@@ -133,8 +133,6 @@ class Scorer:
 
     def controllability(self, images_uint8: np.ndarray) -> dict[str, Any]:
         """Depth error between the estimator's reading of each image and its conditioning map (mean and interval)."""
-        from codi_jax.metrics import depth, stats
-
         if self.depth is None or self.cond is None:
             return {}
         errors = depth.depth_errors(depth.predict(self.depth, images_uint8), self.cond)
@@ -148,9 +146,6 @@ class Scorer:
     def pixels(self, fake_uint8: np.ndarray) -> dict[str, Any]:
         """Agreement with the ground truth image: PSNR, SSIM, LPIPS, CLIP score; for inpainting also the PSNR of the
         known region (outside the mask), which must come back unchanged."""
-        from codi_jax.metrics import clip_score as clip_lib
-        from codi_jax.metrics import image, lpips
-
         real = self.real.astype(np.float32) / 255.0
         fake = fake_uint8.astype(np.float32) / 255.0
         out = {"psnr": float(np.mean(image.psnr(fake, real))), "ssim": float(np.mean(image.ssim(fake, real)))}
@@ -192,7 +187,7 @@ def _rows(report: dict):
 def _plots(report: dict, out_dir: str) -> list[str]:
     """One plot per metric against the number of steps; the reference rows (ground truth, VAE, teacher) are drawn
     as horizontal lines, and intervals, where a metric has one, as error bars."""
-    import matplotlib
+    import matplotlib  # here, not at the top: the headless backend must be chosen before pyplot is imported
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -274,12 +269,6 @@ def _sample_rows(pipe, label_prefix: str, samplers, batches, config, scorer, rep
 
 
 def run(config, workdir: str, steps: tuple[int, ...] | None = None) -> dict:
-    from PIL import Image
-
-    from codi_jax import recipes
-    from codi_jax import data as data_lib
-    from codi_jax.sample import Pipeline, to_uint8
-
     steps = tuple(int(s) for s in (steps or config.eval.steps))
     # Checked before anything is written: a mistyped workdir must not gain an eval/ folder.
     if not os.path.isdir(workdir):
@@ -353,8 +342,6 @@ def run(config, workdir: str, steps: tuple[int, ...] | None = None) -> dict:
 
 def _update_model_cards(report: dict, methods: dict[str, str]) -> None:
     """Each export's model card gets its own rows and the reference rows."""
-    from codi_jax import export as export_lib
-
     for name, path in methods.items():
         own = {k: v for k, v in report.items()
                if k in (GROUND_TRUTH, VAE_CEILING, TEACHER, "meta") or k == name or k.startswith(name + " ")}
@@ -365,7 +352,6 @@ def _update_model_cards(report: dict, methods: dict[str, str]) -> None:
 def main(argv):
     del argv
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from codi_jax import cli
 
     try:
         steps = tuple(int(s) for s in FLAGS.steps.split(",")) if FLAGS.steps else None
@@ -380,13 +366,10 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from ml_collections import config_flags
-
     FLAGS = flags.FLAGS
     config_flags.DEFINE_config_file("config", None, "Task config file, e.g. configs/depth.py:tiny", lock_config=True)
     flags.DEFINE_string("workdir", None, "The run folder to evaluate")
     flags.DEFINE_string("steps", "", "Comma-separated step counts (default: config.eval.steps)")
     flags.mark_flags_as_required(["config", "workdir"])
-    from codi_jax import cli
 
     app.run(main, flags_parser=cli.flags_parser)

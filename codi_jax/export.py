@@ -34,6 +34,10 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from codi_jax import modes
+from codi_jax import weights
+from codi_jax.diffusion import schedules
+from codi_jax.models import conditional as cond_lib
+from codi_jax.models.controlnet import ControlNetModel
 from codi_jax.models import with_compute
 
 
@@ -97,8 +101,6 @@ _BETA_SCHEDULES = {"scaled_linear": "scaled_linear", "linear": "linear", "cosine
 
 
 def codi_timesteps_list(meta: dict, num_steps: int) -> list[int]:
-    from codi_jax.diffusion import schedules
-
     return [int(t) for t in schedules.codi_timesteps(num_steps, int(meta["distill_steps"]),
                                                      int(meta["schedule"]["num_train_timesteps"]))]
 
@@ -162,10 +164,6 @@ def _identity_kernels(shapes: dict, scale: float) -> dict:
 def diffusers_controlnets(cfg, params: dict) -> list[tuple[Any, dict]]:
     """[(ControlNetModel, params)] that, added to the UNet as diffusers adds ControlNet residuals, equal our
     conditional model: the control encoder itself in ControlNet form; two nets in mu form (module docstring)."""
-    from codi_jax import weights
-    from codi_jax.models import conditional as cond_lib
-    from codi_jax.models.controlnet import ControlNetModel
-
     if cfg.mode == "controlnet":
         return [(ControlNetModel(cfg.control), params["control"])]
     module = ControlNetModel(dataclasses.replace(cfg.control, zero_convs=True))

@@ -1,6 +1,10 @@
 """Entry point: python -m codi_jax.main --config=configs/depth.py[:variant] --workdir=DIR [--config.key=value ...]
 
 Flags, multi-host initialisation, then train.train_and_evaluate. The run always resumes from --workdir.
+
+JAX, TensorFlow and the trainer are imported inside main(), after the config has been checked: a mistake is one line
+and status 2 before any runtime starts (on a pod every host would otherwise wait on the others first), and the
+environment (TF_CPP_MIN_LOG_LEVEL, the CPU device count of test clusters) is set before JAX reads it.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from codi_jax import cli
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Task config file, e.g. configs/depth.py:tiny", lock_config=True)
@@ -43,7 +49,7 @@ def _multihost_environment() -> dict | None:
 
 
 def initialize_distributed() -> None:
-    import jax
+    import jax  # only now: see the module docstring
 
     kwargs = _multihost_environment()
     if kwargs is None:
@@ -66,23 +72,21 @@ def main(argv):
     del argv
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     logging.get_absl_handler().addFilter(_QuietLibraries())
-    from codi_jax import cli
-
     # --config.key=value overrides land after get_config: derive the mode-dependent fields and validate again. A
     # mistake in the config is one line and status 2, before the distributed runtime, TensorFlow or any device starts
     # (on a pod every host would otherwise wait on the others first).
     config = cli.config(FLAGS)
     initialize_distributed()
-    import jax
+    import jax  # only now: see the module docstring
 
     # TensorFlow (pulled in by clu and tfds) must never take the accelerator from JAX.
     try:
-        import tensorflow as tf
+        import tensorflow as tf  # optional here: only to hide the GPU from it
 
         tf.config.set_visible_devices([], "GPU")
     except Exception:  # noqa: BLE001 - TF is optional at this point.
         pass
-    from codi_jax import train
+    from codi_jax import train  # imports JAX, TensorFlow (clu) and grain: only after the checks above
 
     logging.info("JAX %s, process %d/%d, %d local / %d global devices (%s)", jax.__version__, jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
@@ -93,6 +97,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from codi_jax import cli
-
     app.run(main, flags_parser=cli.flags_parser)

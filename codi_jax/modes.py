@@ -3,7 +3,7 @@
 A mode is a row. config.finalize takes the conditioning form and what is frozen from it, the recipe its objective and
 teacher, export its sampler, spacing and diffusers scheduler, evaluate and sample which models are conditional and
 which Table 2 rows a model contributes. Adding a baseline is a new row here plus its objective function in
-diffusion/objectives.py (docs/modes.md walks through one).
+diffusion/objectives.py (docs/adding.md walks through one).
 
 Nothing here imports JAX: the table is read by config parsing and by the launch tooling as well as the trainer.
 """

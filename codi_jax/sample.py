@@ -12,6 +12,7 @@ One jitted function per (method, steps, batch shape); the batch is split over al
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from typing import Any, Callable, Sequence
@@ -19,8 +20,10 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
-from codi_jax import diffusion, modes
+from codi_jax import diffusion, modes, weights
+from codi_jax.data import load_tokenizer
 from codi_jax.inference import generate, sample_latents  # noqa: F401 - sample_latents: part of this module's API
 
 
@@ -54,8 +57,6 @@ def export_folder(path: str) -> str:
 def condition_spec(path: str) -> tuple[int, int | None]:
     """(channels, trained size or None) of the condition images the model at `path` takes, from its metadata alone,
     so that a wrong condition is refused before the weights load (seconds for an SD1.5-size model)."""
-    from codi_jax import weights
-
     path = export_folder(path)
     with open(os.path.join(path, "model_index.json")) as f:
         meta = json.load(f).get("_codi_jax", {})
@@ -80,9 +81,6 @@ class Pipeline:
     only set the batch and image size."""
 
     def __init__(self, path: str, *, schedule: dict | None = None, prediction_type: str | None = None):
-        from codi_jax import weights
-        from codi_jax.data import load_tokenizer
-
         path = export_folder(path)
         with open(os.path.join(path, "model_index.json")) as f:
             self.meta = json.load(f).get("_codi_jax", {})
@@ -222,8 +220,6 @@ def load_condition(path: str, size: int | None, channels: int, *, convert: bool 
     """A condition image file -> float32 (H, W, channels) in [-1, 1], as the task builds it (depth: one grey channel,
     near = bright; inpaint: RGBA, the alpha the hole mask). A mode or size the model was not trained on is an error
     naming what the file is and what the model takes, unless convert / resize ask for the conversion."""
-    from PIL import Image
-
     try:
         image = Image.open(path)
         image.load()
@@ -250,10 +246,6 @@ def load_condition(path: str, size: int | None, channels: int, *, convert: bool 
 
 
 def main(argv=None) -> int:
-    import argparse
-
-    from PIL import Image
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="workdir of a finished run, or its export/ folder")
     parser.add_argument("--cond", required=True, nargs="+", help="condition image(s) (depth map, low-res image, ...)")
@@ -291,8 +283,6 @@ def main(argv=None) -> int:
 
 
 def _positive_int(text: str) -> int:
-    import argparse
-
     try:
         value = int(text)
     except ValueError:

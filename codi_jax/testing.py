@@ -6,20 +6,24 @@ our own exporters, so the code under test takes the same import path as with rea
 
 from __future__ import annotations
 
+import glob
+import importlib.util
 import json
 import os
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from codi_jax import config as config_lib
+from codi_jax import export, recipes, weights
+from codi_jax.data import load_tokenizer
+from codi_jax.models import clip, unet, vae
+
 
 def make_random_pipeline(path: str, *, max_length: int = 32, seed: int = 0, tokenizer: str = "builtin:scenes",
                          prediction_type: str = "epsilon") -> str:
-    from codi_jax import weights
-    from codi_jax.data import load_tokenizer
-    from codi_jax.models import clip, unet, vae
-
     os.makedirs(path, exist_ok=True)
     tok = load_tokenizer(tokenizer)
     keys = jax.random.split(jax.random.key(seed), 3)
@@ -50,10 +54,6 @@ def make_random_pipeline(path: str, *, max_length: int = 32, seed: int = 0, toke
 def tiny_config(name: str = "depth", teacher: str = "", *, finalize: bool = True, **overrides):
     """configs/<name>.py:tiny with no stages and no evaluation, starting from `teacher`; overrides are dotted keys
     ('model.prediction_type') written as keyword arguments through a dict. For tests and benchmarks."""
-    import importlib.util
-
-    from codi_jax import config as config_lib
-
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", f"{name}.py")
     spec = importlib.util.spec_from_file_location(f"codi_jax_config_{name}", path)
     module = importlib.util.module_from_spec(spec)
@@ -75,10 +75,6 @@ def tiny_config(name: str = "depth", teacher: str = "", *, finalize: bool = True
 def export_untrained(config, workdir: str, transform=None) -> str:
     """<workdir>/export for `config` as training would write it, from the recipe's initial weights (optionally
     transformed, e.g. perturbed off their zero init) without a training step. Returns the export folder."""
-    import types
-
-    from codi_jax import recipes, export
-
     recipe = recipes.make(config, workdir)
     params = recipe.initial_params if transform is None else transform(recipe.initial_params)
     state = types.SimpleNamespace(ema_params=params, step=np.asarray(7))
@@ -94,13 +90,10 @@ def make_torchvision_importable() -> None:
     parts. So, only when the library really cannot load, declare those two op schemas (no kernels: calling them
     would still fail) and torchvision imports unchanged. For the tests (tests/conftest.py) and benchmarks/gpu_peer.py;
     call it before importing transformers or diffusers."""
-    import glob
-    import importlib.util
-
     spec = importlib.util.find_spec("torchvision")
     if spec is None:
         return
-    import torch
+    import torch  # a test-time dependency only (the PyTorch references), never needed by the package
 
     libs = glob.glob(os.path.join(next(iter(spec.submodule_search_locations)), "_C*.so"))
     try:
@@ -110,7 +103,7 @@ def make_torchvision_importable() -> None:
         lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
         lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
         _KEEP_ALIVE.append(lib)  # the schemas live as long as this object
-    import torchvision  # noqa: F401
+    import torchvision  # noqa: F401 - only after the stand-in ops above are registered
 
 
 _KEEP_ALIVE: list = []

@@ -28,7 +28,11 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 
-from codi_jax import recipes, checkpoint, modes, parallel
+from codi_jax import checkpoint, evaluate, modes, parallel, recipes
+from codi_jax import config as common
+from codi_jax import data as data_lib
+from codi_jax import export as export_lib
+from codi_jax.data import pipeline
 
 
 @flax.struct.dataclass
@@ -105,8 +109,6 @@ def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTra
 
 def batch_spec(config) -> dict[str, jax.ShapeDtypeStruct]:
     """The global batch the loader delivers, known without reading data (for the ahead-of-time compile)."""
-    from codi_jax import data as data_lib
-
     b, s = int(config.batch_size), int(config.data.image_size)
     spec = {
         "image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.float32),
@@ -294,8 +296,6 @@ class _Preemption:
 
 def _next_batch(data_iter):
     """next(data_iter), with a data source that yields nothing turned into NoDataError's one line."""
-    from codi_jax.data import pipeline
-
     try:
         return next(data_iter)
     except Exception as e:  # noqa: BLE001 - grain re-raises a worker's error under its own type
@@ -389,8 +389,6 @@ def plan(config: ml_collections.ConfigDict, recipe: recipes.Recipe, mesh: jax.sh
 
 def setup(config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.sharding.Mesh | None = None) -> Setup:
     """Mesh, recipe, shardings, start-up (workdir checkpoint > init_from > teacher > scratch) and the compiled step."""
-    from codi_jax import data as data_lib
-
     if "://" not in workdir:
         os.makedirs(workdir, exist_ok=True)
     # The workdir's own checkpoints are checked against this config before anything is built or loaded.
@@ -505,9 +503,6 @@ def _check_workdir(config: ml_collections.ConfigDict, checkpointer: checkpoint.C
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> Setup:
     """Trains config.mode in workdir until config.total_steps; resumes from workdir by itself."""
-    from codi_jax import data as data_lib
-    from codi_jax import export as export_lib
-
     s = setup(config, workdir)
     recipe, mesh, state, frozen, compiled = s.recipe, s.mesh, s.state, s.frozen, s.step_fn
     data_iter, checkpointer, start, batch_spec = s.data_iter, s.checkpointer, s.start_step, s.batch_spec
@@ -601,8 +596,6 @@ def _hparams(config) -> dict:
 
 def _make_sampler(recipe: recipes.Recipe, frozen: dict, config, mesh):
     """Image grid of EMA samples on a fixed held-out batch (jitted once; frozen weights passed, not captured)."""
-    from codi_jax import data as data_lib
-
     n = int(config.num_sample_images)
     host = next(iter(data_lib.make_eval_batches(config.data, batch_size=n, num_examples=n, seed=config.eval.seed)))
     host = {k: np.asarray(v) for k, v in host.items() if k in ("image", "cond", "input_ids")}
@@ -655,8 +648,6 @@ def train_mode(config: ml_collections.ConfigDict, workdir: str) -> bool:
 def run_stage(config: ml_collections.ConfigDict, workdir: str, label: str = "") -> bool:
     """Trains `config` in `workdir` unless a finished export is already there; True once it is, False when a
     preemption stopped it. How a run's prerequisite stages and the Table 2 benchmark's methods are each run."""
-    from codi_jax import export as export_lib
-
     label = label or config.mode
     if export_lib.is_finished(os.path.join(workdir, "export")):
         logging.info("%s already done in %s", label, workdir)
@@ -668,8 +659,6 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, label: str = "") 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> bool:
     """Runs the prerequisite stages (embedded default: VAE, then the text-to-image teacher), the main mode, and
     optionally the evaluation, each resuming where it stopped. False when a preemption stopped it early."""
-    from codi_jax import config as common
-
     for stage in config.stages:
         stage_cfg = common.stage_config(config, stage)
         # '@stage' names are relative to the top workdir, not to the stage's own folder.
@@ -680,7 +669,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> bool:
     if not train_mode(config, workdir):
         return False
     if config.run_eval:
-        from codi_jax import evaluate
 
         evaluate.run(config, workdir)
     return True

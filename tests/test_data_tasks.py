@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from codi_jax.data import degradations, masks, scenes, tasks, text_cache, tokenizer
+from codi_jax.data import degradations, masks, scenes, tasks, tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -143,23 +143,6 @@ def test_tokenizer_folder_round_trip(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="vocab.json"):
         tokenizer.load_tokenizer(str(tmp_path / "empty"))
-
-
-def test_text_embedding_cache(tmp_path):
-    calls = []
-
-    def encode(texts):
-        calls.append(list(texts))
-        return np.stack([np.full((2, 3), len(t), np.float32) for t in texts])
-
-    path = str(tmp_path / "emb.npz")
-    text_cache.build_cache(["bb", "a", "bb", "ccc"], encode, path, batch_size=2)
-    assert sum(len(c) for c in calls) == 3  # each distinct caption encoded once
-    cache = text_cache.TextEmbeddingCache(path)
-    out = cache.lookup(["ccc", "a", "bb"])
-    assert out.shape == (3, 2, 3) and out[:, 0, 0].tolist() == [3, 1, 2]
-    with pytest.raises(KeyError, match="not in the text-embedding cache"):
-        cache.lookup(["zzz"])
 
 
 def test_scene_captions_fit_25_tokens():

@@ -9,6 +9,7 @@ image's own size; FolderSource reads them for task 'depth'. The model folder mus
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -39,8 +40,6 @@ def _hide_broken_torchvision() -> None:
 
 
 def _is_metric(model_dir: str) -> bool:
-    import json
-
     with open(os.path.join(model_dir, "config.json")) as f:
         cfg = json.load(f)
     return cfg.get("model_type") in _METRIC_MODEL_TYPES or cfg.get("depth_estimation_type") == "metric"
@@ -76,7 +75,7 @@ def prepare_depth(images: str, model: str | None, out: str | None = None, output
     metric = _is_metric(model) if output_kind == "auto" else output_kind == "depth"
 
     _hide_broken_torchvision()
-    from transformers import AutoImageProcessor, pipeline
+    from transformers import AutoImageProcessor, pipeline  # optional (torch): only this labelling tool needs it
 
     # The PIL preprocessing backend needs no torchvision and matches the reference preprocessing.
     processor = AutoImageProcessor.from_pretrained(model, backend="pil", local_files_only=True)

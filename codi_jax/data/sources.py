@@ -272,7 +272,7 @@ class TfdsSource:
     """
 
     def __init__(self, name: str, *, split: str, data_dir: str | None, image_size: int, keys: dict[str, str]):
-        import tensorflow_datasets as tfds
+        import tensorflow_datasets as tfds  # optional (TensorFlow): only the tfds sources need it
 
         self.name, self.split, self.data_dir, self.image_size, self.keys = name, split, data_dir, int(image_size), keys
         try:
@@ -291,7 +291,7 @@ class TfdsSource:
 
     def _open(self):
         if self._source is None:
-            import tensorflow_datasets as tfds
+            import tensorflow_datasets as tfds  # as above, and again in each grain worker that opens it
 
             self._source = tfds.data_source(self.name, split=self.split, data_dir=self.data_dir)
         return self._source

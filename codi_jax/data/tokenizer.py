@@ -84,7 +84,7 @@ def builtin_vocab_size() -> int:
 @functools.lru_cache(maxsize=8)
 def load_tokenizer(spec: str):
     """`builtin:scenes` or a local folder holding a CLIP tokenizer (vocab.json + merges.txt, as SD's tokenizer/)."""
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTokenizer  # seconds to import; grain's worker processes import this module too
 
     if spec == BUILTIN_SCENES:
         vocab, merges = builtin_vocab_and_merges()

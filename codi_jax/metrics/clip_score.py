@@ -21,6 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from codi_jax.models import clip as clip_lib
+from codi_jax.data.tokenizer import load_tokenizer
+from codi_jax.metrics import MetricUnavailable
+from codi_jax.weights import convert
 
 # OpenAI CLIP's pixel statistics (transformers OPENAI_CLIP_MEAN / OPENAI_CLIP_STD).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -39,10 +42,6 @@ def load_clip(path: str | None, *, dtype=jnp.float32):
 
     No path -> codi_jax.metrics.MetricUnavailable (CLIP score is then reported as unavailable, never estimated).
     """
-    from codi_jax.data.tokenizer import load_tokenizer
-    from codi_jax.metrics import MetricUnavailable
-    from codi_jax.weights import convert
-
     if not path:
         raise MetricUnavailable("CLIP score needs CLIP weights: give the path of a local transformers CLIPModel folder "
                                 "(config.json, model.safetensors, vocab.json, merges.txt), e.g. a copy of "

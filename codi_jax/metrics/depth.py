@@ -31,6 +31,7 @@ from flax import traverse_util
 from codi_jax.metrics import MetricUnavailable
 from codi_jax.metrics.image import map_batches
 from codi_jax.models.depth_estimator import DepthEstimator, DepthEstimatorConfig
+from codi_jax.weights.convert import WeightsMismatchError, read_safetensors, write_safetensors
 
 DEFAULT_PATH = Path(__file__).resolve().parent.parent / "pretrained" / "depth_scenes32"
 WEIGHTS_FILE = "model.safetensors"
@@ -43,8 +44,6 @@ DELTA_THRESHOLD = 1.25
 
 def save_depth_estimator(path: str | os.PathLike, config: DepthEstimatorConfig, params: dict) -> Path:
     """Writes path/model.safetensors (float32, keys 'conv_in/kernel', ...) and path/config.json; returns path."""
-    from codi_jax.weights.convert import write_safetensors
-
     path = Path(path)
     flat = traverse_util.flatten_dict(nn.meta.unbox(params.get("params", params)), sep="/")
     write_safetensors(str(path), {k: np.asarray(v, np.float32) for k, v in flat.items()}, WEIGHTS_FILE)
@@ -58,8 +57,6 @@ def load_depth_estimator(path: str | os.PathLike | None = None) -> tuple[DepthEs
     A missing folder or file raises MetricUnavailable (never a stand-in); weights that do not fit the config raise
     WeightsMismatchError listing the differences.
     """
-    from codi_jax.weights.convert import WeightsMismatchError, read_safetensors
-
     path = Path(path).expanduser() if path is not None else DEFAULT_PATH
     missing = [f for f in (WEIGHTS_FILE, CONFIG_FILE) if not (path / f).is_file()]
     if missing:

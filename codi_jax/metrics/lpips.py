@@ -26,6 +26,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import load_file
 
 from codi_jax.metrics import MetricUnavailable
 from codi_jax.metrics.image import as_unit_float
@@ -83,8 +84,6 @@ def _expected_shapes(net: str) -> dict[str, tuple[int, ...]]:
 
 def load_lpips(path: str | os.PathLike | None = None, net: str = "alex") -> Lpips:
     """Reads LPIPS weights from safetensors. No path, or no file there: MetricUnavailable (see the module docstring)."""
-    from safetensors.numpy import load_file
-
     if net not in NETS:
         raise ValueError(f"LPIPS net must be one of {sorted(NETS)}, got {net!r}")
     if path is None:

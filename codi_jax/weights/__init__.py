@@ -17,6 +17,7 @@ import json
 import os
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -98,7 +99,6 @@ def read_config(path: str, component: str) -> tuple[str, dict]:
 
 def param_shapes(module, component: str, config: dict | None = None):
     """Param ShapeDtypeStructs of `module` (logical-partitioning boxes unboxed) without allocating them."""
-    import flax.linen as nn
     comp = _component(component)
     mod = importlib.import_module(comp.module_path)
     if hasattr(mod, "init_inputs"):

@@ -17,6 +17,11 @@ import numpy as np
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
+from codi_jax.models import conditional as cond_lib
+from codi_jax.models.conditional import ConditionalConfig
+from codi_jax.models.controlnet import ControlNetConfig
+from codi_jax.models.unet import UNetConfig
+
 
 def flatten(tree: dict) -> dict[str, np.ndarray]:
     """A params tree as safetensors wants it: 'a/b/kernel' -> float32 (other dtypes kept), C-contiguous, owned."""
@@ -55,10 +60,6 @@ def save_conditional(path: str, module, params: dict) -> None:
 
 
 def conditional_config_from_json(d: dict):
-    from codi_jax.models.conditional import ConditionalConfig
-    from codi_jax.models.controlnet import ControlNetConfig
-    from codi_jax.models.unet import UNetConfig
-
     def fields(cls, values):
         names = {f.name for f in dataclasses.fields(cls)}
         out = {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items() if k in names}
@@ -72,8 +73,6 @@ def conditional_config_from_json(d: dict):
 
 def load_conditional(path: str):
     """(module, params) of an exported conditional model (folder conditional/ or the export folder holding it)."""
-    from codi_jax.models import conditional as cond_lib
-
     if os.path.isdir(os.path.join(path, "conditional")):
         path = os.path.join(path, "conditional")
     config_file = os.path.join(path, "config.json")

@@ -13,8 +13,11 @@ import re
 import struct
 from typing import Any, Iterable, Mapping
 
+import flax.linen as nn
+import ml_dtypes
 import numpy as np
 from flax import traverse_util
+from safetensors.numpy import save_file
 
 # Torch ModuleList / Sequential attribute names: a flax segment `name_N` becomes `name.N` only for these.
 LIST_CONTAINERS = {
@@ -45,7 +48,6 @@ def flax_path_to_torch_key(path: Iterable[str]) -> str:
 
 
 def _unbox(tree):
-    import flax.linen as nn
     return nn.meta.unbox(tree)
 
 
@@ -132,7 +134,6 @@ def _read_one_safetensors(path: str) -> dict[str, np.ndarray]:
         dt = info["dtype"]
         buf = data[base + start:base + end]
         if dt == "BF16":
-            import ml_dtypes
             arr = np.frombuffer(buf, dtype=ml_dtypes.bfloat16)
         elif dt in _ST_DTYPES:
             arr = np.frombuffer(buf, dtype=_ST_DTYPES[dt])
@@ -186,7 +187,6 @@ def read_safetensors(folder: str) -> dict[str, np.ndarray]:
 
 def write_safetensors(folder: str, state_dict: Mapping[str, np.ndarray], filename: str) -> str:
     """Write float32 tensors to folder/filename with the metadata transformers/diffusers expect; returns the path."""
-    from safetensors.numpy import save_file
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, filename)
     save_file({k: np.array(v, order="C") for k, v in state_dict.items()}, path, metadata={"format": "pt"})
