@@ -29,9 +29,9 @@ from codi_jax import diffusion as D  # noqa: E402
 from codi_jax.models import unet as unet_lib  # noqa: E402
 
 SIZES = {
-    "tiny": lambda: unet_lib.UNetConfig.tiny(),
+    "tiny": lambda: unet_lib.UNetConfig.preset("tiny"),
     # the (64, 128) row of docs/design.md's sizing table
-    "small": lambda: unet_lib.UNetConfig.tiny(block_out_channels=(64, 128), attention_head_dim=8, sample_size=16),
+    "small": lambda: unet_lib.UNetConfig.preset("tiny", block_out_channels=(64, 128), attention_head_dim=8, sample_size=16),
 }
 
 

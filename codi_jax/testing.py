@@ -31,7 +31,7 @@ def make_random_pipeline(path: str, *, max_length: int = 32, seed: int = 0, toke
         "tiny", vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
         max_position_embeddings=max(77, max_length)))
     vae_module = vae.AutoencoderKL(vae.VAEConfig.preset("tiny"))
-    unet_module = unet.UNet2DConditionModel(unet.UNetConfig.tiny(cross_attention_dim=text_module.config.hidden_size))
+    unet_module = unet.UNet2DConditionModel(unet.UNetConfig.preset("tiny", cross_attention_dim=text_module.config.hidden_size))
     images = jnp.zeros((1, 32, 32, 3), jnp.float32)
     ids = jnp.zeros((1, max_length), jnp.int32)
     z = jnp.zeros((1, 8, 8, 4), jnp.float32)

@@ -31,7 +31,7 @@ def random_params(module, *inputs, seed=0):
 
 @pytest.fixture(scope="module")
 def setup():
-    ucfg = unet_lib.UNetConfig.tiny()
+    ucfg = unet_lib.UNetConfig.preset("tiny")
     unet = unet_lib.UNet2DConditionModel(ucfg)
     k = jax.random.split(jax.random.key(0), 4)
     z = jax.random.normal(k[0], (2, 8, 8, 4))
@@ -78,7 +78,7 @@ def test_init_from_unet_copies(setup):
         cond_lib.ConditionalConfig.create(ucfg, "lora")
     with pytest.raises(ValueError, match="block_out_channels"):
         cond_lib.ConditionalConfig(unet=ucfg, control=cond_lib.ControlNetConfig.from_unet(
-            unet_lib.UNetConfig.tiny(block_out_channels=(16, 32))))
+            unet_lib.UNetConfig.preset("tiny", block_out_channels=(16, 32))))
 
 
 def test_mu_mode(setup):

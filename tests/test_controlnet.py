@@ -100,6 +100,6 @@ def test_round_trip_and_errors(case, tmp_path):
 def test_sd15_size():
     """The SD1.5 ControlNet built from the UNet preset has diffusers' parameter count (361,279,120)."""
     from codi_jax.models.unet import UNetConfig
-    module = cn_lib.ControlNetModel(cn_lib.ControlNetConfig.from_unet(UNetConfig.sd15()))
+    module = cn_lib.ControlNetModel(cn_lib.ControlNetConfig.from_unet(UNetConfig.preset("sd15")))
     shapes = jax.eval_shape(module.init, jax.random.key(0), *cn_lib.init_inputs(module))
     assert sum(np.prod(p.shape) for p in jax.tree.leaves(shapes)) == 361_279_120

@@ -75,7 +75,7 @@ def _depth_export(workdir, task="depth") -> str:
 
     path = os.path.join(workdir, "export")
     os.makedirs(os.path.join(path, "conditional"))
-    unet = UNetConfig.tiny()
+    unet = UNetConfig.preset("tiny")
     config = ConditionalConfig(unet=unet, control=ControlNetConfig.from_unet(unet, conditioning_channels=1))
     with open(os.path.join(path, "conditional", "config.json"), "w") as f:
         json.dump(weights.config_to_json(config), f)

@@ -59,7 +59,7 @@ def torch_teacher(path):
     transformers.CLIPTextModel(transformers.CLIPTextConfig(**text_cfg)).save_pretrained(f"{path}/text_encoder")
     AutoencoderKL.from_config(vae.to_diffusers_config(vae.AutoencoderKL(vae.VAEConfig.preset("tiny")))).save_pretrained(
         f"{path}/vae")
-    unet_cfg = unet.UNetConfig.tiny(cross_attention_dim=text.config.hidden_size)
+    unet_cfg = unet.UNetConfig.preset("tiny", cross_attention_dim=text.config.hidden_size)
     u = UNet2DConditionModel.from_config(unet_cfg.to_diffusers())
     perturb(u, 0.05, 0).save_pretrained(f"{path}/unet")
     tok.save_pretrained(f"{path}/tokenizer")

@@ -175,23 +175,23 @@ def test_pipeline_folder_and_errors(sd1, tmp_path):
 
 def test_presets_and_configs():
     """Presets are valid and round-trip through the diffusers config format (bf16/remat runs: test_conditional)."""
-    for c in (unet_lib.UNetConfig.sd15(), unet_lib.UNetConfig.sd21(), unet_lib.UNetConfig.tiny()):
+    for c in (unet_lib.UNetConfig.preset("sd15"), unet_lib.UNetConfig.preset("sd21"), unet_lib.UNetConfig.preset("tiny")):
         assert unet_lib.UNetConfig.from_diffusers(c.to_diffusers()) == c
-    assert unet_lib.UNetConfig.sd21().heads == (5, 10, 20, 20)
-    assert unet_lib.UNetConfig.sd15().heads == (8, 8, 8, 8)
+    assert unet_lib.UNetConfig.preset("sd21").heads == (5, 10, 20, 20)
+    assert unet_lib.UNetConfig.preset("sd15").heads == (8, 8, 8, 8)
     # SD1.5 parameter count matches the real model (859.52 M) without allocating it.
-    shapes = jax.eval_shape(lambda: unet_lib.UNet2DConditionModel(unet_lib.UNetConfig.sd15()).init(
-        jax.random.key(0), *unet_lib.init_inputs(unet_lib.UNet2DConditionModel(unet_lib.UNetConfig.sd15()))))
+    shapes = jax.eval_shape(lambda: unet_lib.UNet2DConditionModel(unet_lib.UNetConfig.preset("sd15")).init(
+        jax.random.key(0), *unet_lib.init_inputs(unet_lib.UNet2DConditionModel(unet_lib.UNetConfig.preset("sd15")))))
     n = sum(np.prod(p.shape) for p in jax.tree.leaves(shapes))
     assert n == 859_520_964, n
-    sd21 = unet_lib.UNet2DConditionModel(unet_lib.UNetConfig.sd21())
+    sd21 = unet_lib.UNet2DConditionModel(unet_lib.UNetConfig.preset("sd21"))
     shapes = jax.eval_shape(lambda: sd21.init(jax.random.key(0), *unet_lib.init_inputs(sd21)))
     assert sum(np.prod(p.shape) for p in jax.tree.leaves(shapes)) == 865_910_724  # diffusers' count for SD 2.1
     # config.json lists become tuples (the config is a hashable module attribute).
-    c = unet_lib.UNetConfig.from_diffusers({**unet_lib.UNetConfig.sd21().to_diffusers(),
+    c = unet_lib.UNetConfig.from_diffusers({**unet_lib.UNetConfig.preset("sd21").to_diffusers(),
                                             "only_cross_attention": [False] * 4, "sample_size": [96, 96]})
-    assert hash(c) == hash(unet_lib.UNetConfig.sd21()) and c == unet_lib.UNetConfig.sd21()
+    assert hash(c) == hash(unet_lib.UNetConfig.preset("sd21")) and c == unet_lib.UNetConfig.preset("sd21")
     with pytest.raises(ValueError, match="SDXL"):
         unet_lib.UNetConfig(transformer_layers_per_block=[[1, 2], 1, 1, 1])
     with pytest.raises(ValueError, match="divisible"):
-        unet_lib.UNetConfig.tiny(attention_head_dim=7)
+        unet_lib.UNetConfig.preset("tiny", attention_head_dim=7)

@@ -54,7 +54,7 @@ class ConditionalConfig:
 
     @classmethod
     def tiny(cls, mode: str = "mu", **unet_kw) -> "ConditionalConfig":
-        return cls.create(UNetConfig.tiny(**unet_kw), mode, conditioning_embedding_out_channels=(8, 16, 16))
+        return cls.create(UNetConfig.preset("tiny", **unet_kw), mode, conditioning_embedding_out_channels=(8, 16, 16))
 
 
 class ConditionalUNet(nn.Module):

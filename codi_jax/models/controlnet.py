@@ -53,7 +53,7 @@ class ControlNetConfig(EncoderConfig):
 
     @classmethod
     def tiny(cls, **kw) -> "ControlNetConfig":
-        return cls.from_unet(UNetConfig.tiny(), **{"conditioning_embedding_out_channels": (8, 16, 16), **kw})
+        return cls.from_unet(UNetConfig.preset("tiny"), **{"conditioning_embedding_out_channels": (8, 16, 16), **kw})
 
     @classmethod
     def from_diffusers(cls, d: dict, **kw) -> "ControlNetConfig":

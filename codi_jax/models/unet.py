@@ -171,30 +171,21 @@ class UNetConfig(EncoderConfig):
                 raise ValueError(f"unsupported up block type {t!r}; supported: {_UP_TYPES}")
 
     @classmethod
-    def sd15(cls, **kw) -> "UNetConfig":
-        return cls(**kw)
-
-    @classmethod
-    def sd21(cls, **kw) -> "UNetConfig":
-        """SD 2.x (768-v): OpenCLIP-H context, linear projections, 64-dim heads, upcast attention."""
-        return cls(**{"attention_head_dim": (5, 10, 20, 20), "cross_attention_dim": 1024, "use_linear_projection": True,
-                      "upcast_attention": True, "sample_size": 96, **kw})
-
-    @classmethod
-    def tiny(cls, **kw) -> "UNetConfig":
-        """The embedded CPU size (~0.8 M params at 8x8x4 latents)."""
-        return cls(**{"block_out_channels": (32, 64), "layers_per_block": 1, "cross_attention_dim": 32,
-                      "attention_head_dim": 8, "norm_num_groups": 8, "sample_size": 8,
-                      "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
-                      "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"), **kw})
-
-    @classmethod
     def preset(cls, name: str, **overrides) -> "UNetConfig":
-        """sd15, sd21 or tiny, by name, as VAEConfig.preset and CLIPTextConfig.preset (config.model.preset)."""
-        presets = {"sd15": cls.sd15, "sd21": cls.sd21, "tiny": cls.tiny}
+        """sd15 (the defaults), sd21 (768-v: OpenCLIP-H context, linear projections, 64-dim heads, upcast attention)
+        or tiny (the embedded CPU size, ~0.8 M params at 8x8x4 latents), as VAEConfig.preset and
+        CLIPTextConfig.preset (config.model.preset)."""
+        presets = {
+            "sd15": {},
+            "sd21": dict(attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True,
+                         upcast_attention=True, sample_size=96),
+            "tiny": dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, attention_head_dim=8,
+                         norm_num_groups=8, sample_size=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
+        }
         if name not in presets:
             raise ValueError(f"unknown UNet preset {name!r}; known: {sorted(presets)}")
-        return presets[name](**overrides)
+        return cls(**{**presets[name], **overrides})
 
     @classmethod
     def from_diffusers(cls, d: dict, **kw) -> "UNetConfig":
