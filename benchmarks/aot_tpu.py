@@ -7,14 +7,18 @@ for TPU v4 slices, on a machine without a TPU. Prints JSON (and writes benchmark
     /tmp/venv-tpu/bin/python benchmarks/aot_tpu.py --topology=v4-32 --compiles=1          # the goal batch only
     /tmp/venv-tpu/bin/python benchmarks/aot_tpu.py --stage=buffers --topology=v4-32 --compiles=5   # minutes per trial
 
-The step is exactly the one train.setup compiles: configs/depth.py (SD1.5 presets, mode codi: UNet + duplicated
+The step is the one train.setup compiles, from the same train.plan (abstract state, shardings, batch spec, jitted step
+with donation): configs/depth.py (SD1.5 presets, mode codi: UNet + duplicated
 encoder + mu, bf16 compute, fp32 params / AdamW / EMA, remat) at 512 px (64x64 latents), with the state, frozen parts
 (VAE, text encoder) and batch given as ShapeDtypeStructs carrying their shardings, so no weight exists anywhere. The
 mesh is FSDP over the whole slice (data=1, fsdp=-1, tensor=1) unless --mesh says otherwise.
 
 Per device: memory_analysis() of the compiled executable; total = argument + output + temp - alias (donated state is
 aliased to the new state), and a configuration fits when total + generated code < --hbm_gib (v4: 32 GiB HBM per chip).
-flops: cost_analysis() of the partitioned program, i.e. per device per step.
+flops_per_device: XLA's cost analysis of the lowered global step with exact attention (on the CPU), divided by the
+devices; a full compile also records its own cost_analysis() as compiled_flops_per_device, which counts each while-loop
+body (the attention chunks' lax.map) once. estimated_step_seconds = flops_per_device / (40 % of v4's 275 TFLOP/s bf16
+peak per chip): an estimate from the program, not a measurement (nothing runs on a TPU).
 --stage=buffers stops each compile after the compiler's HBM check and buffer assignment (before code generation,
 which dominates the SD1.5 compile on a small host) and reports the assigned HBM bytes instead: see BufferStagePlanner.
 Largest batch: the goal batch, then doubling (or halving) until a fitting and a refused batch bracket it, then
