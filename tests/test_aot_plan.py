@@ -69,3 +69,17 @@ def test_search_resumes_from_earlier_trials():
     assert (lo, hi) == (1984, 2048)
     assert not set(planner.compiled) & {256, 512, 5248}  # earlier trials are not compiled again
     assert planner.compiled[0] == (512 + 5248) // 2 // 64 * 64
+
+
+def test_summary_reports_the_goal_batch_and_a_labelled_step_time_estimate():
+    row = {"trials": [
+        {"batch": 512, "fits": False, "required_temp_gib": 31.0},
+        {"batch": 256, "fits": True, "total_gib": 14.5, "total_bytes": 1, "flops_per_device": 101.28e12},
+    ]}
+    aot_tpu.summarize(row, 256)
+    # 101.28 TFLOP per device at 40 % of 275 TFLOP/s: 0.9207 s per step, 256 images in it
+    assert row["estimated_step_seconds"] == pytest.approx(0.9207, abs=1e-4)
+    assert row["estimated_images_per_second"] == pytest.approx(278.0, abs=0.1)
+    assert "not a measurement" in row["estimate"]
+    assert (row["largest_batch_that_fits"], row["smallest_batch_that_does_not_fit"]) == (256, 512)
+    assert [r["batch"] for r in row["trials"]] == [256, 512] and "estimated_step_seconds" not in row["trials"][1]
