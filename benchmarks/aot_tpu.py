@@ -154,6 +154,7 @@ class Planner:
         out["compiled_flops_per_device"] = float(cost.get("flops", 0.0)) if cost else None
         out["lower_seconds"] = round(t1 - t0, 1)
         out["compile_seconds"] = round(t2 - t1, 1)
+        out["stage"] = "full"
         return out
 
 
