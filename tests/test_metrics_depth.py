@@ -11,7 +11,7 @@ import pytest
 
 from codi_jax.metrics import MetricUnavailable, depth, stats
 from codi_jax.metrics.train_depth import render_set, shuffled
-from codi_jax.models.depth_estimator import DepthEstimator, DepthEstimatorConfig
+from codi_jax.models.dense_unet import DenseUNet, DenseUNetConfig
 
 
 def _reference_errors(pred, cond):
@@ -106,9 +106,9 @@ def test_paired_bootstrap_is_narrower_than_separate_intervals():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    config = DepthEstimatorConfig(image_size=8, channels=(8, 16), norm_groups=4)
+    config = DenseUNetConfig(image_size=8, channels=(8, 16), norm_groups=4)
     # Random values in the initialised tree's shapes: compiling `init` (threefry) costs ~10 s on a busy CPU.
-    shapes = nn.meta.unbox(jax.eval_shape(DepthEstimator(config).init, jax.random.key(0), jnp.zeros((1, 8, 8, 3))))
+    shapes = nn.meta.unbox(jax.eval_shape(DenseUNet(config).init, jax.random.key(0), jnp.zeros((1, 8, 8, 3))))
     rng = np.random.default_rng(0)
     variables = jax.tree.map(lambda s: rng.normal(0, 0.3, s.shape).astype(np.float32), shapes)
     path = depth.save_depth_estimator(tmp_path_factory.mktemp("depth") / "tiny", config, variables)
@@ -121,9 +121,9 @@ def test_save_load_round_trip(tiny):
     assert module.config == config
     images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
     got = depth.predict((module, loaded), images, batch_size=2)  # exercises the padded last batch
-    np.testing.assert_array_equal(got, depth.predict((DepthEstimator(config), variables), images, batch_size=2))
+    np.testing.assert_array_equal(got, depth.predict((DenseUNet(config), variables), images, batch_size=2))
     assert got.shape == (3, 8, 8) and got.dtype == np.float32
-    direct = DepthEstimator(config).apply(variables, jnp.asarray(images, jnp.float32) / 127.5 - 1)[..., 0]
+    direct = DenseUNet(config).apply(variables, jnp.asarray(images, jnp.float32) / 127.5 - 1)[..., 0]
     np.testing.assert_allclose(got, np.asarray(direct), atol=1e-5)  # jit and batching change only rounding
     np.testing.assert_array_equal(depth.predict((module, loaded), images.astype(np.float32) / 127.5 - 1, batch_size=2),
                                   got)

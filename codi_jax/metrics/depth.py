@@ -1,7 +1,7 @@
 """Depth controllability: does a generated image have the depth it was conditioned on?
 
 As in ControlNet++ and Uni-ControlNet, a depth estimator reads the generated image and its estimate is compared with
-the conditioning map. Our estimator (codi_jax/models/depth_estimator.py) is trained on the procedural scenes' exact
+the conditioning map. Our estimator (codi_jax/models/dense_unet.py) is trained on the procedural scenes' exact
 depth by `python -m codi_jax.metrics.train_depth` and predicts the conditioning map itself (MiDaS-style inverse depth,
 min-max normalised per image, [-1, 1]), so prediction and condition are compared in the representation the generator
 was given, with no depth-range guessing.
@@ -17,112 +17,40 @@ generator would reach; the same errors against another scene's map (shuffled pai
 
 from __future__ import annotations
 
-import functools
-import json
 import os
 from pathlib import Path
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
-from codi_jax.metrics import MetricUnavailable
-from codi_jax.metrics.image import map_batches
-from codi_jax.models.depth_estimator import DepthEstimator, DepthEstimatorConfig
-from codi_jax.weights.convert import WeightsMismatchError, read_safetensors, write_safetensors
+from codi_jax.metrics import dense
+from codi_jax.models.dense_unet import DenseUNet, DenseUNetConfig
 
-DEFAULT_PATH = Path(__file__).resolve().parent.parent / "pretrained" / "depth_scenes32"
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
+DEFAULT_PATH = dense.PRETRAINED / "depth_scenes32"
 # delta1 compares ratios, which a [0, 1] map makes undefined (0 at the farthest point); 0.1 + 0.9 * map keeps the
 # farthest point at 0.1, i.e. a 10:1 near:far disparity range, about what the scenes' camera sees.
 DELTA_OFFSET = 0.1
 DELTA_THRESHOLD = 1.25
 
 
-def save_depth_estimator(path: str | os.PathLike, config: DepthEstimatorConfig, params: dict) -> Path:
+def save_depth_estimator(path: str | os.PathLike, config: DenseUNetConfig, params: dict) -> Path:
     """Writes path/model.safetensors (float32, keys 'conv_in/kernel', ...) and path/config.json; returns path."""
-    path = Path(path)
-    flat = traverse_util.flatten_dict(nn.meta.unbox(params.get("params", params)), sep="/")
-    write_safetensors(str(path), {k: np.asarray(v, np.float32) for k, v in flat.items()}, WEIGHTS_FILE)
-    (path / CONFIG_FILE).write_text(config.to_json() + "\n")
-    return path
+    return dense.save(path, config, params)
 
 
-def load_depth_estimator(path: str | os.PathLike | None = None) -> tuple[DepthEstimator, dict]:
+def load_depth_estimator(path: str | os.PathLike | None = None) -> tuple[DenseUNet, dict]:
     """(module, variables) from a folder holding model.safetensors and config.json; default: the shipped estimator.
 
     A missing folder or file raises MetricUnavailable (never a stand-in); weights that do not fit the config raise
     WeightsMismatchError listing the differences.
     """
-    path = Path(path).expanduser() if path is not None else DEFAULT_PATH
-    missing = [f for f in (WEIGHTS_FILE, CONFIG_FILE) if not (path / f).is_file()]
-    if missing:
-        raise MetricUnavailable(
-            f"depth controllability: no depth estimator at {path} (missing {', '.join(missing)}); train one with "
-            f"`python -m codi_jax.metrics.train_depth --out {path}`")
-    config = DepthEstimatorConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
-    module = DepthEstimator(config)
-    got = read_safetensors(str(path))
-    want = _expected_shapes(config)
-    wrong = sorted(k for k in set(want) & set(got) if want[k] != got[k].shape)
-    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-    if missing or extra or wrong:
-        raise WeightsMismatchError(
-            f"depth estimator weights in {path} do not fit its config.json: missing {missing[:5]}, unexpected "
-            f"{extra[:5]}, wrong shape {[(k, got[k].shape, want[k]) for k in wrong[:5]]}")
-    params = traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in got.items()}, sep="/")
-    return module, {"params": params}
+    return dense.load(DEFAULT_PATH if path is None else path, "depth controllability",
+                      "python -m codi_jax.metrics.train_depth", head="tanh")
 
 
-@functools.cache
-def _expected_shapes(config: DepthEstimatorConfig) -> dict[str, tuple[int, ...]]:
-    x = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jnp.float32)
-    shapes = nn.meta.unbox(jax.eval_shape(DepthEstimator(config).init, jax.random.key(0), x))["params"]
-    return {k: v.shape for k, v in traverse_util.flatten_dict(shapes, sep="/").items()}
-
-
-@functools.cache
-def _apply(config: DepthEstimatorConfig):
-    # One jitted function per config; jax.jit then compiles once per batch shape.
-    module = DepthEstimator(config)
-    return jax.jit(lambda variables, x: module.apply(variables, x)[..., 0])
-
-
-def _as_signed(images) -> np.ndarray:
-    images = np.asarray(images)
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"images must be NHWC RGB (N, H, W, 3), got shape {images.shape}")
-    if images.dtype == np.uint8:
-        return images.astype(np.float32) / 127.5 - 1.0
-    if not np.issubdtype(images.dtype, np.floating):
-        raise ValueError(f"images must be uint8 or float, got {images.dtype}")
-    lo, hi = float(images.min()), float(images.max())
-    if lo < -1.05 or hi > 1.05:
-        raise ValueError(f"float images must lie in [-1, 1] (the generator's range), "
-                         f"got values in [{lo:.3g}, {hi:.3g}]")
-    # Decoders overshoot [-1, 1] slightly; saving the image would clip it too.
-    return np.clip(images, -1.0, 1.0).astype(np.float32)
-
-
-def predict(model: tuple[DepthEstimator, dict], images, batch_size: int = 128) -> np.ndarray:
-    """(N, H, W, 3) images -> (N, H, W) float32 predicted conditioning maps in [-1, 1] (near = +1).
-
-    images: uint8 in [0, 255] (as evaluation saves them; exact), or float in [-1, 1] (the generator's output range;
-    NOT [0, 1] as the FID/LPIPS metrics take: a [0, 1] float image would be read as a brightened one). H and W must be
-    the estimator's training size: it is not resized here, because resizing changes the blur the estimator sees.
-    The last batch is padded, so one compiled program serves every call of one image size.
-    """
-    module, variables = model
-    size = module.config.image_size
-    x = _as_signed(images)
-    if x.shape[1:3] != (size, size):
-        raise ValueError(f"the depth estimator was trained at {size}x{size}, got {x.shape[1]}x{x.shape[2]} images; "
-                         f"train one at that size (train_depth --image_size {x.shape[1]}) or resize the images")
-    fn = _apply(module.config)
-    return map_batches(lambda batch: fn(variables, batch), x, max(1, min(batch_size, x.shape[0])), (size, size))
+def predict(model: tuple[DenseUNet, dict], images, batch_size: int = 128) -> np.ndarray:
+    """(N, H, W, 3) images (uint8, or float in [-1, 1]; see `dense.predict`) -> (N, H, W) float32 predicted
+    conditioning maps in [-1, 1] (near = +1)."""
+    return dense.predict(model, images, batch_size)[..., 0]
 
 
 def _as_maps(a, name: str) -> np.ndarray:

@@ -33,7 +33,7 @@ import optax
 
 from codi_jax.data import scenes, tasks
 from codi_jax.metrics import depth, stats
-from codi_jax.models.depth_estimator import DepthEstimator, DepthEstimatorConfig
+from codi_jax.models.dense_unet import DenseUNet, DenseUNetConfig
 
 
 def render_set(split: str, seed: int, num: int, image_size: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -108,45 +108,49 @@ def shuffled(cond: np.ndarray) -> np.ndarray:
     return np.roll(cond, 1, axis=0)
 
 
-def train(args) -> dict:
-    config = DepthEstimatorConfig(image_size=args.image_size, channels=tuple(args.channels))
-    module = DepthEstimator(config)
-    t0 = time.time()
-    train_x, train_y = render_set("train", args.seed, args.num_train, args.image_size)
-    print(f"rendered {args.num_train} train scenes in {time.time() - t0:.0f}s", flush=True)
+def fit(module: nn.Module, loss_fn, train_x: np.ndarray, train_y: np.ndarray, args) -> tuple[dict, int, float]:
+    """Adam (warmup + cosine, clipped) on augmented batches drawn from (train_x, train_y); loss_fn(outputs, targets).
 
+    Returns (params, parameter count, seconds of training steps). Shared by the depth estimator and the colour
+    segmenter (`train_segmenter`): both read generated images, so both train on the same augmentations."""
+    size = train_x.shape[1]
     rng = jax.random.key(args.seed)
-    params = nn.meta.unbox(module.init(rng, jnp.zeros((1, args.image_size, args.image_size, 3))))["params"]
+    params = nn.meta.unbox(module.init(rng, jnp.zeros((1, size, size, 3))))["params"]
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
     schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, min(200, args.steps // 10), args.steps, args.lr / 20)
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
     opt_state = opt.init(params)
 
     @jax.jit
-    def step(params, opt_state, images, cond, key):
-        x, y = augment(key, images, cond)
-
-        def loss_fn(p):
-            return jnp.mean((module.apply({"params": p}, x)[..., 0] - y) ** 2)
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
+    def step(params, opt_state, images, targets, key):
+        x, y = augment(key, images, targets)
+        loss, grads = jax.value_and_grad(lambda p: loss_fn(module.apply({"params": p}, x), y))(params)
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
     order = np.random.default_rng(args.seed)
     t1, losses = time.time(), []
     for i in range(args.steps):
-        idx = order.integers(0, args.num_train, args.batch)
+        idx = order.integers(0, len(train_x), args.batch)
         params, opt_state, loss = step(params, opt_state, train_x[idx], train_y[idx], jax.random.fold_in(rng, i))
         losses.append(loss)
         if (i + 1) % args.log_every == 0 or i + 1 == args.steps:
             mean_loss = float(np.mean(jax.device_get(losses)))
             if not np.isfinite(mean_loss):
-                raise FloatingPointError(f"depth estimator training diverged at step {i + 1} (loss {mean_loss})")
-            print(f"step {i + 1}/{args.steps} mse {mean_loss:.5f} ({(time.time() - t1) / (i + 1):.3f}s/step)",
+                raise FloatingPointError(f"training diverged at step {i + 1} (loss {mean_loss})")
+            print(f"step {i + 1}/{args.steps} loss {mean_loss:.5f} ({(time.time() - t1) / (i + 1):.3f}s/step)",
                   flush=True)
             losses = []
-    train_s = time.time() - t1
+    return params, n_params, time.time() - t1
+
+
+def train(args) -> dict:
+    config = DenseUNetConfig(image_size=args.image_size, channels=tuple(args.channels))
+    t0 = time.time()
+    train_x, train_y = render_set("train", args.seed, args.num_train, args.image_size)
+    print(f"rendered {args.num_train} train scenes in {time.time() - t0:.0f}s", flush=True)
+    params, n_params, train_s = fit(DenseUNet(config), lambda out, y: jnp.mean((out[..., 0] - y) ** 2),
+                                    train_x, train_y, args)
 
     out = Path(args.out)
     depth.save_depth_estimator(out, config, {"params": params})
@@ -160,8 +164,13 @@ def train(args) -> dict:
         "shuffled": error_table(pred, shuffled(test_y)),
         "constant": error_table(const, test_y),
     }
+    return write_card(out, results, t0, lambda wall_s: model_card(args, n_params, train_s, wall_s, results))
+
+
+def write_card(out: Path, results: dict, t0: float, card) -> dict:
+    """Writes card(wall seconds since t0) as out/README.md, prints the held-out results, and returns them."""
     wall_s = time.time() - t0
-    (out / "README.md").write_text(model_card(args, n_params, train_s, wall_s, results))
+    (out / "README.md").write_text(card(wall_s))
     print(json.dumps(results, indent=1), flush=True)
     print(f"wrote {out} in {wall_s:.0f}s", flush=True)
     return results
@@ -181,7 +190,7 @@ def model_card(args, n_params: int, train_s: float, wall_s: float, results: dict
                       for k, r in results.items())
     return f"""# Depth estimator for the depth-controllability metric ({args.image_size}x{args.image_size} scenes)
 
-A {n_params:,}-parameter U-Net (`codi_jax.models.depth_estimator`, channels {tuple(args.channels)}) that reads an RGB
+A {n_params:,}-parameter U-Net (`codi_jax.models.dense_unet`, channels {tuple(args.channels)}) that reads an RGB
 image in [-1, 1] and predicts the depth task's conditioning map: MiDaS-style inverse depth, min-max normalised per
 image, in [-1, 1] (`codi_jax.data.tasks.disparity_condition`). Used by `codi_jax.metrics.depth` to score how well a
 generated image follows its depth condition. Valid only for the procedural scenes at
@@ -210,8 +219,9 @@ delta1 higher is better (definitions: `codi_jax.metrics.depth.depth_errors`).
 """
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv=None, doc: str = __doc__):
+    """The command line of a reader's training (the segmenter's is the same, with its own docstring)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--out", required=True, help="folder for model.safetensors, config.json and README.md")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--image_size", type=int, default=32)
@@ -222,7 +232,7 @@ def parse_args(argv=None):
     p.add_argument("--test_seed", type=int, default=0, help="world seed of the held-out test split (scenes_seed)")
     p.add_argument("--num_test", type=int, default=512)
     p.add_argument("--channels", type=lambda s: [int(c) for c in s.split(",")],
-                   default=list(DepthEstimatorConfig.channels), help="comma-separated channels per level")
+                   default=list(DenseUNetConfig.channels), help="comma-separated channels per level")
     p.add_argument("--log_every", type=int, default=100)
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch < 1 or args.num_train < 1 or args.num_test < 2:
