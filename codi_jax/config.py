@@ -124,6 +124,7 @@ def base(task: str) -> ml_collections.ConfigDict:
     c.eval.lpips_net = "alex"
     c.eval.clip = ""  # transformers CLIPModel folder for CLIP score
     c.eval.depth_estimator = ""  # depth controllability (task depth); default: the estimator shipped in the package
+    c.eval.segmenter = ""  # caption following (procedural scenes); default: the colour segmenter shipped in the package
     c.eval.noise_floor = True  # FID/KID of a second, disjoint held-out set (needs 2 x num_examples test records)
 
     # Prerequisite stages run first, each in <workdir>/<stage> and exported to <workdir>/<stage>/export (diffusers

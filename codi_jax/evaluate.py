@@ -11,6 +11,8 @@ generated image and the conditioning map (codi_jax/metrics/depth.py; as ControlN
 - ground truth through the VAE: the ceiling for PSNR, SSIM and FID of any latent model;
 - the text-to-image teacher at eval.teacher_steps DDIM steps, from the caption alone: what "ignores the condition"
   scores.
+On the procedural scenes every row also gets caption following (codi_jax/metrics/captions.py): whether a colour
+segmenter finds the caption's colours, and the caption's left/right relations, in each image.
 KID and the depth error carry bootstrap 95 % intervals (`*_ci`); a method is better than another only outside them.
 A metric whose network weights are not available is reported as unavailable, with the reason, never estimated.
 Writes <workdir>/eval/report.json ({row: {steps: {metric: value}}, "meta": {...}}), report.md, one PNG plot per metric
@@ -35,10 +37,12 @@ from codi_jax import data as data_lib
 from codi_jax import export as export_lib
 from codi_jax.data.tasks import condition_rgb
 from codi_jax.metrics import MetricUnavailable, depth, fid, image, lpips, stats
+from codi_jax.metrics import captions as caption_metric
 from codi_jax.metrics import clip_score as clip_lib
 from codi_jax.sample import Pipeline, to_uint8
 
 LOWER_IS_BETTER = {"fid": True, "kid": True, "depth_rmse": True, "depth_si_rmse": True, "depth_delta1": False,
+                   "caption_colour_recall": False, "caption_colour_exact": False, "caption_relation": False,
                    "lpips": True, "psnr": False, "ssim": False, "psnr_known": False, "clip_score": False}
 GROUND_TRUTH, VAE_CEILING, TEACHER = "ground truth", "ground truth via VAE", "teacher (text only)"
 
@@ -111,6 +115,14 @@ class Scorer:
             except (MetricUnavailable, FileNotFoundError) as e:
                 for m in ("depth_rmse", "depth_si_rmse", "depth_delta1"):
                     self.unavailable[m] = str(e)
+        # Caption following reads the scene grammar's captions: procedural scenes, and not edit's instructions.
+        self.segmenter = None
+        if config.data.dataset == "scenes" and config.task != "edit":
+            try:
+                self.segmenter = caption_metric.load_segmenter(config.eval.segmenter or None)
+            except (MetricUnavailable, FileNotFoundError) as e:
+                for m in ("caption_colour_recall", "caption_colour_exact", "caption_relation"):
+                    self.unavailable[m] = str(e)
         try:
             self.lpips = lpips.load_lpips(config.eval.lpips or None, net=config.eval.lpips_net)
         except (MetricUnavailable, FileNotFoundError) as e:
@@ -135,12 +147,27 @@ class Scorer:
         """Depth error between the estimator's reading of each image and its conditioning map (mean and interval)."""
         if self.depth is None or self.cond is None:
             return {}
-        errors = depth.depth_errors(depth.predict(self.depth, images_uint8), self.cond)
+        return self._with_ci("depth_", depth.depth_errors(depth.predict(self.depth, images_uint8), self.cond))
+
+    def caption_following(self, images_uint8: np.ndarray) -> dict[str, Any]:
+        """Are the caption's objects there in the caption's colours and left/right places (codi_jax.metrics.captions)?"""
+        if self.segmenter is None:
+            return {}
+        labels = caption_metric.segment(self.segmenter, images_uint8)
+        return self._with_ci("caption_", caption_metric.caption_following(labels, self.captions))
+
+    def _with_ci(self, prefix: str, values: dict[str, np.ndarray]) -> dict[str, Any]:
+        """{prefix + name: mean, prefix + name + '_ci': bootstrap 95 % interval} of per-example values; a metric with no
+        values (no scored relation in a small set) is left out, one with a single value has no interval."""
         out = {}
-        for name, values in errors.items():
-            mean, low, high = stats.bootstrap_ci(values, seed=self.seed)
-            out[f"depth_{name}"] = float(mean)
-            out[f"depth_{name}_ci"] = [float(low), float(high)]
+        for name, v in values.items():
+            if len(v) < 2:
+                if len(v):
+                    out[f"{prefix}{name}"] = float(v[0])
+                continue
+            mean, low, high = stats.bootstrap_ci(v, seed=self.seed)
+            out[f"{prefix}{name}"] = float(mean)
+            out[f"{prefix}{name}_ci"] = [float(low), float(high)]
         return out
 
     def pixels(self, fake_uint8: np.ndarray) -> dict[str, Any]:
@@ -161,7 +188,8 @@ class Scorer:
         return out
 
     def __call__(self, fake_uint8: np.ndarray) -> dict[str, Any]:
-        return {**self.pixels(fake_uint8), **self.distribution(fake_uint8), **self.controllability(fake_uint8)}
+        return {**self.pixels(fake_uint8), **self.distribution(fake_uint8), **self.controllability(fake_uint8),
+                **self.caption_following(fake_uint8)}
 
 
 def _grid(columns: list[np.ndarray], n: int, zoom: int = 1) -> np.ndarray:
@@ -291,7 +319,7 @@ def run(config, workdir: str, steps: tuple[int, ...] | None = None) -> dict:
 
     # Reference rows first: what the metrics read at their floor and ceiling, and for a model that ignores the
     # condition.
-    truth = scorer.controllability(real)
+    truth = {**scorer.controllability(real), **scorer.caption_following(real)}
     if config.eval.noise_floor:
         reference = data_lib.make_eval_batches(config.data, batch_size=bs, num_examples=n_eval, seed=seed,
                                                offset=n_eval)
@@ -324,7 +352,8 @@ def run(config, workdir: str, steps: tuple[int, ...] | None = None) -> dict:
         # Relative to the workdir, as given for the teacher: a report must not record the machine it ran on.
         "methods": {k: os.path.relpath(v, workdir) for k, v in methods.items()},
         "unavailable": scorer.unavailable, "grid_columns": names, "seconds": round(time.time() - t0, 1),
-        "notes": (f"{GROUND_TRUTH}: depth errors of the real images (the estimator's floor); its FID/KID are those of "
+        "notes": (f"{GROUND_TRUTH}: depth errors and caption following of the real images (the readers' floor and "
+                  f"ceiling); its FID/KID are those of "
                   f"a disjoint held-out set of the same size (the noise floor). {VAE_CEILING}: encode-decode of the "
                   f"real images. {TEACHER}: the text-to-image teacher from the caption alone."),
     }

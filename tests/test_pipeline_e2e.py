@@ -97,5 +97,10 @@ def test_default_route_starts_from_the_shipped_teacher(tmp_path):
         report = json.load(f)
     assert set(report) >= {"codi", "teacher (text only)", "ground truth", "ground truth via VAE", "meta"}
     assert "fid" not in report["ground truth"]["-"]  # noise floor switched off: no second reference set scored
+    # Caption following on every row: the shipped segmenter finds the real scenes' captioned colours.
+    assert report["ground truth"]["-"]["caption_colour_recall"] >= 0.8
+    for row in (report["codi"]["1"], report["teacher (text only)"]["2"]):
+        lo, hi = row["caption_colour_recall_ci"]
+        assert 0 <= lo <= row["caption_colour_recall"] <= hi <= 1 and "caption_colour_exact" in row
     with open(workdir / "export" / "model_index.json") as f:
         assert json.load(f)["_codi_jax"]["mode"] == "codi"
