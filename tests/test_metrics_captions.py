@@ -98,3 +98,17 @@ def test_a_depth_estimator_is_not_a_segmenter(tmp_path):
         captions.load_segmenter(tmp_path)
     config = json.loads((captions.DEFAULT_PATH / "config.json").read_text())
     assert config["head"] == "logits" and config["out_channels"] == len(captions.CLASSES)
+
+
+def test_vae_colours_tool_reads_real_and_reconstructed_scenes(tmp_path):
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "vae_colours.py")
+    spec = importlib.util.spec_from_file_location("vae_colours", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "vae.png"
+    result = tool.main(["--examples", "8", "--rows", "2", "--out", str(out)])
+    assert result["examples"] == 8 and result["colour_recall_real"] >= 0.9
+    assert 0 <= result["colour_recall_vae"] <= 1 and out.is_file()
