@@ -1017,8 +1017,9 @@ def main(argv=None) -> int:
         try:
             {"jax": run_jax, "torch": run_torch}[args.part](args, s, rec, deadline)
         except SystemExit as e:
-            if isinstance(e.code, str):
-                rec.set("error", e.code)
+            message = e.code if isinstance(e.code, str) else getattr(e, "message", None)  # CheckpointError: .message
+            if message:
+                rec.set("error", message)
             raise
         except BaseException:
             rec.set("error", traceback.format_exc()[-3000:])

@@ -29,12 +29,21 @@ from jax.experimental import multihost_utils
 DAMAGED = ".damaged-"  # <step>.damaged-<n>: a quarantined step folder
 
 
+# A refusal about the workdir or a checkpoint path (EX_CONFIG): restarting the same command cannot help, so
+# supervisors (launch/supervise.sh) stop instead of retrying.
+EXIT_REFUSED = 78
+
+
 class CheckpointError(SystemExit):
-    """A refusal about a workdir or a checkpoint path, in one line: raised before any work, the process exits with
-    status 1 and prints only the message (no traceback); API callers catch it by this class."""
+    """A refusal about a workdir or a checkpoint path, in one line: raised before any work; the command line prints
+    only the message (no traceback) and exits with EXIT_REFUSED; API callers catch it by this class."""
+
+    def __init__(self, message: str):
+        super().__init__(EXIT_REFUSED)
+        self.message = message
 
     def __str__(self) -> str:
-        return str(self.code)
+        return self.message
 
 
 class Checkpointer:
@@ -193,6 +202,9 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
+        if getattr(self, "_closed", False):  # refusals close it before raising; the caller's cleanup may close again
+            return
+        self._closed = True
         self.manager.wait_until_finished()
         self.manager.close()
 

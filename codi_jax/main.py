@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging as std_logging
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -90,7 +91,15 @@ def main(argv):
 
     logging.info("JAX %s, process %d/%d, %d local / %d global devices (%s)", jax.__version__, jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
-    if not train.train_and_evaluate(config, FLAGS.workdir):
+    from codi_jax import checkpoint
+
+    try:
+        finished = train.train_and_evaluate(config, FLAGS.workdir)
+    except checkpoint.CheckpointError as e:  # the one line, then a status that tells supervisors not to retry
+        logging.flush()
+        print(e.message, file=sys.stderr, flush=True)
+        raise SystemExit(e.code) from None
+    if not finished:
         # Stopped early by a preemption signal after checkpointing: a distinct status (EX_TEMPFAIL) tells
         # supervisors that the run is not finished and should be restarted from the same workdir.
         raise SystemExit(75)

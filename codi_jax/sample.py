@@ -245,8 +245,15 @@ def load_condition(path: str, size: int | None, channels: int, *, convert: bool 
     return x[..., None] if x.ndim == 2 else x
 
 
+class _Parser(argparse.ArgumentParser):
+    """A mistake is one line: argparse's usage block before it would bury the line that names the problem."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the arguments)\n")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = _Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="workdir of a finished run, or its export/ folder")
     parser.add_argument("--cond", required=True, nargs="+", help="condition image(s) (depth map, low-res image, ...)")
     parser.add_argument("--prompt", required=True, nargs="+", help="one prompt, or one per condition image")

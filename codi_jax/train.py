@@ -256,7 +256,7 @@ class _Preemption:
             step = self._last_checkpoint()
         except Exception:  # noqa: BLE001 - the message must go out whatever the checkpoint folder's state
             step = "unknown"
-        logging.error("SIGTERM: no training step finished within %.0f s (the loop is waiting for data or compiling); "
+        logging.error("SIGTERM: no training step finished within %.0f s (the run was starting up, compiling or waiting for data); "
                       "exiting with status %d and no new checkpoint; %s", self._grace_s, EXIT_NO_PROGRESS,
                       "no checkpoint had been written" if step is None else f"checkpoint {step} is the latest and intact")
         logging.flush()
@@ -387,12 +387,17 @@ def plan(config: ml_collections.ConfigDict, recipe: recipes.Recipe, mesh: jax.sh
                 batch_spec=batch_spec(config), step_fn=make_train_step(recipe, tx, lr_schedule, config))
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.sharding.Mesh | None = None) -> Setup:
-    """Mesh, recipe, shardings, start-up (workdir checkpoint > init_from > teacher > scratch) and the compiled step."""
+def _open_checkpointer(config: ml_collections.ConfigDict, workdir: str) -> checkpoint.Checkpointer:
     if "://" not in workdir:
         os.makedirs(workdir, exist_ok=True)
+    return checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.sharding.Mesh | None = None,
+          checkpointer: checkpoint.Checkpointer | None = None) -> Setup:
+    """Mesh, recipe, shardings, start-up (workdir checkpoint > init_from > teacher > scratch) and the compiled step."""
+    checkpointer = checkpointer or _open_checkpointer(config, workdir)
     # The workdir's own checkpoints are checked against this config before anything is built or loaded.
-    checkpointer = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
     _check_workdir(config, checkpointer)
     mesh = mesh or parallel.make_mesh(config.mesh.to_dict())
     logging.info("mode %s, mesh %s on %d devices (%d processes)", config.mode, dict(mesh.shape), jax.device_count(),
@@ -489,6 +494,18 @@ def _check_workdir(config: ml_collections.ConfigDict, checkpointer: checkpoint.C
                 f"{where} holds a run of mode {theirs['mode']!r}, task {theirs['task']!r} (checkpoint {step}); this "
                 f"config asks for mode {mine['mode']!r}, task {mine['task']!r}: use another workdir, or that run's "
                 "config")
+        # The model's settings (its shape, what trains, what it predicts), from the saved config alone: refused before
+        # a teacher is loaded. Keys one side lacks (a config from an older version) are not compared.
+        ours = json.loads(json.dumps(config.model.to_dict()))
+        saved_model = saved_config.get("model") or {}
+        differ = sorted(k for k in ours.keys() & saved_model.keys() if ours[k] != saved_model[k])
+        if differ:
+            checkpointer.close()
+            shown = "; ".join(f"model.{k}={saved_model[k]!r} there, {ours[k]!r} here" for k in differ[:3])
+            raise checkpoint.CheckpointError(
+                f"{where} holds a run with other model settings (checkpoint {step}): {shown}"
+                f"{f' (and {len(differ) - 3} more)' if len(differ) > 3 else ''}: use another workdir, or the model "
+                "settings that run was saved with")
     if steps and steps[-1] > config.total_steps:
         checkpointer.close()
         raise checkpoint.CheckpointError(
@@ -503,7 +520,16 @@ def _check_workdir(config: ml_collections.ConfigDict, checkpointer: checkpoint.C
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> Setup:
     """Trains config.mode in workdir until config.total_steps; resumes from workdir by itself."""
-    s = setup(config, workdir)
+    # SIGTERM is honoured from here on: during start-up (teacher load, restore, the ahead-of-time compile) it is
+    # noted, and the watchdog bounds the wait for the first step's checkpoint by preemption_grace_s.
+    checkpointer = _open_checkpointer(config, workdir)
+    preemption = _Preemption(config.preemption_grace_s, checkpointer.latest_step)
+    try:
+        s = setup(config, workdir, checkpointer=checkpointer)
+    except BaseException:
+        checkpointer.close()
+        preemption.restore()
+        raise
     recipe, mesh, state, frozen, compiled = s.recipe, s.mesh, s.state, s.frozen, s.step_fn
     data_iter, checkpointer, start, batch_spec = s.data_iter, s.checkpointer, s.start_step, s.batch_spec
 
@@ -516,7 +542,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Setup:
         hooks.append(periodic_actions.Profile(num_profile_steps=config.profile_steps, logdir=workdir,
                                               first_profile=start + 3, every_secs=None))
     sampler = _make_sampler(recipe, frozen, config, mesh) if config.sample_every else None
-    preemption = _Preemption(config.preemption_grace_s, checkpointer.latest_step)
     pending: list[dict] = []
     step = start
     try:

@@ -10,7 +10,8 @@
 #                                   gs:// workdir, where codi_jax.main resumes from the latest
 #                                   checkpoint: only the steps since that checkpoint are redone
 #   trainer failed anywhere      -> stop it on all workers, back off, re-install, restart on the
-#   (exit N, SIGTERM, died)         same TPU; exit 2 (config error) or 65 (no readable data): stop, give up
+#   (exit N, SIGTERM, died)         same TPU; exit 2 (config error), 65 (no readable data) or 78 (the
+#                                   workdir or a checkpoint refused: another mode, all damaged, ...): stop, give up
 #   trainer exited 0 everywhere  -> one more poll to make sure the TPU is not going away (a
 #                                   preempted trainer checkpoints and may exit 0 too), then delete
 #                                   the TPU (unless --keep) and exit 0
@@ -136,10 +137,11 @@ while true; do
             exit 0
             ;;
           unknown) log "not every worker answered; polling again" ;;
-          "exit 2" | "exit 65")
-            # A usage error (2) or a data source with nothing readable (65): every restart would end the same way.
+          "exit 2" | "exit 65" | "exit 78")
+            # A usage error (2), a data source with nothing readable (65) or a workdir/checkpoint refusal (78): every
+            # restart would end the same way.
             step stop.sh || log "stop failed"
-            die "trainer: $JOB: a config error (2) or unreadable data (65), which a restart cannot fix; see train.log under $OPT_LOG_DIR on the workers; $OPT_NAME is left up for that (launch/delete.sh removes it)"
+            die "trainer: $JOB: a config error (2), unreadable data (65) or a refused workdir or checkpoint (78), which a restart cannot fix; see train.log under $OPT_LOG_DIR on the workers; $OPT_NAME is left up for that (launch/delete.sh removes it)"
             ;;
           *)
             failure "trainer: $JOB"

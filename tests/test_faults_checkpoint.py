@@ -20,8 +20,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.xdist_group("codi_main")
 
 
-def _run(teacher, cache, workdir, *extra, total_steps=4):
-    cmd = [sys.executable, "-m", "codi_jax.main", "--config=configs/depth.py:tiny", f"--workdir={workdir}",
+def _run(teacher, cache, workdir, *extra, total_steps=4, config="configs/depth.py:tiny"):
+    cmd = [sys.executable, "-m", "codi_jax.main", f"--config={config}", f"--workdir={workdir}",
            "--config.stages=()", "--config.run_eval=False", f"--config.teacher={teacher}", "--config.vae_from=",
            "--config.batch_size=8", f"--config.total_steps={total_steps}", "--config.checkpoint_every=1",
            "--config.log_every=2", *extra]
@@ -89,20 +89,36 @@ def test_damaged_latest_checkpoint_is_set_aside_and_the_run_resumes_from_the_old
 
 
 @pytest.mark.slow
+def test_a_deleted_checkpoint_file_is_set_aside_like_a_truncated_one(random_teacher, jax_cache, trained, tmp_path):
+    workdir = _copy(trained, tmp_path)
+    folder = workdir / "checkpoints" / "4" / "state" / "ocdbt.process_0" / "d"
+    biggest = max(folder.iterdir(), key=os.path.getsize)
+    biggest.unlink()
+    out = _run(random_teacher, jax_cache, workdir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    damaged = _lines(out.stderr, "is damaged")
+    assert len(damaged) == 1 and "checkpoint 4 " in damaged[0] and "4.damaged-1" in damaged[0], out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    assert "at step 3" in _lines(out.stderr, "resumed from")[0]
+    assert _steps(workdir) == ["2", "3", "4", "4.damaged-1"]
+    assert not (workdir / "checkpoints" / "4.damaged-1" / biggest.relative_to(workdir / "checkpoints" / "4")).exists()
+
+
+@pytest.mark.slow
 def test_no_checkpoint_reads_stops_in_one_line_and_keeps_them_all(random_teacher, jax_cache, trained, tmp_path):
     workdir = _copy(trained, tmp_path)
     shutil.rmtree(workdir / "checkpoints" / "2")  # two damaged steps show the walk back; a third adds only time
     for step in (3, 4):
         _damage(workdir, step)
     out = _run(random_teacher, jax_cache, workdir)
-    assert out.returncode == 1
+    assert out.returncode == checkpoint.EXIT_REFUSED, out.stderr[-3000:]
     assert len(_lines(out.stderr, "is damaged")) == 2, out.stderr[-3000:]
     assert out.stderr.rstrip().splitlines()[-1].startswith(f"no checkpoint in {workdir}/checkpoints reads: 4 (")
     assert "Traceback" not in out.stderr
     assert _steps(workdir) == ["3.damaged-1", "4.damaged-1"]
     # The restart neither loops on them nor silently starts from scratch over them.
     again = _run(random_teacher, jax_cache, workdir)
-    assert again.returncode == 1
+    assert again.returncode == checkpoint.EXIT_REFUSED
     last = again.stderr.rstrip().splitlines()[-1]
     assert last.startswith("no checkpoint in") and "3.damaged-1, 4.damaged-1" in last, last
     assert "recipes.py" not in again.stderr  # refused before the teacher was loaded
@@ -112,10 +128,33 @@ def test_no_checkpoint_reads_stops_in_one_line_and_keeps_them_all(random_teacher
 def test_workdir_of_another_mode_is_refused_in_one_line(random_teacher, jax_cache, trained, tmp_path):
     workdir = _copy(trained, tmp_path)
     out = _run(random_teacher, jax_cache, workdir, "--config.mode=pe_codi")
-    assert out.returncode == 1
+    assert out.returncode == checkpoint.EXIT_REFUSED, out.stderr[-3000:]
     last = out.stderr.rstrip().splitlines()[-1]
     assert last == (f"{workdir}/checkpoints holds a run of mode 'codi', task 'depth' (checkpoint 4); this config asks "
                     "for mode 'pe_codi', task 'depth': use another workdir, or that run's config"), last
+    assert "Traceback" not in out.stderr and "recipes.py" not in out.stderr
+    assert _steps(workdir) == ["2", "3", "4"]
+
+
+def test_workdir_of_another_task_is_refused_in_one_line(random_teacher, jax_cache, trained, tmp_path):
+    workdir = _copy(trained, tmp_path)
+    out = _run(random_teacher, jax_cache, workdir, config="configs/sr.py:tiny")
+    assert out.returncode == checkpoint.EXIT_REFUSED, out.stderr[-3000:]
+    last = out.stderr.rstrip().splitlines()[-1]
+    assert last == (f"{workdir}/checkpoints holds a run of mode 'codi', task 'depth' (checkpoint 4); this config asks "
+                    "for mode 'codi', task 'sr': use another workdir, or that run's config"), last
+    assert "Traceback" not in out.stderr and "recipes.py" not in out.stderr
+    assert _steps(workdir) == ["2", "3", "4"]
+
+
+def test_other_model_settings_are_refused_before_the_teacher_loads(random_teacher, jax_cache, trained, tmp_path):
+    workdir = _copy(trained, tmp_path)
+    out = _run(random_teacher, jax_cache, workdir, "--config.model.prediction_type=epsilon")
+    assert out.returncode == checkpoint.EXIT_REFUSED, out.stderr[-3000:]
+    last = out.stderr.rstrip().splitlines()[-1]
+    assert last.startswith(f"{workdir}/checkpoints holds a run with other model settings (checkpoint 4): "
+                           "model.prediction_type='v_prediction' there, 'epsilon' here"), last
+    # From the saved config alone: no teacher, no VAE was read (recipes.py logs each load).
     assert "Traceback" not in out.stderr and "recipes.py" not in out.stderr
     assert _steps(workdir) == ["2", "3", "4"]
 
@@ -124,7 +163,7 @@ def test_another_train_state_is_refused_in_one_line(random_teacher, jax_cache, t
     """Same mode and task, but a setting that changes the saved tree (a separate fast target EMA)."""
     workdir = _copy(trained, tmp_path)
     out = _run(random_teacher, jax_cache, workdir, "--config.target_ema_decay=0.9")
-    assert out.returncode == 1
+    assert out.returncode == checkpoint.EXIT_REFUSED, out.stderr[-3000:]
     last = out.stderr.rstrip().splitlines()[-1]
     assert last.startswith(f"checkpoint 4 in {workdir}/checkpoints holds another train state"), last
     assert "only here" in last and "target_params/" in last
@@ -136,7 +175,7 @@ def test_total_steps_below_the_latest_checkpoint_is_refused(random_teacher, jax_
     workdir = _copy(trained, tmp_path)
     export = sorted(os.listdir(workdir / "export"))
     out = _run(random_teacher, jax_cache, workdir, total_steps=2)
-    assert out.returncode == 1
+    assert out.returncode == checkpoint.EXIT_REFUSED, out.stderr[-3000:]
     last = out.stderr.rstrip().splitlines()[-1]
     assert last.startswith(f"{workdir}/checkpoints already holds checkpoint 4, past config.total_steps=2"), last
     assert "Traceback" not in out.stderr
@@ -146,7 +185,7 @@ def test_total_steps_below_the_latest_checkpoint_is_refused(random_teacher, jax_
 def test_missing_init_from_is_refused_and_not_created(random_teacher, jax_cache, tmp_path):
     missing = tmp_path / "no" / "such_run"
     out = _run(random_teacher, jax_cache, tmp_path / "fresh", f"--config.init_from={missing}")
-    assert out.returncode == 1
+    assert out.returncode == checkpoint.EXIT_REFUSED, out.stderr[-3000:]
     last = out.stderr.rstrip().splitlines()[-1]
     assert last == f"config.init_from={str(missing)!r} does not exist (it is only read, never created)", last
     assert not os.path.exists(tmp_path / "no")

@@ -136,7 +136,8 @@ def test_sample_cli_steps_and_condition(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:  # argparse: refused before the model is read at all
         sample.main([f"--model={export}", f"--cond={rgba}", "--prompt=a", "--out=o.png", "--steps=0"])
     assert exit_.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1].endswith("argument --steps: must be at least 1, got 0")
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "argument --steps: must be at least 1, got 0" in err[0], err  # no usage block before it
     # The Python API refuses it too, instead of quietly taking the model's default: checked before any weights are
     # touched, so a Pipeline without them shows it.
     pipe = sample.Pipeline.__new__(sample.Pipeline)

@@ -1,7 +1,8 @@
 """Data faults: a folder in which nothing decodes stops in one line (status 65) instead of looping for ever; a SIGTERM
 while the loop waits for data that never comes ends the process within preemption_grace_s (status 76) with the
 committed checkpoints intact; a SIGTERM during training still checkpoints and exits 75; each unreadable file is
-logged once, however many passes the run makes.
+logged once, however many passes the run makes, and counted in the progress line; a SIGTERM during start-up
+(teacher load, compile) is bounded the same way.
 
 The command-line cases share one random teacher and one persistent compilation cache, so the step compiles once."""
 
@@ -116,8 +117,9 @@ def test_a_folder_where_nothing_decodes_stops_in_one_line(random_teacher, jax_ca
 
 @pytest.mark.slow
 def test_sigterm_while_waiting_for_data_exits_in_bounded_time(random_teacher, jax_cache, tmp_path):
-    # 16 readable records then a named pipe, in order: steps 1 and 2 run and checkpoint, step 3 waits for ever.
-    root = _depth_folder(tmp_path / "stalls", good=16, fifo=True)
+    # Two unreadable files, 16 readable records, then a named pipe, in order: steps 1 and 2 run and checkpoint (the
+    # progress line counts the two skipped files), step 3 waits for ever.
+    root = _depth_folder(tmp_path / "stalls", good=16, bad=2, fifo=True)
     workdir = tmp_path / "run"
     log = open(tmp_path / "log.txt", "w")
     proc = subprocess.Popen(_cmd(random_teacher, workdir, "--config.data.dataset=folder",
@@ -147,6 +149,42 @@ def test_sigterm_while_waiting_for_data_exits_in_bounded_time(random_teacher, ja
     assert len(line) == 1 and "checkpoint 2 is the latest and intact" in line[0], text[-3000:]
     assert _committed(workdir) == [1, 2]
     assert not [d for d in os.listdir(workdir / "checkpoints") if "tmp" in d]
+    progress = [x for x in text.splitlines() if "] data_skipped_files=" in x or ", data_skipped_files=" in x]
+    assert progress and all("data_skipped_files=2" in x for x in progress), text[-3000:]
+    for name in ("bad00.png", "bad01.png"):  # each reported once, with the running count
+        assert len([x for x in text.splitlines() if f"{name} (" in x]) == 1, text[-3000:]
+
+
+@pytest.mark.slow
+def test_sigterm_during_start_up_exits_in_bounded_time(random_teacher, tmp_path):
+    """SIGTERM while the run loads its teacher and compiles: noted at once, and when no step's checkpoint can follow
+    within preemption_grace_s the process ends with 76, nothing written. A cache of its own keeps the compile long."""
+    workdir = tmp_path / "run"
+    log_path = tmp_path / "log.txt"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(_cmd(random_teacher, workdir, "--config.total_steps=4",
+                                     "--config.preemption_grace_s=1"),
+                                cwd=REPO, env=_env(str(tmp_path / "cold_cache")), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 300
+            # Logged by setup once the workdir is checked, before the teacher loads and the step compiles.
+            while "mode codi, mesh" not in open(log_path).read() and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.05)
+            assert proc.poll() is None, open(log_path).read()[-3000:]
+            t0 = time.time()
+            proc.send_signal(signal.SIGTERM)
+            status = proc.wait(timeout=60)
+            waited = time.time() - t0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = open(log_path).read()
+    assert status == 76, text[-3000:]
+    assert waited < 15, waited
+    line = [x for x in text.splitlines() if "no training step finished within 1 s" in x]
+    assert len(line) == 1 and "no checkpoint had been written" in line[0], text[-3000:]
+    assert "train step compiled" not in text  # it stopped inside start-up, not after it
+    assert _committed(workdir) == []
 
 
 @pytest.mark.slow

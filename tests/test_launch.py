@@ -458,6 +458,15 @@ def test_supervisor_gives_up_on_errors_a_restart_cannot_fix(home, repo, tmp_path
     assert "trainer: exit 65" in proc.stderr and "restart cannot fix" in proc.stderr and "recovery" not in proc.stderr
 
 
+def test_supervisor_gives_up_on_a_refused_workdir(home, repo, tmp_path):
+    # exit 78: the workdir or its checkpoints were refused (another mode, none readable, ...): restarting loops.
+    fake = _fake_gcloud(tmp_path, ["ACTIVE"] * 4, [ALL4("running"), "exit 78|exit 78|exit 78|exit 78"])
+    args = [a for a in run_args(repo) if a != "--dry-run"]
+    proc = launch("supervise.sh", *args, "--poll-seconds=0", "--backoff-seconds=0", home=home,
+                  path_prepend=fake / "bin", extra_env={"FAKE_GCLOUD_DIR": str(fake)}, timeout=120, expect_ok=False)
+    assert proc.returncode == 1 and "trainer: exit 78" in proc.stderr and "recovery" not in proc.stderr, proc.stderr
+
+
 def test_supervisor_never_takes_a_preempted_exit_0_for_the_end(home, repo, tmp_path):
     # A preempted trainer checkpoints and may exit 0: one host reporting `terminated 0`, or the
     # TPU leaving ACTIVE right after, must lead to a restart, not to deleting a finished run.
