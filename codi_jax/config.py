@@ -107,7 +107,11 @@ def base(task: str) -> ml_collections.ConfigDict:
     c.gd_rounds = 2
 
     # VAE training (mode 'vae', embedded default only).
-    c.vae = ml_collections.ConfigDict({"kl_weight": 1e-6, "l1_weight": 1.0, "l2_weight": 0.0})
+    # chroma_weight: an L1 on each pixel's colour less its grey (rgb - mean(rgb)), so that small coloured objects
+    # keep their hue; an RGB L1 alone is dominated by the large grey floor and sky. train: 'all', or 'decoder' to
+    # fine-tune only the decoder of config.vae_from: its latents, and so any diffusion model trained on them, stay valid.
+    c.vae = ml_collections.ConfigDict({"kl_weight": 1e-6, "l1_weight": 1.0, "l2_weight": 0.0, "chroma_weight": 0.0,
+                                       "train": "all"})
 
     c.data = _data_defaults()
     c.data.task = task
@@ -300,6 +304,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
             fail("stages", f"unknown stage {stage!r} (known: vae, pretrain)")
         if int(c.stage_steps[stage]) <= 0:
             fail(f"stage_steps.{stage}", "must be positive for a stage that runs")
+    if c.vae.train not in ("all", "decoder"):
+        fail("vae.train", f"{c.vae.train!r} is not all or decoder")
+    if c.mode == "vae" and c.vae.train == "decoder" and not c.vae_from:
+        fail("vae.train", "'decoder' fine-tunes the decoder of an existing VAE: set config.vae_from")
+    if c.vae.chroma_weight < 0:
+        fail("vae.chroma_weight", f"must be >= 0, got {c.vae.chroma_weight}")
     if int(c.gd_rounds) < 1:
         fail("gd_rounds", f"must be >= 1, got {c.gd_rounds}")
     if c.init_controlnet:

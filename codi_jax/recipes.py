@@ -202,6 +202,15 @@ class Recipe:
         return self.spec.default_sampler(self.config.objective)
 
 
+def _chroma(images: jax.Array) -> jax.Array:
+    """Each pixel's colour less its grey level: hue and saturation, without brightness."""
+    return images - jnp.mean(images, axis=-1, keepdims=True)
+
+
+# The parts of the VAE that make its latents; 'decoder' fine-tuning leaves them as they are.
+VAE_ENCODER_PARTS = ("encoder", "quant_conv")
+
+
 class VAERecipe(Recipe):
     """The autoencoder: trained on reconstructions, then given SD's latent scale."""
 
@@ -218,10 +227,11 @@ class VAERecipe(Recipe):
         recon = recon.astype(jnp.float32)
         l1 = jnp.mean(jnp.abs(recon - images))
         l2 = jnp.mean(jnp.square(recon - images))
+        chroma = jnp.mean(jnp.abs(_chroma(recon) - _chroma(images)))
         kl = jnp.mean(posterior.kl())
         w = self.config.vae
-        loss = w.l1_weight * l1 + w.l2_weight * l2 + w.kl_weight * kl
-        return loss, {"loss": loss, "l1": l1, "l2": l2, "kl": kl}
+        loss = w.l1_weight * l1 + w.l2_weight * l2 + w.chroma_weight * chroma + w.kl_weight * kl
+        return loss, {"loss": loss, "l1": l1, "l2": l2, "chroma": chroma, "kl": kl}
 
     def sample(self, params, frozen, batch, rng, *, method: str, num_steps: int, guidance_scale: float = 1.0):
         posterior = self.vae.apply({"params": params}, batch["image"], method="encode")
@@ -229,7 +239,10 @@ class VAERecipe(Recipe):
 
     def after_training(self, params, data_iter, batches: int = 8) -> None:
         """SD's latent scale: scaling_factor = 1 / std of the latents over `batches` training batches, so the
-        diffusion model sees unit-variance data."""
+        diffusion model sees unit-variance data. A decoder-only fine-tune keeps its source's latents and their scale."""
+        if self.config.vae.train == "decoder":
+            logging.info("VAE latent scaling factor kept from %s: %.5f (encoder frozen)", self.vae_from, self.vae_scale)
+            return
         encode = jax.jit(lambda p, x, r: self.vae.apply({"params": p}, x, method="encode").sample(r))
         params = jax.device_get(params)
         latents = [np.asarray(encode(params, next(data_iter)["image"], jax.random.PRNGKey(i))) for i in range(batches)]

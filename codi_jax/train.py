@@ -102,6 +102,10 @@ def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTra
                                  for k, v in params.items()}
         chain.append(optax.multi_transform({"rest": adamw, "mu": optax.adam(mu_lr, b1=o.b1, b2=o.b2, eps=o.eps)},
                                            labels))
+    elif config.mode == "vae" and config.vae.train == "decoder":
+        labels = lambda params: {k: jax.tree.map(lambda _: "frozen" if k in recipes.VAE_ENCODER_PARTS else "rest", v)  # noqa: E731
+                                 for k, v in params.items()}
+        chain.append(optax.multi_transform({"rest": adamw, "frozen": optax.set_to_zero()}, labels))
     else:
         chain.append(adamw)
     return optax.chain(*chain), lr
