@@ -212,7 +212,13 @@ def model_card(index: dict, config, *, step: int | None = None, metrics: str | N
             + (f", {step} steps" if step is not None else "") + f", from `{base or 'scratch'}`. "
             f"Evaluated with the `{sampler}` sampler, {steps} steps; prediction type `{meta['prediction_type']}`.", ""]
     body += ["## Use", "", "```python", "import torch"]
-    if cls == "StableDiffusionPipeline":
+    if cls == "AutoencoderKL":
+        body += ["from diffusers import AutoencoderKL", "",
+                 "vae = AutoencoderKL.from_pretrained(PATH, subfolder='vae')",
+                 "# images: (N, 3, H, W) in [-1, 1]",
+                 "latents = vae.encode(images).latent_dist.mode() * vae.config.scaling_factor",
+                 "recon = vae.decode(latents / vae.config.scaling_factor).sample"]
+    elif cls == "StableDiffusionPipeline":
         body += ["from diffusers import StableDiffusionPipeline", "",
                  "pipe = StableDiffusionPipeline.from_pretrained(PATH)",
                  f"image = pipe('a prompt', num_inference_steps={steps}, guidance_scale=1.0).images[0]"]
@@ -225,7 +231,9 @@ def model_card(index: dict, config, *, step: int | None = None, metrics: str | N
                  "pipe = StableDiffusionControlNetPipeline.from_pretrained(PATH)",
                  "# cond: (N, C, H, W) float tensor in [-1, 1], C = the task's condition channels, as codi_jax builds it",
                  f"image = pipe('a prompt', image={cond}, {steps_kw}, guidance_scale=1.0).images[0]"]
-    body += ["```", "", "or in JAX: `python -m codi_jax.sample --model=PATH --cond=cond.png --prompt='a prompt' "
+    body += ["```", ""]
+    if cls != "AutoencoderKL":
+        body += ["or in JAX: `python -m codi_jax.sample --model=PATH --cond=cond.png --prompt='a prompt' "
              "--out=out.png`.", ""]
     if spec.cond_form == "mu":
         body += ["Full CoDi mixes the conditional encoder's features into the UNet's skips, (1 - mu) h + mu h_eta "

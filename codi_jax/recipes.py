@@ -256,7 +256,8 @@ class VAERecipe(Recipe):
 
         meta["timestep_spacing"] = "leading"
         weights.save_diffusers(os.path.join(path, "vae"), "vae", export.float32(self.vae), ema)
-        return {"vae": ["diffusers", "AutoencoderKL"]}, "StableDiffusionPipeline"
+        # A VAE alone is no pipeline: the index names the class diffusers loads from vae/ (the model card says how).
+        return {"vae": ["diffusers", "AutoencoderKL"]}, "AutoencoderKL"
 
 
 class TextToImageRecipe(Recipe):

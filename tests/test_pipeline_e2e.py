@@ -40,6 +40,11 @@ def test_main_tiny_pipeline_then_evaluate_and_sample(tmp_path):
     assert {"loss", "steps_per_sec", "samples", "grad_norm", "mu"} <= tags, tags
     with open(workdir / "vae" / "export" / "vae" / "config.json") as f:
         assert json.load(f)["scaling_factor"] != 1.0  # set from the latent statistics
+    # A VAE alone is no pipeline: its index and model card say what diffusers loads and how.
+    with open(workdir / "vae" / "export" / "model_index.json") as f:
+        assert json.load(f)["_class_name"] == "AutoencoderKL"
+    card = (workdir / "vae" / "export" / "README.md").read_text()
+    assert "AutoencoderKL.from_pretrained(PATH, subfolder='vae')" in card and "Pipeline" not in card
 
     # The evaluation report: {row: {steps: {metric: value}}, meta}, plus table, plots and grid; the reference rows
     # (ground truth with FID's noise floor, the VAE's ceiling, the text-only teacher) beside the method's.
