@@ -12,9 +12,13 @@ Every source yields raw records at the configured resolution:
 
 from __future__ import annotations
 
+import atexit
 import collections
+import hashlib
 import json
 import os
+import shutil
+import tempfile
 import zlib
 from typing import Any
 
@@ -26,9 +30,22 @@ from codi_jax.data import scenes
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 DEPTH_DIR = "depth"  # prepare_depth writes <root>/depth/<relative stem>.png
-# Per-process count of image files skipped because they could not be decoded. With worker_count > 0 the workers count
-# in their own processes; `FolderSource(validate=True)` counts up front in the caller's process instead.
+# Image files skipped because they could not be decoded, counted in this process. grain's worker processes
+# (data.num_workers > 0) each read their own share, so they also share a ledger folder (SKIPPED_DIR_ENV, set by
+# share_skipped_ledger before the workers start): one empty file per unreadable file, created exclusively, so each
+# file is logged once by whichever process meets it first, and every process counts the same distinct files.
 SKIPPED = collections.Counter()
+SKIPPED_DIR_ENV = "CODI_JAX_SKIPPED_LEDGER"
+
+
+def share_skipped_ledger() -> str:
+    """The ledger folder this process and the worker processes it starts share (made once, removed at exit)."""
+    folder = os.environ.get(SKIPPED_DIR_ENV)
+    if not folder:
+        folder = tempfile.mkdtemp(prefix="codi_jax_skipped_")
+        os.environ[SKIPPED_DIR_ENV] = folder
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def skipped_count() -> int:
@@ -37,16 +54,34 @@ def skipped_count() -> int:
 
 
 def skipped_files() -> int:
-    """Distinct files this process has found unreadable (each is logged once, the first time)."""
+    """Distinct files found unreadable, by this process and the workers sharing its ledger (each logged once)."""
+    folder = os.environ.get(SKIPPED_DIR_ENV)
+    if folder and os.path.isdir(folder):
+        return len(os.listdir(folder))
     return len(SKIPPED)
+
+
+def _first_sighting(path: str) -> bool:
+    folder = os.environ.get(SKIPPED_DIR_ENV)
+    if not folder:
+        return path not in SKIPPED
+    marker = os.path.join(folder, hashlib.sha1(path.encode()).hexdigest())
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # the ledger is gone (e.g. removed at exit): fall back to this process's own memory
+        return path not in SKIPPED
 
 
 def _skip(path: str, err: Exception, what: str = "image") -> str:
     """Counts a failed read; logs the file only the first time, so a long run's log does not repeat it every pass."""
-    first = path not in SKIPPED
+    first = _first_sighting(path)
     SKIPPED[path] += 1
     if first:
-        logging.warning("skipping unreadable %s %s (unreadable files so far: %d): %s", what, path, len(SKIPPED), err)
+        logging.warning("skipping unreadable %s %s (unreadable files so far: %d): %s", what, path, skipped_files(),
+                        err)
     return f"{path}: {err}"
 
 
