@@ -60,6 +60,16 @@ def _damage(workdir, step):
     return os.path.relpath(biggest, os.path.join(workdir, "checkpoints", str(step)))
 
 
+def _refusal(teacher, cache, workdir, *extra, **kw):
+    """Runs on a copy of the trained workdir and expects a refusal: status EXIT_REFUSED, no traceback, the
+    checkpoints untouched. Returns (the process, its last line)."""
+    out = _run(teacher, cache, workdir, *extra, **kw)
+    assert out.returncode == checkpoint.EXIT_REFUSED, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    assert _steps(workdir) == ["2", "3", "4"]
+    return out, out.stderr.rstrip().splitlines()[-1]
+
+
 def _lines(text, needle):
     return [line for line in text.splitlines() if needle in line]
 
@@ -125,61 +135,43 @@ def test_no_checkpoint_reads_stops_in_one_line_and_keeps_them_all(random_teacher
     assert _steps(workdir) == ["3.damaged-1", "4.damaged-1"]
 
 
-def test_workdir_of_another_mode_is_refused_in_one_line(random_teacher, jax_cache, trained, tmp_path):
+@pytest.mark.parametrize("extra, config, asked", [
+    (("--config.mode=pe_codi",), "configs/depth.py:tiny", "mode 'pe_codi', task 'depth'"),
+    ((), "configs/sr.py:tiny", "mode 'codi', task 'sr'"),
+], ids=["mode", "task"])
+def test_workdir_of_another_mode_or_task_is_refused_in_one_line(random_teacher, jax_cache, trained, tmp_path, extra,
+                                                                 config, asked):
     workdir = _copy(trained, tmp_path)
-    out = _run(random_teacher, jax_cache, workdir, "--config.mode=pe_codi")
-    assert out.returncode == checkpoint.EXIT_REFUSED, out.stderr[-3000:]
-    last = out.stderr.rstrip().splitlines()[-1]
+    out, last = _refusal(random_teacher, jax_cache, workdir, *extra, config=config)
     assert last == (f"{workdir}/checkpoints holds a run of mode 'codi', task 'depth' (checkpoint 4); this config asks "
-                    "for mode 'pe_codi', task 'depth': use another workdir, or that run's config"), last
-    assert "Traceback" not in out.stderr and "recipes.py" not in out.stderr
-    assert _steps(workdir) == ["2", "3", "4"]
-
-
-def test_workdir_of_another_task_is_refused_in_one_line(random_teacher, jax_cache, trained, tmp_path):
-    workdir = _copy(trained, tmp_path)
-    out = _run(random_teacher, jax_cache, workdir, config="configs/sr.py:tiny")
-    assert out.returncode == checkpoint.EXIT_REFUSED, out.stderr[-3000:]
-    last = out.stderr.rstrip().splitlines()[-1]
-    assert last == (f"{workdir}/checkpoints holds a run of mode 'codi', task 'depth' (checkpoint 4); this config asks "
-                    "for mode 'codi', task 'sr': use another workdir, or that run's config"), last
-    assert "Traceback" not in out.stderr and "recipes.py" not in out.stderr
-    assert _steps(workdir) == ["2", "3", "4"]
+                    f"for {asked}: use another workdir, or that run's config"), last
+    assert "recipes.py" not in out.stderr  # refused before the teacher loads
 
 
 def test_other_model_settings_are_refused_before_the_teacher_loads(random_teacher, jax_cache, trained, tmp_path):
     workdir = _copy(trained, tmp_path)
-    out = _run(random_teacher, jax_cache, workdir, "--config.model.prediction_type=epsilon")
-    assert out.returncode == checkpoint.EXIT_REFUSED, out.stderr[-3000:]
-    last = out.stderr.rstrip().splitlines()[-1]
+    out, last = _refusal(random_teacher, jax_cache, workdir, "--config.model.prediction_type=epsilon")
     assert last.startswith(f"{workdir}/checkpoints holds a run with other model settings (checkpoint 4): "
                            "model.prediction_type='v_prediction' there, 'epsilon' here"), last
     # From the saved config alone: no teacher, no VAE was read (recipes.py logs each load).
-    assert "Traceback" not in out.stderr and "recipes.py" not in out.stderr
-    assert _steps(workdir) == ["2", "3", "4"]
+    assert "recipes.py" not in out.stderr
 
 
 def test_another_train_state_is_refused_in_one_line(random_teacher, jax_cache, trained, tmp_path):
     """Same mode and task, but a setting that changes the saved tree (a separate fast target EMA)."""
     workdir = _copy(trained, tmp_path)
-    out = _run(random_teacher, jax_cache, workdir, "--config.target_ema_decay=0.9")
-    assert out.returncode == checkpoint.EXIT_REFUSED, out.stderr[-3000:]
-    last = out.stderr.rstrip().splitlines()[-1]
+    out, last = _refusal(random_teacher, jax_cache, workdir, "--config.target_ema_decay=0.9")
     assert last.startswith(f"checkpoint 4 in {workdir}/checkpoints holds another train state"), last
     assert "only here" in last and "target_params/" in last
-    assert "Traceback" not in out.stderr and "is damaged" not in out.stderr
-    assert _steps(workdir) == ["2", "3", "4"]
+    assert "is damaged" not in out.stderr
 
 
 def test_total_steps_below_the_latest_checkpoint_is_refused(random_teacher, jax_cache, trained, tmp_path):
     workdir = _copy(trained, tmp_path)
     export = sorted(os.listdir(workdir / "export"))
-    out = _run(random_teacher, jax_cache, workdir, total_steps=2)
-    assert out.returncode == checkpoint.EXIT_REFUSED, out.stderr[-3000:]
-    last = out.stderr.rstrip().splitlines()[-1]
+    out, last = _refusal(random_teacher, jax_cache, workdir, total_steps=2)
     assert last.startswith(f"{workdir}/checkpoints already holds checkpoint 4, past config.total_steps=2"), last
-    assert "Traceback" not in out.stderr
-    assert _steps(workdir) == ["2", "3", "4"] and sorted(os.listdir(workdir / "export")) == export
+    assert sorted(os.listdir(workdir / "export")) == export
 
 
 def test_missing_init_from_is_refused_and_not_created(random_teacher, jax_cache, tmp_path):

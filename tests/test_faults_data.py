@@ -118,6 +118,27 @@ def _committed(workdir):
     return sorted(int(d) for d in os.listdir(folder) if d.isdigit()) if os.path.isdir(folder) else []
 
 
+def _sigterm_when(cmd, env, log_path, ready, *, settle=0.0, wait=60):
+    """Starts `cmd`, logging to log_path; once ready(log text) holds (and `settle` s more), sends SIGTERM.
+    Returns (exit status, seconds from the signal to the exit, the log)."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 600
+            while not ready(open(log_path).read()) and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.05)
+            time.sleep(settle)
+            assert proc.poll() is None, open(log_path).read()[-3000:]
+            t0 = time.time()
+            proc.send_signal(signal.SIGTERM)
+            status = proc.wait(timeout=wait)
+            waited = time.time() - t0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    return status, waited, open(log_path).read()
+
+
 @pytest.mark.slow
 def test_a_folder_where_nothing_decodes_stops_in_one_line(random_teacher, jax_cache, tmp_path):
     root = _depth_folder(tmp_path / "broken", good=0, bad=6)
@@ -141,28 +162,13 @@ def test_sigterm_while_waiting_for_data_exits_in_bounded_time(random_teacher, ja
     # progress line counts the two skipped files), step 3 waits for ever.
     root = _depth_folder(tmp_path / "stalls", good=16, bad=2, fifo=True)
     workdir = tmp_path / "run"
-    log = open(tmp_path / "log.txt", "w")
-    proc = subprocess.Popen(_cmd(random_teacher, workdir, "--config.data.dataset=folder",
-                                 f"--config.data.data_dir={root}",
-                                 "--config.data.shuffle=False", "--config.total_steps=50",
-                                 "--config.checkpoint_every=1", "--config.preemption_grace_s=3"),
-                            cwd=REPO, env=_env(jax_cache), stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 600
-        while _committed(workdir) != [1, 2] and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.2)
-        assert _committed(workdir) == [1, 2], open(tmp_path / "log.txt").read()[-3000:]
-        time.sleep(3)  # well inside next(data_iter) by now
-        assert proc.poll() is None
-        t0 = time.time()
-        proc.send_signal(signal.SIGTERM)
-        status = proc.wait(timeout=60)
-        waited = time.time() - t0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        log.close()
-    text = open(tmp_path / "log.txt").read()
+    cmd = _cmd(random_teacher, workdir, "--config.data.dataset=folder", f"--config.data.data_dir={root}",
+               "--config.data.shuffle=False", "--config.total_steps=50", "--config.checkpoint_every=1",
+               "--config.preemption_grace_s=3")
+    # Once steps 1 and 2 are committed, 3 s more: well inside next(data_iter) by then.
+    status, waited, text = _sigterm_when(cmd, _env(jax_cache), tmp_path / "log.txt",
+                                         lambda _: _committed(workdir) == [1, 2], settle=3)
+    assert _committed(workdir) == [1, 2], text[-3000:]
     assert status == 76, text[-3000:]
     assert 3 <= waited < 20, waited
     line = [x for x in text.splitlines() if "no training step finished within 3 s" in x]
@@ -180,25 +186,10 @@ def test_sigterm_during_start_up_exits_in_bounded_time(random_teacher, tmp_path)
     """SIGTERM while the run loads its teacher and compiles: noted at once, and when no step's checkpoint can follow
     within preemption_grace_s the process ends with 76, nothing written. A cache of its own keeps the compile long."""
     workdir = tmp_path / "run"
-    log_path = tmp_path / "log.txt"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(_cmd(random_teacher, workdir, "--config.total_steps=4",
-                                     "--config.preemption_grace_s=1"),
-                                cwd=REPO, env=_env(str(tmp_path / "cold_cache")), stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.time() + 300
-            # Logged by setup once the workdir is checked, before the teacher loads and the step compiles.
-            while "mode codi, mesh" not in open(log_path).read() and proc.poll() is None and time.time() < deadline:
-                time.sleep(0.05)
-            assert proc.poll() is None, open(log_path).read()[-3000:]
-            t0 = time.time()
-            proc.send_signal(signal.SIGTERM)
-            status = proc.wait(timeout=60)
-            waited = time.time() - t0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-    text = open(log_path).read()
+    cmd = _cmd(random_teacher, workdir, "--config.total_steps=4", "--config.preemption_grace_s=1")
+    # "mode codi, mesh" is logged by setup once the workdir is checked, before the teacher loads and the step compiles.
+    status, waited, text = _sigterm_when(cmd, _env(str(tmp_path / "cold_cache")), tmp_path / "log.txt",
+                                         lambda log: "mode codi, mesh" in log)
     assert status == 76, text[-3000:]
     assert waited < 15, waited
     line = [x for x in text.splitlines() if "no training step finished within 1 s" in x]
@@ -210,22 +201,8 @@ def test_sigterm_during_start_up_exits_in_bounded_time(random_teacher, tmp_path)
 @pytest.mark.slow
 def test_sigterm_during_training_checkpoints_and_exits_75(random_teacher, jax_cache, tmp_path):
     workdir = tmp_path / "run"
-    log_path = tmp_path / "log.txt"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(_cmd(random_teacher, workdir, "--config.total_steps=100000",
-                                     "--config.checkpoint_every=1000"),
-                                cwd=REPO, env=_env(jax_cache), stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.time() + 600
-            while "[2]" not in open(log_path).read() and proc.poll() is None and time.time() < deadline:
-                time.sleep(0.2)
-            assert proc.poll() is None, open(log_path).read()[-3000:]
-            proc.send_signal(signal.SIGTERM)
-            status = proc.wait(timeout=120)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-    text = open(log_path).read()
+    cmd = _cmd(random_teacher, workdir, "--config.total_steps=100000", "--config.checkpoint_every=1000")
+    status, _, text = _sigterm_when(cmd, _env(jax_cache), tmp_path / "log.txt", lambda log: "[2]" in log, wait=120)
     assert status == 75, text[-3000:]
     stops = [x for x in text.splitlines() if "stopping at step" in x]
     assert len(stops) == 1, text[-3000:]

@@ -21,12 +21,7 @@ def _vae_config(*overrides):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     c = module.get_config("tiny")
-    for key, value in overrides:
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    c.update_from_flattened_dict(dict(overrides))
     return config_lib.finalize(c)
 
 
