@@ -197,7 +197,9 @@ def make_train_loader(cfg, *, global_batch_size: int, seed: int, process_index: 
         # grain's worker processes read absl flags; outside app.run (tests, notebooks) they are still unparsed.
         flags.FLAGS.mark_as_parsed()
     if cfg.num_workers > 0:
-        sources.share_skipped_ledger()  # before the workers start: they inherit it, so each bad file is logged once
+        sources.new_skipped_ledger()  # before the workers start: they inherit it, so each bad file is logged once
+    else:
+        sources.drop_skipped_ledger()
     source = make_source(cfg, "train")
     if len(source) < shard.shard_count:
         raise ValueError(f"dataset has {len(source)} records, fewer than the {shard.shard_count} processes")

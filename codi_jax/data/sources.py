@@ -32,20 +32,24 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 DEPTH_DIR = "depth"  # prepare_depth writes <root>/depth/<relative stem>.png
 # Image files skipped because they could not be decoded, counted in this process. grain's worker processes
 # (data.num_workers > 0) each read their own share, so they also share a ledger folder (SKIPPED_DIR_ENV, set by
-# share_skipped_ledger before the workers start): one empty file per unreadable file, created exclusively, so each
+# the train loader before its workers start): one empty file per unreadable file, created exclusively, so each
 # file is logged once by whichever process meets it first, and every process counts the same distinct files.
 SKIPPED = collections.Counter()
 SKIPPED_DIR_ENV = "CODI_JAX_SKIPPED_LEDGER"
 
 
-def share_skipped_ledger() -> str:
-    """The ledger folder this process and the worker processes it starts share (made once, removed at exit)."""
-    folder = os.environ.get(SKIPPED_DIR_ENV)
-    if not folder:
-        folder = tempfile.mkdtemp(prefix="codi_jax_skipped_")
-        os.environ[SKIPPED_DIR_ENV] = folder
-        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+def new_skipped_ledger() -> str:
+    """A fresh ledger folder for this process and the worker processes it starts next (removed at exit). Never one
+    inherited from a parent process: a run launched from another (a notebook, a test) counts only its own files."""
+    folder = tempfile.mkdtemp(prefix="codi_jax_skipped_")
+    os.environ[SKIPPED_DIR_ENV] = folder
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
     return folder
+
+
+def drop_skipped_ledger() -> None:
+    """Back to this process's own count (no workers), whatever a parent process left in the environment."""
+    os.environ.pop(SKIPPED_DIR_ENV, None)
 
 
 def skipped_count() -> int:
