@@ -113,10 +113,15 @@ def test_update_script_check_mode_passes():
     assert res.returncode == 0, res.stdout + res.stderr
 
 
-def test_update_script_check_mode_finds_violations(tmp_path):
+def _script_module():
     spec = importlib.util.spec_from_file_location("update_constraints", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_update_script_check_mode_finds_violations(tmp_path):
+    mod = _script_module()
     text = (ROOT / "constraints.txt").read_text()
     bad = re.sub(r"(?m)^jax==\S+$", "jax==0.4.0", text)          # below requirements.txt's range
     bad = re.sub(r"(?m)^flax==\S+\n", "", bad)                      # missing
@@ -128,3 +133,53 @@ def test_update_script_check_mode_finds_violations(tmp_path):
     assert "flax is not pinned" in problems
     assert "not an exact `name==version` pin" in problems
     assert mod.check(pip_python=None) == []
+
+
+@pytest.mark.parametrize("outcome", ["suite passes", "suite fails", "install fails", "dry run"])
+def test_update_script_rewrites_only_after_the_suite_passes(tmp_path, monkeypatch, capsys, outcome):
+    """The update path with pip and pytest replaced by stand-ins (no network here): the steps run in order in a venv
+    whose environment does not carry our own constraints file; constraints.txt is rewritten with the resolved set
+    only when the suite passed, and otherwise left byte for byte as it was."""
+    mod = _script_module()
+    for name in ("constraints.txt", "requirements.txt", "requirements-test.txt", ".ci/run"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text((ROOT / name).read_text())
+    before = (tmp_path / "constraints.txt").read_text()
+    monkeypatch.setattr(mod, "ROOT", tmp_path)
+    monkeypatch.setenv("PIP_CONSTRAINT", f"{tmp_path / 'constraints.txt'} /etc/site-constraints.txt")
+    resolved = {k: (n, v) for k, (n, v) in mod.read_pins(tmp_path / "constraints.txt")[0].items()}
+    resolved["jax"] = ("jax", "99.0.0+local")
+    resolved["newpkg"] = ("newpkg", "1.2")
+    steps = []
+
+    def run_step(name, cmd, env=None, **kw):
+        steps.append((name, env))
+        failing = {"suite fails": "test suite", "install fails": "install requirements-test.txt"}.get(outcome)
+        if name == failing:
+            raise mod.StepFailed(name)
+
+    monkeypatch.setattr(mod, "run_step", run_step)
+    monkeypatch.setattr(mod, "venv_packages", lambda python, env: dict(resolved))
+    monkeypatch.setattr(mod, "python_description", lambda python: "Python 3.11 (test)")
+    args = mod.argparse.Namespace(python=sys.executable, pytest_args="-q", keep_venv=False,
+                                  dry_run=outcome == "dry run")
+    code = mod.update(args)
+    out = capsys.readouterr().out
+    after = (tmp_path / "constraints.txt").read_text()
+    names = [n for n, _ in steps]
+    assert names[:3] == ["create venv", "upgrade pip", "install requirements-test.txt"]
+    assert all(str(tmp_path / "constraints.txt") not in (env or {}).get("PIP_CONSTRAINT", "") for _, env in steps)
+    assert steps[1][1]["PIP_CONSTRAINT"] == "/etc/site-constraints.txt"  # the machine's own constraints still apply
+    if outcome == "install fails":
+        assert code == mod.EXIT_ENV_FAILED and after == before and "test suite" not in names
+        assert "FAILED at step: install requirements-test.txt" in out
+        return
+    assert names[-1] == "test suite" and any(n.startswith("install --no-deps") for n in names)
+    assert "jax: " in out and "-> 99.0.0" in out and "newpkg: (not pinned) -> 1.2" in out
+    if outcome == "suite passes":
+        assert code == mod.EXIT_OK and "rewritten" in out
+        assert "jax==99.0.0\n" in after and "newpkg==1.2\n" in after and "Python 3.11 (test)" in after
+        assert mod.read_pins(tmp_path / "constraints.txt")[1] == []  # what it writes reads back as pins
+    else:
+        assert after == before
+        assert code == (mod.EXIT_TESTS_FAILED if outcome == "suite fails" else mod.EXIT_OK)

@@ -11,6 +11,8 @@ import os
 import numpy as np
 import pytest
 
+from codi_jax import modes
+
 # One worker runs the whole module: the exports (module fixture) are built once, not once per xdist worker.
 pytestmark = pytest.mark.xdist_group("export_diffusers")
 
@@ -56,8 +58,12 @@ def teacher(tmp_path_factory):
 def exports(teacher, tmp_path_factory):
     out = {"pretrain": _export(_config("pretrain", teacher, **{"model.prediction_type": "v_prediction"}),
                                str(tmp_path_factory.mktemp("pretrain")))}
-    for mode in ("finetune", "pe_codi", "codi"):
-        out[mode] = _export(_config("depth", teacher, mode=mode, **{"model.prediction_type": "v_prediction"}),
+    for mode in ("finetune", "pe_codi", "codi", "cm", "cm_frozen", "gd"):
+        # CM-II and GD-II read their fine-tuned teacher from init_from only in the training loop; the export is
+        # the student's, which starts from the pretrained teacher as every ControlNet-form run does.
+        init_from = "/only-read-by-the-loop" if modes.get(mode).teacher == "conditional" else ""
+        out[mode] = _export(_config("depth", teacher, mode=mode, init_from=init_from,
+                                    **{"model.prediction_type": "v_prediction"}),
                             str(tmp_path_factory.mktemp(mode)), seed=len(out))
     return out
 
@@ -90,8 +96,10 @@ def test_every_export_lists_its_components_and_a_scheduler(exports):
         assert index["scheduler"] == ["diffusers", scheduler["_class_name"]]
         assert scheduler["prediction_type"] == meta["prediction_type"] == "v_prediction"
         assert scheduler["beta_start"] == meta["schedule"]["beta_start"]
-        expected = {"pretrain": "DDIMScheduler", "finetune": "DDIMScheduler"}.get(mode, "LCMScheduler")
+        expected = "DDIMScheduler" if mode in ("pretrain", "finetune", "gd") else "LCMScheduler"
         assert scheduler["_class_name"] == expected, mode
+        # GD-II students are distilled on the trailing grid; the exported scheduler must step on it too.
+        assert scheduler["timestep_spacing"] == ("trailing" if mode == "gd" else "leading"), mode
         for name, value in index.items():
             if isinstance(value, list) and value[0] is not None:
                 assert os.path.isdir(os.path.join(path, name)), (mode, name)
@@ -126,7 +134,7 @@ def test_pretrain_export_generates_in_stable_diffusion_pipeline(exports):
     del torch
 
 
-@pytest.mark.parametrize("mode", ["finetune", "pe_codi", "codi"])
+@pytest.mark.parametrize("mode", ["finetune", "pe_codi", "codi", "cm", "cm_frozen", "gd"])
 def test_controlnet_exports_match_codi_jax_sample(exports, mode):
     """DDIM, deterministic in both: the ControlNet path (and full CoDi's two-ControlNet form) equals ours within
     1e-3 per pixel on [0, 1]."""
@@ -146,7 +154,7 @@ def test_controlnet_exports_match_codi_jax_sample(exports, mode):
     assert np.abs(other - theirs).max() > 1e-2
 
 
-@pytest.mark.parametrize("mode", ["pe_codi", "codi"])
+@pytest.mark.parametrize("mode", ["pe_codi", "codi", "cm"])
 def test_few_step_scheduler_is_our_codi_sampler(exports, mode):
     """The exported LCMScheduler with the training grid as timesteps: one step is deterministic and equals ours;
     at several steps it re-noises with fresh noise, which is our stochastic codi sampler, so only the first step's

@@ -82,10 +82,10 @@ def folders(tmp_path_factory):
     return teacher, folder, unet, cn
 
 
-@pytest.fixture(scope="module")
-def case(folders):
+@pytest.fixture(scope="module", params=["pe_codi", "finetune"])
+def case(folders, request):
     teacher, folder, unet, cn = folders
-    config = depth_config(teacher, folder)
+    config = depth_config(teacher, folder, mode=request.param)
     recipe = recipes.make(config, "/nonexistent-workdir")
     r = np.random.RandomState(0)
     z = r.randn(2, 4, 8, 8).astype(np.float32)
@@ -104,7 +104,10 @@ def test_control_params_reproduce_diffusers_residuals(case):
     from codi_jax.models.controlnet import ControlNetModel
 
     config, recipe, (z, t, ctx, cond), (ref_down, ref_mid, _) = case
-    assert set(recipe.initial_params) == {"control"} and "unet" in recipe.frozen_host  # PE-CoDi: the UNet is frozen
+    if config.mode == "pe_codi":  # the UNet frozen, only the ControlNet trains
+        assert set(recipe.initial_params) == {"control"} and "unet" in recipe.frozen_host
+    else:  # finetune trains the UNet beside the ControlNet
+        assert set(recipe.initial_params) == {"control", "unet"}
     assert tuple(config.model.hint_channels) == HINT  # the ControlNet's hint net replaced the config's
     control = ControlNetModel(recipe.model.config.control)
     down, mid = jax.jit(control.apply)({"params": recipe.initial_params["control"]}, nhwc(z), t, ctx, nhwc(cond))
