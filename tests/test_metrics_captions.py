@@ -100,15 +100,34 @@ def test_a_depth_estimator_is_not_a_segmenter(tmp_path):
     assert config["head"] == "logits" and config["out_channels"] == len(captions.CLASSES)
 
 
-def test_vae_colours_tool_reads_real_and_reconstructed_scenes(tmp_path):
+def _tool(name: str):
     import importlib.util
     import os
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "vae_colours.py")
-    spec = importlib.util.spec_from_file_location("vae_colours", path)
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
+    return tool
+
+
+def test_vae_colours_tool_reads_real_and_reconstructed_scenes(tmp_path):
+    tool = _tool("vae_colours")
     out = tmp_path / "vae.png"
     result = tool.main(["--examples", "8", "--rows", "2", "--out", str(out)])
     assert result["examples"] == 8 and result["colour_recall_real"] >= 0.9
     assert 0 <= result["colour_recall_vae"] <= 1 and out.is_file()
+
+
+def test_teacher_captions_tool_scores_each_guidance_scale(tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "teacher.png"
+    result = _tool("teacher_captions").main(["--examples", "6", "--steps", "2", "--guidance", "1,3", "--rows", "2",
+                                             "--out", str(out)])
+    assert result["examples"] == 6
+    for w in ("1", "3"):
+        scores = result[f"guidance {w}"]
+        lo, hi = scores["colour_recall_ci95"]
+        assert 0 <= lo <= scores["colour_recall"] <= hi <= 1 and 0 <= scores["colour_exact"] <= 1
+    assert Image.open(out).size == (3 * 32 * 3, 2 * 32 * 3)  # two scales and the real scene, two rows, 3x
