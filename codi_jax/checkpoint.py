@@ -49,6 +49,7 @@ class CheckpointError(SystemExit):
 class Checkpointer:
     def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
         self.directory = os.path.join(_absolute(workdir), "checkpoints")
+        self._closed = False  # refusals close it before raising; the caller's cleanup may close it again
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save
         )
@@ -202,7 +203,7 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        if getattr(self, "_closed", False):  # refusals close it before raising; the caller's cleanup may close again
+        if self._closed:
             return
         self._closed = True
         self.manager.wait_until_finished()

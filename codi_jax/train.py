@@ -85,6 +85,11 @@ def _lr_schedule(config, peak: float) -> optax.Schedule:
                                 [max(warmup, 1)])
 
 
+def _top_level_labels(keys: set[str], label: str):
+    """optax.multi_transform labels: `label` for every leaf under the parameter tree's top-level `keys`, else 'rest'."""
+    return lambda params: {k: jax.tree.map(lambda _: label if k in keys else "rest", v) for k, v in params.items()}
+
+
 def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW (masked weight decay) with global-norm clipping. Full CoDi's mu gets its own Adam learning rate and no
     weight decay: Adam moves a scalar by about its learning rate per step, so at the network's rate (1e-5 at SD scale,
@@ -98,14 +103,11 @@ def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTra
         chain.append(optax.clip_by_global_norm(o.grad_clip))
     if modes.get(config.mode).cond_form == "mu":
         mu_lr = _lr_schedule(config, float(o.mu_learning_rate or o.learning_rate))
-        labels = lambda params: {k: jax.tree.map(lambda _: "mu" if k == "mu" else "rest", v)  # noqa: E731
-                                 for k, v in params.items()}
         chain.append(optax.multi_transform({"rest": adamw, "mu": optax.adam(mu_lr, b1=o.b1, b2=o.b2, eps=o.eps)},
-                                           labels))
+                                           _top_level_labels({"mu"}, "mu")))
     elif config.mode == "vae" and config.vae.train == "decoder":
-        labels = lambda params: {k: jax.tree.map(lambda _: "frozen" if k in recipes.VAE_ENCODER_PARTS else "rest", v)  # noqa: E731
-                                 for k, v in params.items()}
-        chain.append(optax.multi_transform({"rest": adamw, "frozen": optax.set_to_zero()}, labels))
+        chain.append(optax.multi_transform({"rest": adamw, "frozen": optax.set_to_zero()},
+                                           _top_level_labels(set(recipes.VAE_ENCODER_PARTS), "frozen")))
     else:
         chain.append(adamw)
     return optax.chain(*chain), lr
