@@ -43,6 +43,9 @@ def test_variants_set_modes_and_architecture():
     teacher = get_config("pretrain", "tiny")
     assert (teacher.total_steps, teacher.optimizer.learning_rate, teacher.ema_decay) == (
         teacher.stage_steps.pretrain, teacher.stage_learning_rate.pretrain, 0.999)
+    vae = get_config("vae", "tiny")
+    assert (vae.total_steps, vae.vae.chroma_weight) == (vae.stage_steps.vae, 3.0)
+    assert config_lib.stage_config(scratch, "vae").vae.chroma_weight == 3.0  # the scratch route trains the same VAE
     # Flaw 4: CM-II (frozen) can be configured; the default baselines train the UNet (the same size as CoDi).
     cm = get_config("depth", "tiny,mode=cm")
     assert cm.model.cond_mode == "controlnet" and not cm.model.freeze_unet
