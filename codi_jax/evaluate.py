@@ -90,6 +90,21 @@ def samplers_for(mode: str, steps: tuple[int, ...], teacher_steps: int) -> list[
     return modes.get(mode).eval_rows(steps, teacher_steps)
 
 
+def with_ci(values: dict[str, np.ndarray], prefix: str = "", seed: int = 0) -> dict[str, Any]:
+    """{prefix + name: mean, prefix + name + '_ci': bootstrap 95 % interval} of per-example values; a metric with no
+    values (no scored relation in a small set) is left out, one with a single value has no interval."""
+    out = {}
+    for name, v in values.items():
+        if len(v) < 2:
+            if len(v):
+                out[f"{prefix}{name}"] = float(v[0])
+            continue
+        mean, low, high = stats.bootstrap_ci(v, seed=seed)
+        out[f"{prefix}{name}"] = float(mean)
+        out[f"{prefix}{name}_ci"] = [float(low), float(high)]
+    return out
+
+
 class Scorer:
     """Loads each metric network once; absent weights make that metric unavailable with a reason.
 
@@ -147,28 +162,14 @@ class Scorer:
         """Depth error between the estimator's reading of each image and its conditioning map (mean and interval)."""
         if self.depth is None or self.cond is None:
             return {}
-        return self._with_ci("depth_", depth.depth_errors(depth.predict(self.depth, images_uint8), self.cond))
+        return with_ci(depth.depth_errors(depth.predict(self.depth, images_uint8), self.cond), "depth_", self.seed)
 
     def caption_following(self, images_uint8: np.ndarray) -> dict[str, Any]:
         """Are the caption's objects there in the caption's colours and left/right places (codi_jax.metrics.captions)?"""
         if self.segmenter is None:
             return {}
         labels = caption_metric.segment(self.segmenter, images_uint8)
-        return self._with_ci("caption_", caption_metric.caption_following(labels, self.captions))
-
-    def _with_ci(self, prefix: str, values: dict[str, np.ndarray]) -> dict[str, Any]:
-        """{prefix + name: mean, prefix + name + '_ci': bootstrap 95 % interval} of per-example values; a metric with no
-        values (no scored relation in a small set) is left out, one with a single value has no interval."""
-        out = {}
-        for name, v in values.items():
-            if len(v) < 2:
-                if len(v):
-                    out[f"{prefix}{name}"] = float(v[0])
-                continue
-            mean, low, high = stats.bootstrap_ci(v, seed=self.seed)
-            out[f"{prefix}{name}"] = float(mean)
-            out[f"{prefix}{name}_ci"] = [float(low), float(high)]
-        return out
+        return with_ci(caption_metric.caption_following(labels, self.captions), "caption_", self.seed)
 
     def pixels(self, fake_uint8: np.ndarray) -> dict[str, Any]:
         """Agreement with the ground truth image: PSNR, SSIM, LPIPS, CLIP score; for inpainting also the PSNR of the

@@ -128,6 +128,6 @@ def test_teacher_captions_tool_scores_each_guidance_scale(tmp_path):
     assert result["examples"] == 6
     for w in ("1", "3"):
         scores = result[f"guidance {w}"]
-        lo, hi = scores["colour_recall_ci95"]
+        lo, hi = scores["colour_recall_ci"]
         assert 0 <= lo <= scores["colour_recall"] <= hi <= 1 and 0 <= scores["colour_exact"] <= 1
     assert Image.open(out).size == (3 * 32 * 3, 2 * 32 * 3)  # two scales and the real scene, two rows, 3x

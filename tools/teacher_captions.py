@@ -1,7 +1,7 @@
 """Does a text-to-image pipeline follow its captions? Its DDIM samples of the first held-out scenes' captions, read by
-the caption metric's colour segmenter, at one or more classifier-free guidance scales: colour recall (with a bootstrap
-95 % interval), exact colour sets and left/right relations, as JSON on stdout; optionally a figure of the samples
-(one column per guidance scale, then the real scene).
+the caption metric's colour segmenter, at one or more classifier-free guidance scales: colour recall, exact colour
+sets and left/right relations, each with a bootstrap 95 % interval as codi_jax.evaluate reports them, as JSON on
+stdout; optionally a figure of the samples (one column per guidance scale, then the real scene).
 
     python tools/teacher_captions.py [--pipeline builtin:scenes32] [--examples 200] [--guidance 1,2,4]
                                      [--steps 50] [--out teacher_captions.png]
@@ -20,8 +20,9 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from codi_jax import data as data_lib  # noqa: E402
+from codi_jax import evaluate  # noqa: E402
 from codi_jax import recipes  # noqa: E402
-from codi_jax.metrics import captions, stats  # noqa: E402
+from codi_jax.metrics import captions  # noqa: E402
 from codi_jax.sample import Pipeline, to_uint8  # noqa: E402
 from codi_jax.testing import tiny_config  # noqa: E402
 
@@ -49,11 +50,8 @@ def main(argv=None) -> dict:
         out = np.concatenate([pipe(b["image"], list(b["caption"]), method="ddim", steps=args.steps,
                                    seed=int(cfg.eval.seed) + i, guidance_scale=w) for i, b in enumerate(batches)])
         scores = captions.caption_following(captions.segment(segmenter, out), texts)
-        _, lo, hi = stats.bootstrap_ci(scores["colour_recall"])
-        result[f"guidance {w:g}"] = {"colour_recall": float(scores["colour_recall"].mean()),
-                                     "colour_recall_ci95": [float(lo), float(hi)],
-                                     "colour_exact": float(scores["colour_exact"].mean()),
-                                     "relations": float(scores["relation"].mean()) if scores["relation"].size else None,
+        # Means and bootstrap intervals as the evaluation reports them (keys colour_recall, colour_recall_ci, ...).
+        result[f"guidance {w:g}"] = {**evaluate.with_ci(scores, seed=int(cfg.eval.seed)),
                                      "relations_scored": int(scores["relation"].size)}
         images.append(out)
     if args.out:
