@@ -12,7 +12,8 @@ generated image and the conditioning map (codi_jax/metrics/depth.py; as ControlN
 - the text-to-image teacher at eval.teacher_steps DDIM steps, from the caption alone: what "ignores the condition"
   scores.
 On the procedural scenes every row also gets caption following (codi_jax/metrics/captions.py): whether a colour
-segmenter finds the caption's colours, and the caption's left/right relations, in each image.
+segmenter finds the caption's colours, and the caption's left/right relations, in each image (order: the relations
+whose two objects were both found, i.e. are found objects in place; 0.5 is chance).
 KID and the depth error carry bootstrap 95 % intervals (`*_ci`); a method is better than another only outside them.
 A metric whose network weights are not available is reported as unavailable, with the reason, never estimated.
 Writes <workdir>/eval/report.json ({row: {steps: {metric: value}}, "meta": {...}}), report.md, one PNG plot per metric
@@ -43,6 +44,7 @@ from codi_jax.sample import Pipeline, to_uint8
 
 LOWER_IS_BETTER = {"fid": True, "kid": True, "depth_rmse": True, "depth_si_rmse": True, "depth_delta1": False,
                    "caption_colour_recall": False, "caption_colour_exact": False, "caption_relation": False,
+                   "caption_order": False,
                    "lpips": True, "psnr": False, "ssim": False, "psnr_known": False, "clip_score": False}
 GROUND_TRUTH, VAE_CEILING, TEACHER = "ground truth", "ground truth via VAE", "teacher (text only)"
 
@@ -136,7 +138,7 @@ class Scorer:
             try:
                 self.segmenter = caption_metric.load_segmenter(config.eval.segmenter or None)
             except (MetricUnavailable, FileNotFoundError) as e:
-                for m in ("caption_colour_recall", "caption_colour_exact", "caption_relation"):
+                for m in ("caption_colour_recall", "caption_colour_exact", "caption_relation", "caption_order"):
                     self.unavailable[m] = str(e)
         try:
             self.lpips = lpips.load_lpips(config.eval.lpips or None, net=config.eval.lpips_net)

@@ -47,13 +47,15 @@ def test_scores_of_known_label_maps():
     np.testing.assert_array_equal(got["colour_exact"], [1, 1, 1, 0, 0, 0])
     # One outcome per left/right relation: the 4th caption has two (red-blue holds, green-blue misses green).
     np.testing.assert_array_equal(got["relation"], [1, 0, 0, 1, 0, 1, 0])
+    # order keeps the relations whose two colours were found: not green-blue of the 4th, nor the 6th's.
+    np.testing.assert_array_equal(got["order"], [1, 0, 0, 1, 1])
 
 
 def test_small_specks_and_repeated_colours():
     speck = _blobs((RED, 2))
     speck[0, 0:4] = BLUE  # 4 pixels < 0.5 % of 1024: not an object
     got = captions.caption_following(speck[None], ["a red sphere left of a blue box"])
-    assert got["colour_recall"][0] == 0.5 and got["relation"].tolist() == [0.0]
+    assert got["colour_recall"][0] == 0.5 and got["relation"].tolist() == [0.0] and got["order"].size == 0
     # Two objects of one colour: their colour cannot place them, so the relation is not scored.
     same = captions.caption_following(_blobs((RED, 2), (RED, 24))[None], ["a red sphere left of a red box"])
     assert same["colour_recall"][0] == 1 and same["relation"].size == 0
@@ -74,6 +76,10 @@ def test_exact_labels_of_real_scenes_follow_their_captions(held_out):
     own = captions.caption_following(labels, texts)
     assert own["colour_recall"].min() == 1 and own["colour_exact"].min() == 1
     assert own["relation"].mean() >= 0.95  # a centroid of the visible part can cross a partly hidden neighbour's
+    # Mirrored scenes: the same objects, every left/right swapped. Colours still count, order reads the places.
+    mirrored = captions.caption_following(labels[:, :, ::-1], texts)
+    assert mirrored["colour_recall"].min() == 1 and mirrored["order"].size == own["order"].size >= 15
+    assert own["order"].mean() >= 0.95 and mirrored["order"].mean() <= 0.05
     chance = captions.caption_following(labels, texts[1:] + texts[:1])
     assert chance["colour_recall"].mean() < 0.5 and chance["colour_exact"].mean() < 0.2
 

@@ -1,6 +1,6 @@
 """Does a text-to-image pipeline follow its captions? Its DDIM samples of the first held-out scenes' captions, read by
 the caption metric's colour segmenter, at one or more classifier-free guidance scales: colour recall, exact colour
-sets and left/right relations, each with a bootstrap 95 % interval as codi_jax.evaluate reports them, as JSON on
+sets, left/right relations and their order when both objects are found, each with a bootstrap 95 % interval as codi_jax.evaluate reports them, as JSON on
 stdout; optionally a figure of the samples (one column per guidance scale, then the real scene).
 
     python tools/teacher_captions.py [--pipeline builtin:scenes32] [--examples 200] [--guidance 1,2,4]
@@ -52,7 +52,8 @@ def main(argv=None) -> dict:
         scores = captions.caption_following(captions.segment(segmenter, out), texts)
         # Means and bootstrap intervals as the evaluation reports them (keys colour_recall, colour_recall_ci, ...).
         result[f"guidance {w:g}"] = {**evaluate.with_ci(scores, seed=int(cfg.eval.seed)),
-                                     "relations_scored": int(scores["relation"].size)}
+                                     "relations_scored": int(scores["relation"].size),
+                                     "orders_scored": int(scores["order"].size)}
         images.append(out)
     if args.out:
         real = np.concatenate([to_uint8(b["image"]) for b in batches])

@@ -12,10 +12,14 @@ Per image:
 - relation (per left/right relation, between two objects whose colours are each named once): 1 when both colours are
   found and their pixel centroids are ordered as the caption says. 'in front of'/'behind' are not scored: a 32 px
   image's vertical position says too little about depth.
+- order (per left/right relation whose two colours are both found): 1 when their centroids are ordered as the
+  caption says. relation mixes "are the objects there" with "are they in place"; order asks only the second, and a
+  model that draws the right objects at random places scores 0.5 on it.
 
     model = load_segmenter()                      # shipped weights, codi_jax/pretrained/colours_scenes32
     labels = segment(model, generated_uint8)      # (N, H, W) int32: 0 background, 1 + COLOURS index
-    scores = caption_following(labels, captions)  # {'colour_recall': (N,), 'colour_exact': (N,), 'relation': (R,)}
+    scores = caption_following(labels, captions)  # {'colour_recall': (N,), 'colour_exact': (N,), 'relation': (R,),
+                                                  #  'order': (R' <= R,)}
 
 The segmenter's own scores on real test scenes with their captions are the ceiling; the same scenes against another
 scene's caption are the chance level (its model card, README.md next to the weights).
@@ -68,7 +72,8 @@ def parse(caption: str) -> ParsedCaption:
 
 def caption_following(labels: np.ndarray, captions: list[str], min_fraction: float = MIN_FRACTION) -> dict[str, np.ndarray]:
     """labels (N, H, W) ints (0 background, 1 + index into COLOURS) and N captions -> per-image colour_recall and
-    colour_exact (N,) float64, and relation (R,) float64: one 0/1 outcome per scored left/right relation."""
+    colour_exact (N,) float64, relation (R,) float64: one 0/1 outcome per scored left/right relation, and order
+    (R',) float64: the outcomes of those relations whose two colours were both found."""
     labels = np.asarray(labels)
     if labels.ndim != 3 or len(labels) != len(captions):
         raise ValueError(f"labels must be (N, H, W) with one caption per image, got {labels.shape} and "
@@ -78,7 +83,7 @@ def caption_following(labels: np.ndarray, captions: list[str], min_fraction: flo
     n, h, w = labels.shape
     min_pixels = max(1, int(round(min_fraction * h * w)))
     xs = np.arange(w, dtype=np.float64)
-    recall, exact, relation = np.empty(n), np.empty(n), []
+    recall, exact, relation, order = np.empty(n), np.empty(n), [], []
     for i, (lab, text) in enumerate(zip(labels, captions)):
         parsed = parse(text)
         counts = np.bincount(lab.ravel(), minlength=len(CLASSES))
@@ -95,7 +100,9 @@ def caption_following(labels: np.ndarray, captions: list[str], min_fraction: flo
             centre = {c: float((lab == 1 + COLOURS.index(c)).sum(0) @ xs) / counts[1 + COLOURS.index(c)]
                       for c in (ca, cb)}
             relation.append(float(centre[ca] < centre[cb] if rel == "left of" else centre[ca] > centre[cb]))
-    return {"colour_recall": recall, "colour_exact": exact, "relation": np.asarray(relation, np.float64)}
+            order.append(relation[-1])
+    return {"colour_recall": recall, "colour_exact": exact, "relation": np.asarray(relation, np.float64),
+            "order": np.asarray(order, np.float64)}
 
 
 def load_segmenter(path: str | os.PathLike | None = None) -> tuple[DenseUNet, dict]:
