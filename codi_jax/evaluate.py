@@ -282,20 +282,23 @@ def markdown(report: dict) -> str:
 
 def _sample_rows(pipe, label_prefix: str, samplers, batches, config, scorer, report: dict, grid: dict) -> None:
     """Samples every (suffix, sampler, steps) of one model on the held-out batches and scores it."""
+    # eval.guidance_scale 0: each model at its own scale (1 unless it was distilled for another).
+    guidance = float(config.eval.guidance_scale) or pipe.default_guidance()
     for suffix, sampler, n in samplers:
         label = label_prefix + suffix
         outputs, times = [], []
         for i, b in enumerate(batches):
             t0 = time.time()
             outputs.append(pipe(b["cond"] if "cond" in b else b["image"], b["caption"], method=sampler, steps=n,
-                                seed=int(config.eval.seed) + i, guidance_scale=float(config.eval.guidance_scale)))
+                                seed=int(config.eval.seed) + i, guidance_scale=guidance))
             times.append((time.time() - t0) / len(b["caption"]))
         fake = np.concatenate(outputs)
         scores = scorer(fake)
         # The first batch pays the compile; sampling speed is the median of the others.
-        scores.update(seconds_per_image=float(np.median(times[1:] if len(times) > 1 else times)), sampler=sampler)
+        scores.update(seconds_per_image=float(np.median(times[1:] if len(times) > 1 else times)), sampler=sampler,
+                      guidance_scale=guidance)
         report.setdefault(label, {})[str(n)] = scores
-        logging.info("eval %s @ %d steps (%s): %s", label, n, sampler, scores)
+        logging.info("eval %s @ %d steps (%s, guidance %g): %s", label, n, sampler, guidance, scores)
         grid.setdefault(label, {})[n] = fake[:8]
 
 

@@ -57,6 +57,16 @@ def is_finished(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "DONE"))
 
 
+def default_guidance(config) -> float:
+    """The classifier-free guidance scale to sample the run's model at: a cfg_aware model was distilled to match the
+    teacher guided at w in [guidance_min, guidance_max] with both of its calls guided, so unguided (w = 1) samples
+    are not what it learned; the middle of its range. Any other model: 1."""
+    objective = config.get("objective")
+    if objective is not None and objective.get("cfg_aware", False):
+        return float(objective.guidance_min + objective.guidance_max) / 2
+    return 1.0
+
+
 def export(recipe, state, frozen: dict, path: str) -> None:
     """The run's EMA weights as a diffusers-layout pipeline (the recipe's components), model_index.json with the
     codi_jax metadata, a model card, and DONE last: a folder without DONE is never read as an export."""
@@ -71,7 +81,8 @@ def export(recipe, state, frozen: dict, path: str) -> None:
     config = recipe.config
     meta = {"mode": recipe.mode, "task": config.task, "prediction_type": config.model.prediction_type,
             "schedule": config.schedule.to_dict(), "image_size": int(config.data.image_size),
-            "max_length": int(config.data.max_length), "default_sampler": list(recipe.default_sampler())}
+            "max_length": int(config.data.max_length), "default_sampler": list(recipe.default_sampler()),
+            "guidance_scale": default_guidance(config)}
     components, pipeline_class = recipe.save_components(path, ema, frozen_host, meta)
     index = {"_class_name": pipeline_class, "_codi_jax": meta, **components}
     with open(os.path.join(path, "model_index.json"), "w") as f:
@@ -207,10 +218,12 @@ def model_card(index: dict, config, *, step: int | None = None, metrics: str | N
     header += [f"pipeline_tag: {'text-to-image' if task in ('t2i', 'depth') else 'image-to-image'}",
                f"task: {task}", f"pipeline_class: {cls}", "---", ""]
     sampler, steps = meta["default_sampler"]
+    guidance = float(meta.get("guidance_scale", 1.0))
     body = [f"# codi_jax {mode} model ({_TASK_TAGS.get(task, task)})", "",
             f"Trained by codi_jax in mode `{mode}` for task `{task}`"
             + (f", {step} steps" if step is not None else "") + f", from `{base or 'scratch'}`. "
-            f"Evaluated with the `{sampler}` sampler, {steps} steps; prediction type `{meta['prediction_type']}`.", ""]
+            f"Evaluated with the `{sampler}` sampler, {steps} steps, classifier-free guidance {guidance:g}; "
+            f"prediction type `{meta['prediction_type']}`.", ""]
     body += ["## Use", "", "```python", "import torch"]
     if cls == "AutoencoderKL":
         body += ["from diffusers import AutoencoderKL", "",
@@ -221,7 +234,7 @@ def model_card(index: dict, config, *, step: int | None = None, metrics: str | N
     elif cls == "StableDiffusionPipeline":
         body += ["from diffusers import StableDiffusionPipeline", "",
                  "pipe = StableDiffusionPipeline.from_pretrained(PATH)",
-                 f"image = pipe('a prompt', num_inference_steps={steps}, guidance_scale=1.0).images[0]"]
+                 f"image = pipe('a prompt', num_inference_steps={steps}, guidance_scale={guidance:g}).images[0]"]
     else:
         n = int(meta.get("controlnets", 1))
         cond = "cond" if n == 1 else "[cond, cond]"
@@ -230,7 +243,7 @@ def model_card(index: dict, config, *, step: int | None = None, metrics: str | N
         body += ["from diffusers import StableDiffusionControlNetPipeline", "",
                  "pipe = StableDiffusionControlNetPipeline.from_pretrained(PATH)",
                  "# cond: (N, C, H, W) float tensor in [-1, 1], C = the task's condition channels, as codi_jax builds it",
-                 f"image = pipe('a prompt', image={cond}, {steps_kw}, guidance_scale=1.0).images[0]"]
+                 f"image = pipe('a prompt', image={cond}, {steps_kw}, guidance_scale={guidance:g}).images[0]"]
     body += ["```", ""]
     if cls != "AutoencoderKL":
         body += ["or in JAX: `python -m codi_jax.sample --model=PATH --cond=cond.png --prompt='a prompt' "

@@ -119,6 +119,11 @@ class Pipeline:
     def default_sampler(self) -> tuple[str, int]:
         return tuple(self.meta.get("default_sampler", ("codi", 4)))
 
+    def default_guidance(self) -> float:
+        """The classifier-free guidance scale the model was made for (export.default_guidance); 1 for a folder that
+        does not record one, e.g. Stable Diffusion's own."""
+        return float(self.meta.get("guidance_scale", 1.0))
+
     def _fn(self, method: str, steps: int, guidance_scale: float, stochastic: bool = False):
         key = (method, steps, guidance_scale, stochastic)
         if key not in self._compiled:
@@ -163,11 +168,12 @@ class Pipeline:
                                          truncation=True, return_tensors="np")["input_ids"], np.int32)
 
     def __call__(self, cond_images, prompts: Sequence[str], *, method: str | None = None, steps: int | None = None,
-                 seed: int = 0, guidance_scale: float = 1.0, latents=None, output_type: str = "uint8",
+                 seed: int = 0, guidance_scale: float | None = None, latents=None, output_type: str = "uint8",
                  stochastic: bool = False) -> np.ndarray:
         """cond_images: float (N, H, W, C) in [-1, 1] as the task builds them. Returns uint8 (N, H, W, 3), or with
         output_type='float' float32 in [0, 1] (diffusers' output_type='np').
 
+        guidance_scale: classifier-free guidance (1: none); default: the model's own (default_guidance()).
         latents: the initial noise (N, h, w, latent channels), e.g. to reproduce a diffusers run (transpose its NCHW
         latents); default: drawn from `seed`. stochastic: codi sampling re-noises with fresh noise between steps (CM
         multistep, as diffusers' LCMScheduler) instead of the model's own noise estimate."""
@@ -177,6 +183,9 @@ class Pipeline:
         if steps is not None and int(steps) < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
         method, steps = method or default_method, int(default_steps if steps is None else steps)
+        guidance_scale = self.default_guidance() if guidance_scale is None else float(guidance_scale)
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
         cond = np.asarray(cond_images, np.float32)
         if self.conditional and (cond.ndim != 4 or cond.shape[-1] != self.model.config.control.conditioning_channels):
             raise ValueError(f"condition images must be (N, H, W, {self.model.config.control.conditioning_channels}), "
@@ -260,7 +269,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=_positive_int, default=None, help="sampling steps (default: the model's)")
     parser.add_argument("--method", default=None, choices=diffusion.METHODS, help="default: the model's")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--guidance", type=float, default=1.0)
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance scale (default: the model's own, 1 unless distilled with it)")
     parser.add_argument("--out", required=True, help="output PNG (several images are written side by side)")
     parser.add_argument("--resize", action="store_true", help="resize condition images to the model's trained size")
     parser.add_argument("--convert", action="store_true",

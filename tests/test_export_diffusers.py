@@ -65,6 +65,10 @@ def exports(teacher, tmp_path_factory):
         out[mode] = _export(_config("depth", teacher, mode=mode, init_from=init_from,
                                     **{"model.prediction_type": "v_prediction"}),
                             str(tmp_path_factory.mktemp(mode)), seed=len(out))
+    # Guidance-aware CoDi: distilled against the teacher guided at w in [2, 4], so it is sampled guided, at 3.
+    out["codi_cfg"] = _export(_config("depth", teacher, mode="codi", **{
+        "model.prediction_type": "v_prediction", "objective.cfg_aware": True, "objective.guidance_min": 2.0,
+        "objective.guidance_max": 4.0}), str(tmp_path_factory.mktemp("codi_cfg")), seed=len(out))
     return out
 
 
@@ -77,13 +81,14 @@ def _inputs(n=2, seed=0):
     return latents, cond, ["a red sphere left of a blue box", "a green cube"][:n]
 
 
-def _ours(path, cond, prompts, latents, method, steps):
+def _ours(path, cond, prompts, latents, method, steps, guidance_scale=None):
     from codi_jax.sample import Pipeline
 
     pipe = Pipeline(path)
     nhwc = lambda x: x.numpy().transpose(0, 2, 3, 1)  # noqa: E731
     cond_in = nhwc(cond) if cond is not None else np.zeros((len(prompts), 32, 32, 1), np.float32)
-    return pipe(cond_in, prompts, method=method, steps=steps, latents=nhwc(latents), output_type="float")
+    return pipe(cond_in, prompts, method=method, steps=steps, latents=nhwc(latents), output_type="float",
+                guidance_scale=guidance_scale)
 
 
 def test_every_export_lists_its_components_and_a_scheduler(exports):
@@ -152,6 +157,28 @@ def test_controlnet_exports_match_codi_jax_sample(exports, mode):
     other = pipe(prompts, image=[-cond, -cond] if mode == "codi" else -cond, height=32, width=32,
                  num_inference_steps=4, guidance_scale=1.0, latents=latents, output_type="np").images
     assert np.abs(other - theirs).max() > 1e-2
+
+
+def test_guidance_aware_export_is_sampled_at_its_own_scale(exports):
+    """A cfg_aware model records the guidance it was distilled for (the middle of its range); codi_jax samples it
+    there by default, its model card says so, and diffusers' classifier-free guidance at that scale (null prompt
+    through UNet and both ControlNets) equals ours. Every other export records 1."""
+    from diffusers import DDIMScheduler, StableDiffusionControlNetPipeline
+
+    for mode, path in exports.items():
+        meta = json.load(open(os.path.join(path, "model_index.json")))["_codi_jax"]
+        assert meta["guidance_scale"] == (3.0 if mode == "codi_cfg" else 1.0), mode
+    card = open(os.path.join(exports["codi_cfg"], "README.md")).read()
+    assert "guidance_scale=3)" in card and "classifier-free guidance 3" in card
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(exports["codi_cfg"])
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    latents, cond, prompts = _inputs(seed=3)
+    theirs = pipe(prompts, image=[cond, cond], height=32, width=32, num_inference_steps=4, guidance_scale=3.0,
+                  latents=latents, output_type="np").images
+    ours = _ours(exports["codi_cfg"], cond, prompts, latents, "ddim", 4)  # no guidance given: the model's own
+    np.testing.assert_allclose(ours, theirs, atol=1e-3)
+    unguided = _ours(exports["codi_cfg"], cond, prompts, latents, "ddim", 4, guidance_scale=1.0)
+    assert np.abs(unguided - ours).max() > 1e-2
 
 
 @pytest.mark.parametrize("mode", ["pe_codi", "codi", "cm"])
