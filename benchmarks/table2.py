@@ -9,8 +9,9 @@ uses), then, each in <workdir>/<method>:
   cm         CM-II: consistency distillation of the fine-tuned model (frozen teacher, DDIM PF-ODE, x-space, EMA target)
   gd         GD-II: guided/progressive distillation of the fine-tuned model into 4 steps
   pe_codi    PE-CoDi: frozen UNet, conditional encoder + zero convs trained with the CoDi objective
-  codi       full CoDi (mu mixing, online PF-ODE, eps consistency + latent signal loss, one t per batch)
-  codi_no_signal / codi_teacher_pfode / codi_per_sample_t / codi_x_space   the Figure 7 ablations
+  codi       full CoDi (mu mixing, online PF-ODE, x-space consistency + latent signal loss, one t per batch)
+  codi_no_signal / codi_teacher_pfode / codi_per_sample_t / codi_eps_space   the Figure 7 ablations (eps space:
+             the paper's eq. 15, the default until 4 Dec 2026)
   codi_target_ema / cm_per_batch_t / gd_full_ode   the defaults' ablations: a fast target EMA (0.95) beside the
              exported one, CM-II with one t per batch instead of its paper's t per example, GD-II's first round
              distilling 8 teacher DDIM steps per student step (nearly the full ODE) instead of 2
@@ -39,7 +40,7 @@ METHODS = {
     "codi_no_signal": {"mode": "codi", "objective.signal_loss": "none"},
     "codi_teacher_pfode": {"mode": "codi", "objective.pf_ode": "teacher"},
     "codi_per_sample_t": {"mode": "codi", "objective.timestep_sampling": "sample"},
-    "codi_x_space": {"mode": "codi", "objective.consistency_space": "x"},
+    "codi_eps_space": {"mode": "codi", "objective.consistency_space": "eps"},
     "codi_target_ema": {"mode": "codi", "target_ema_decay": 0.95},
     "cm_per_batch_t": {"mode": "cm", "init_from": "@finetune", "objective.timestep_sampling": "batch"},
     "gd_full_ode": {"mode": "gd", "init_from": "@finetune", "objective.gd_teacher_substeps": 8},
