@@ -4,8 +4,9 @@
         [--examples=1000] [--config=depth] [--results=guidance_sweep]
 
 Every (scale, steps) row is scored as codi_jax.evaluate scores a method (FID/KID, the depth error, caption following,
-PSNR/SSIM, bootstrap intervals), on the same held-out examples and initial noise as the evaluation of configs/<config>.py:tiny,
-so a row at the model's own guidance equals that evaluation's row to the digit. Writes
+PSNR/SSIM, bootstrap intervals), on the same held-out examples and initial noise as the evaluation of
+configs/<config>.py:tiny (evaluate.held_out), so a row at the model's own guidance equals that evaluation's row to
+the digit. Writes
 benchmarks/results/<results>.{json,md}, rewritten after each scale (a stopped sweep keeps what it measured).
 """
 
@@ -16,8 +17,6 @@ import json
 import os
 import sys
 import time
-
-import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -42,9 +41,8 @@ def main(argv=None) -> int:
 
     from absl import logging
 
-    from codi_jax import data as data_lib
     from codi_jax import evaluate
-    from codi_jax.sample import Pipeline, to_uint8
+    from codi_jax.sample import Pipeline
     from codi_jax.testing import tiny_config
 
     logging.set_verbosity(logging.INFO)
@@ -53,21 +51,19 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as e:
         parser.exit(2, f"error: {e}\n")
     config = tiny_config(args.config)
-    n, bs, seed = args.examples, int(config.eval.batch_size), int(config.eval.seed)
-    batches = data_lib.make_eval_batches(config.data, batch_size=bs, num_examples=n, seed=seed)
-    real = np.concatenate([to_uint8(b["image"]) for b in batches])
-    cond = np.concatenate([b["cond"] for b in batches]) if "cond" in batches[0] else None
-    scorer = evaluate.Scorer(config, real, [c for b in batches for c in b["caption"]], cond)
+    batches, real, cond, captions = evaluate.held_out(config, args.examples)
+    scorer = evaluate.Scorer(config, real, captions, cond)
     report = {"meta": {"command": " ".join(["python benchmarks/guidance_sweep.py"] + (argv or sys.argv[1:])),
                        "model": os.path.relpath(os.path.abspath(args.model), REPO), "num_examples": len(real),
-                       "seed": seed, "machine": f"{os.cpu_count()} CPU cores", "unavailable": scorer.unavailable,
+                       "seed": int(config.eval.seed), "machine": f"{os.cpu_count()} CPU cores",
+                       "unavailable": scorer.unavailable,
                        "notes": "rows: the model at guidance w; its own guidance is "
                                 f"{pipe.default_guidance():g}."}}
     os.makedirs(os.path.join(REPO, "benchmarks", "results"), exist_ok=True)
     sampler, t0 = pipe.default_sampler()[0], time.time()
     for w in scales:
         config.eval.guidance_scale = w
-        evaluate._sample_rows(pipe, f"w={w:g}", [("", sampler, s) for s in steps], batches, config, scorer, report,
+        evaluate.sample_rows(pipe, f"w={w:g}", [("", sampler, s) for s in steps], batches, config, scorer, report,
                               {})
         report["meta"]["seconds"] = round(time.time() - t0, 1)
         with open(os.path.join(REPO, "benchmarks", "results", f"{args.results}.json"), "w") as f:

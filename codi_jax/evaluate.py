@@ -280,7 +280,17 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _sample_rows(pipe, label_prefix: str, samplers, batches, config, scorer, report: dict, grid: dict) -> None:
+def held_out(config, num_examples: int):
+    """The evaluation's held-out set: (batches, real images uint8, conditions or None, captions), the same examples and
+    per-batch noise seeds for every caller, so rows scored on it compare with the evaluation's to the digit."""
+    batches = data_lib.make_eval_batches(config.data, batch_size=int(config.eval.batch_size),
+                                         num_examples=num_examples, seed=int(config.eval.seed))
+    real = np.concatenate([to_uint8(b["image"]) for b in batches])
+    cond = np.concatenate([b["cond"] for b in batches]) if "cond" in batches[0] else None
+    return batches, real, cond, [c for b in batches for c in b["caption"]]
+
+
+def sample_rows(pipe, label_prefix: str, samplers, batches, config, scorer, report: dict, grid: dict) -> None:
     """Samples every (suffix, sampler, steps) of one model on the held-out batches and scores it."""
     # eval.guidance_scale 0: each model at its own scale (1 unless it was distilled for another).
     guidance = float(config.eval.guidance_scale) or pipe.default_guidance()
@@ -314,10 +324,7 @@ def run(config, workdir: str, steps: tuple[int, ...] | None = None) -> dict:
     out_dir = os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
     n_eval, bs, seed = int(config.eval.num_examples), int(config.eval.batch_size), int(config.eval.seed)
-    batches = data_lib.make_eval_batches(config.data, batch_size=bs, num_examples=n_eval, seed=seed)
-    real = np.concatenate([to_uint8(b["image"]) for b in batches])
-    cond = np.concatenate([b["cond"] for b in batches]) if "cond" in batches[0] else None
-    captions = [c for b in batches for c in b["caption"]]
+    batches, real, cond, captions = held_out(config, n_eval)
     t0 = time.time()
     scorer = Scorer(config, real, captions, cond)
     report: dict[str, Any] = {}
@@ -338,12 +345,12 @@ def run(config, workdir: str, steps: tuple[int, ...] | None = None) -> dict:
     teacher = recipes.resolve(config.teacher, workdir) if config.eval.teacher_steps else ""
     if teacher:
         pipe = Pipeline.load(teacher, schedule=config.schedule.to_dict(), prediction_type=config.model.prediction_type)
-        _sample_rows(pipe, TEACHER, [("", "ddim", int(config.eval.teacher_steps))], batches, config, scorer, report,
+        sample_rows(pipe, TEACHER, [("", "ddim", int(config.eval.teacher_steps))], batches, config, scorer, report,
                      grid)
     logging.info("eval references in %.0f s: %s", time.time() - t0, {k: report[k] for k in report})
 
     for name, pipe in pipes.items():
-        _sample_rows(pipe, name, samplers_for(pipe.meta["mode"], steps, int(config.eval.teacher_steps)), batches,
+        sample_rows(pipe, name, samplers_for(pipe.meta["mode"], steps, int(config.eval.teacher_steps)), batches,
                      config, scorer, report, grid)
     columns, names = [to_uint8(cond[:8]) if cond is not None else real[:8]], ["condition"]
     for label, by_steps in grid.items():

@@ -26,7 +26,7 @@ def _rows(guidance_in_config: float, own: float):
     config.eval.guidance_scale = guidance_in_config
     pipe, report = _Pipe(own), {}
     batches = [{"cond": np.zeros((2, 4, 4, 1), np.float32), "caption": ["a red sphere", "a blue box"]}] * 2
-    evaluate._sample_rows(pipe, "codi", [("", "codi", 1), ("", "codi", 4)], batches, config, lambda x: {}, report, {})
+    evaluate.sample_rows(pipe, "codi", [("", "codi", 1), ("", "codi", 4)], batches, config, lambda x: {}, report, {})
     return pipe.asked, {n: r["guidance_scale"] for n, r in report["codi"].items()}
 
 

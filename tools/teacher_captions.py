@@ -1,7 +1,8 @@
 """Does a text-to-image pipeline follow its captions? Its DDIM samples of the first held-out scenes' captions, read by
 the caption metric's colour segmenter, at one or more classifier-free guidance scales: colour recall, exact colour
-sets, left/right relations and their order when both objects are found, each with a bootstrap 95 % interval as codi_jax.evaluate reports them, as JSON on
-stdout; optionally a figure of the samples (one column per guidance scale, then the real scene).
+sets, left/right relations and their order when both objects are found, each with a bootstrap 95 % interval as
+codi_jax.evaluate reports them, as JSON on stdout; optionally a figure of the samples (one column per guidance
+scale, then the real scene).
 
     python tools/teacher_captions.py [--pipeline builtin:scenes32] [--examples 200] [--guidance 1,2,4]
                                      [--steps 50] [--out teacher_captions.png]
