@@ -36,8 +36,9 @@ def main(argv=None) -> int:
         steps = [int(s) for s in args.steps.split(",")]
     except ValueError:
         parser.error("--guidance and --steps are comma-separated numbers, e.g. --guidance=1,3 --steps=1,4")
-    if min(scales) < 0 or min(steps) < 1:
-        parser.error(f"guidance scales must be >= 0 and steps >= 1, got {scales} and {steps}")
+    # 0 would mean "the model's own" to the evaluation, and its row would be labelled w=0.
+    if min(scales) <= 0 or min(steps) < 1:
+        parser.error(f"guidance scales must be > 0 and steps >= 1, got {scales} and {steps}")
 
     from absl import logging
 
