@@ -178,7 +178,7 @@ def tiny(c: ml_collections.ConfigDict) -> None:
     if c.task != "t2i":
         c.teacher = "builtin:scenes32"
         c.run_eval = True
-    c.stage_steps = ml_collections.ConfigDict({"vae": 6000, "pretrain": 7000})  # the shipped teacher's
+    c.stage_steps = ml_collections.ConfigDict({"vae": 6000, "pretrain": 20000})  # the shipped teacher's
     # Without the chroma term the VAE kept 52 % of the captions' colours (red and yellow decoded orange); with it,
     # 99 % (codi_jax/pretrained/scenes32/README.md).
     c.vae.chroma_weight = 3.0
