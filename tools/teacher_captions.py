@@ -20,11 +20,10 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from codi_jax import data as data_lib  # noqa: E402
 from codi_jax import evaluate  # noqa: E402
 from codi_jax import recipes  # noqa: E402
 from codi_jax.metrics import captions  # noqa: E402
-from codi_jax.sample import Pipeline, to_uint8  # noqa: E402
+from codi_jax.sample import Pipeline  # noqa: E402
 from codi_jax.testing import tiny_config  # noqa: E402
 
 
@@ -40,8 +39,7 @@ def main(argv=None) -> dict:
     scales = [float(s) for s in args.guidance.split(",")]
 
     cfg = tiny_config("depth", args.pipeline)
-    batches = data_lib.make_eval_batches(cfg.data, batch_size=100, num_examples=args.examples, seed=cfg.eval.seed)
-    texts = [c for b in batches for c in b["caption"]]
+    batches, real, _, texts = evaluate.held_out(cfg, args.examples)
     pipe = Pipeline.load(recipes.resolve(args.pipeline, os.getcwd()), schedule=cfg.schedule.to_dict(),
                          prediction_type=cfg.model.prediction_type)
     segmenter = captions.load_segmenter()
@@ -57,7 +55,6 @@ def main(argv=None) -> dict:
                                      "orders_scored": int(scores["order"].size)}
         images.append(out)
     if args.out:
-        real = np.concatenate([to_uint8(b["image"]) for b in batches])
         n = min(args.rows, len(texts))
         grid = np.concatenate([np.concatenate([im[i] for im in images] + [real[i]], 1) for i in range(n)], 0)
         Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST).save(args.out)

@@ -19,11 +19,11 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from codi_jax import data as data_lib  # noqa: E402
+from codi_jax import evaluate  # noqa: E402
 from codi_jax import recipes  # noqa: E402
 from codi_jax.data import scenes  # noqa: E402
 from codi_jax.metrics import captions  # noqa: E402
-from codi_jax.sample import Pipeline, to_uint8  # noqa: E402
+from codi_jax.sample import Pipeline  # noqa: E402
 from codi_jax.testing import tiny_config  # noqa: E402
 
 
@@ -36,11 +36,9 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
 
     cfg = tiny_config("depth", args.pipeline)
-    batches = data_lib.make_eval_batches(cfg.data, batch_size=100, num_examples=args.examples, seed=cfg.eval.seed)
-    texts = [c for b in batches for c in b["caption"]]
+    batches, real, _, texts = evaluate.held_out(cfg, args.examples)
     pipe = Pipeline.load(recipes.resolve(args.pipeline, os.getcwd()), schedule=cfg.schedule.to_dict(),
                          prediction_type=cfg.model.prediction_type)
-    real = np.concatenate([to_uint8(b["image"]) for b in batches])
     recon = np.concatenate([pipe.autoencode(b["image"]) for b in batches])
     segmenter = captions.load_segmenter()
     real_labels, recon_labels = captions.segment(segmenter, real), captions.segment(segmenter, recon)
