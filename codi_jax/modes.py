@@ -28,11 +28,11 @@ class Mode:
     freeze_unet: bool | None = None
     # What the run starts from and keeps frozen as its teacher:
     #   'pretrained'  a text-to-image model to adapt (config.teacher, or config.init_from); with
-    #                 objective.pf_ode='teacher' its UNet is also kept frozen as the PF-ODE teacher
+    #                 objective.pf_ode='teacher' (the x-space default) its UNet is also kept frozen as the PF-ODE teacher
     #   'conditional' a finished fine-tuned conditional run (config.init_from), frozen as the teacher (CM-II, GD-II)
     #   'none'        nothing
     teacher: Literal["none", "pretrained", "conditional"] = "none"
-    pf_ode_teacher: bool = False  # objective.pf_ode='teacher' is meaningful (CoDi's Figure 7 ablation)
+    pf_ode_teacher: bool = False  # objective.pf_ode='teacher' is meaningful (the x-space default; Fig. 7)
     consistency: bool = False  # a consistency model: the 'codi' sampler, LCMScheduler in diffusers, a target EMA
     sampler: str = "ddim"  # how the model is evaluated and exported by default
     sampler_steps: int | str = 50  # an int, or the name of an objective field (gd: 'gd_student_steps')

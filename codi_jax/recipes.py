@@ -491,15 +491,18 @@ class ConditionalRecipe(TextToImageRecipe):
             return {k: v for k, v in params.items() if not (self.freeze_unet and k == "unet")}
 
         self.init_fn = init_fn
-        # Frozen teachers: the pretrained text-to-image UNet (CoDi's 'teacher' PF-ODE ablation), or the fine-tuned
+        # Frozen teachers: the pretrained text-to-image UNet (the teacher's PF-ODE, the x-space default), or the fine-tuned
         # conditional model itself for CM-II / GD-II (restored from init_from by placed_frozen).
         if self.spec.pf_ode_teacher:
-            if config.objective.pf_ode == "teacher":
+            if objectives.resolved_pf_ode(config.objective) == "teacher":
                 if unet_params is None and not abstract:
-                    raise ValueError("objective.pf_ode='teacher' needs the pretrained UNet: set config.teacher")
-                if unet_params is not None:
-                    self.frozen_host["teacher"] = unet_params
-                self.frozen_abstract["teacher"] = full_abstract["unet"]
+                    raise ValueError("objective.pf_ode='teacher' (and 'auto' in x space) needs the pretrained UNet: "
+                                     "set config.teacher, or objective.pf_ode='online'")
+                # A frozen UNet (PE-CoDi) is the pretrained one: the teacher reads it, no second copy on device.
+                if not self.freeze_unet:
+                    if unet_params is not None:
+                        self.frozen_host["teacher"] = unet_params
+                    self.frozen_abstract["teacher"] = full_abstract["unet"]
                 self.teacher_kind = "unet"
         elif self.spec.teacher == "conditional":
             self.frozen_abstract["teacher"] = full_abstract
@@ -513,7 +516,8 @@ class ConditionalRecipe(TextToImageRecipe):
 
     def _teacher(self, frozen):
         if self.teacher_kind == "unet":
-            return lambda z, t, b: self.unet.apply({"params": frozen["teacher"]}, z, t, b["text"])
+            unet = frozen["unet"] if self.freeze_unet else frozen["teacher"]
+            return lambda z, t, b: self.unet.apply({"params": unet}, z, t, b["text"])
         if self.teacher_kind == "conditional":
             return lambda z, t, b: self.model.apply({"params": frozen["teacher"]}, z, t, b["text"], b["cond"])
         return None

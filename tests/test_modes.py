@@ -22,9 +22,10 @@ EXPECTED_ROWS = {
     "gd": [("", "ddim", 1), ("", "ddim", 2), ("", "ddim", 4)],
 }
 EXPECTED = {  # mode: (cond_mode, freeze_unet after finalize with the user's False, sampler, spacing, teacher kind)
+    # codi and pe_codi keep the pretrained UNet frozen for the teacher's PF-ODE (pf_ode 'auto' in x space).
     "finetune": ("controlnet", False, ("ddim", 50), "leading", None),
-    "codi": ("mu", False, ("codi", 4), "leading", None),
-    "pe_codi": ("controlnet", True, ("codi", 4), "leading", None),
+    "codi": ("mu", False, ("codi", 4), "leading", "unet"),
+    "pe_codi": ("controlnet", True, ("codi", 4), "leading", "unet"),
     "cm": ("controlnet", False, ("codi", 4), "leading", "conditional"),
     "cm_frozen": ("controlnet", True, ("codi", 4), "leading", "conditional"),
     "gd": ("controlnet", False, ("ddim", 4), "trailing", "conditional"),
@@ -68,13 +69,14 @@ def test_each_row_reaches_config_recipe_and_export(mode):
                            "prediction_type": "v_prediction"}}
     card = export.model_card(index, c)
     assert ("consistency-distillation" in card) == (sampler[0] == "codi")
-    assert f"base_model: \"{c.init_from if teacher else c.teacher}\"" in card
+    assert f"base_model: \"{c.init_from if teacher == 'conditional' else c.teacher}\"" in card
 
 
 FAMILY_PARTS = {  # family: (recipe class, frozen parts, top-level trainable trees) in abstract form, tiny presets
     "vae": (recipes.VAERecipe, set(), {"encoder", "decoder", "quant_conv", "post_quant_conv"}),
     "pretrain": (recipes.TextToImageRecipe, {"vae", "text_encoder", "null_ids"}, None),
-    "codi": (recipes.ConditionalRecipe, {"vae", "text_encoder", "null_ids"}, {"unet", "control", "mu"}),
+    "codi": (recipes.ConditionalRecipe, {"vae", "text_encoder", "null_ids", "teacher"}, {"unet", "control", "mu"}),
+    # PE-CoDi's frozen UNet is its PF-ODE teacher too: one copy, not two.
     "pe_codi": (recipes.ConditionalRecipe, {"vae", "text_encoder", "null_ids", "unet"}, {"control"}),
     "cm": (recipes.ConditionalRecipe, {"vae", "text_encoder", "null_ids", "teacher"}, {"unet", "control"}),
 }

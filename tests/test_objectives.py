@@ -189,7 +189,7 @@ def test_exact_model_has_zero_loss_at_every_k(space, pf_ode, prediction_type, sc
 
 
 def test_target_at_s0_is_the_target_networks_own_estimate(schedule, batch):
-    cfg = cfg_with(distill_steps=5, prediction_type="v_prediction")
+    cfg = cfg_with(distill_steps=5, prediction_type="v_prediction", timestep_sampling="batch")  # all at s = 0
     p, ema = init_params(1), init_params(2)
     for seed in range(200):
         terms = O.consistency_terms(p, batch, jax.random.PRNGKey(seed), nets=NETS, schedule=schedule, cfg=cfg,
@@ -248,22 +248,24 @@ def test_cfg_aware_changes_the_target(schedule, batch):
     assert float(jnp.abs(zs[0] - zs[1]).max()) > 1e-3
 
 
-def test_cfg_aware_guidance_does_not_compound_over_ema_generations(schedule, batch):
+@pytest.mark.parametrize("pf_ode", ["online", "teacher"])
+def test_cfg_aware_guidance_does_not_compound_over_ema_generations(pf_ode, schedule, batch):
     """Flaw 3: a model whose c - u = d is fixed. Guiding only the target taught the online (unguided) conditional
-    output u + w d, so each EMA generation widened c - u by w. Both calls guided, d is a fixed point."""
+    output u + w d, so each EMA generation widened c - u by w. Both calls guided, d is a fixed point (with the
+    online PF-ODE, and with the teacher's, here the same model frozen at the start)."""
     ones = {**batch, "text": jnp.ones_like(batch["text"]), "text_null": jnp.zeros_like(batch["text_null"])}
     cfg = cfg_with(cfg_aware=True, guidance_min=3.0, guidance_max=3.0, prediction_type="sample",
-                   consistency_space="x", signal_loss="none", distill_steps=10)
+                   consistency_space="x", signal_loss="none", distill_steps=10, pf_ode=pf_ode)
 
     def apply(p, z, t, b):  # u = base, c = base + d (the text is all ones, the null text all zeros)
         flag = b["text"].mean(axis=(1, 2))
         return jnp.broadcast_to(p["base"] + pz.bcast(flag, z) * p["d"], z.shape)
 
-    nets = O.Networks(apply=apply)
+    params = {"base": jnp.full((C,), 0.3), "d": jnp.full((C,), 0.2)}
+    nets = O.Networks(apply=apply, teacher=lambda z, t, b, p0=params: apply(p0, z, t, b))
     loss_fn = lambda p, e, r: O.codi(p, ones, r, nets=nets, schedule=schedule, cfg=cfg, ema_params=e)[0]  # noqa
     # Step 0.02: GD on the guided output base + 3 d is stable below 2 / (2 (1 + 9)) = 0.1.
     step = jax.jit(lambda p, e, r: jax.tree.map(lambda x, g: x - 0.02 * g, p, jax.grad(loss_fn)(p, e, r)))
-    params = {"base": jnp.full((C,), 0.3), "d": jnp.full((C,), 0.2)}
     for generation in range(3):
         ema = params
         for i in range(30):
@@ -272,14 +274,45 @@ def test_cfg_aware_guidance_does_not_compound_over_ema_generations(schedule, bat
     np.testing.assert_allclose(np.asarray(params["base"]), 0.3, rtol=0.02)
 
 
+def test_pf_ode_auto_is_the_teacher_in_x_space_and_online_in_eps_space(schedule, batch):
+    """The default PF-ODE follows the consistency space (README, Table 2): the teacher's DDIM step in x space, eq. 14's
+    online step in eps space. Told apart by a teacher whose x estimate is far from the online model's."""
+    assert O.default_config().pf_ode == "auto"
+    assert O.resolved_pf_ode(cfg_with(consistency_space="x")) == "teacher"
+    assert O.resolved_pf_ode(cfg_with(consistency_space="eps")) == "online"
+    assert O.resolved_pf_ode(cfg_with(consistency_space="x", pf_ode="online")) == "online"
+    teacher = lambda z, t, b: jnp.full_like(z, 5.0)  # noqa: E731  (x_hat = 5 everywhere, prediction_type sample)
+    nets = O.Networks(apply=NETS.apply, teacher=teacher)
+    kw = dict(nets=nets, schedule=schedule, ema_params=init_params(2))
+    for space in ("x", "eps"):
+        z_s = {p: O.consistency_terms(init_params(1), batch, jax.random.PRNGKey(4), cfg=cfg_with(
+            consistency_space=space, pf_ode=p, prediction_type="sample", teacher_prediction_type="sample"), **kw).z_s
+            for p in ("auto", "online", "teacher")}
+        same = "teacher" if space == "x" else "online"
+        np.testing.assert_array_equal(np.asarray(z_s["auto"]), np.asarray(z_s[same]))
+        assert not np.allclose(np.asarray(z_s["online"]), np.asarray(z_s["teacher"]), atol=1e-3)
+    with pytest.raises(ValueError, match="nets.teacher"):
+        O.consistency_terms(init_params(1), batch, jax.random.PRNGKey(4), cfg=cfg_with(consistency_space="x"),
+                            nets=O.Networks(apply=NETS.apply), schedule=schedule, ema_params=init_params(2))
+
+
 def test_timestep_sampling_auto_per_objective(schedule, batch):
-    """Flaw 4: CoDi draws one t per batch (its Fig. 7 change); CM-II and GD-II draw t per example, as their papers."""
+    """Flaw 4: CM-II and GD-II draw t per example, as their papers; CoDi one t per batch (its Fig. 7 change) in eps
+    space, the paper's form, and one per example in x space, where it measured better (README)."""
     big = {k: (jnp.tile(v, (8,) + (1,) * (v.ndim - 1)) if k != "text_null" else v) for k, v in batch.items()}
-    kw = dict(nets=NETS, schedule=schedule, ema_params=init_params(2), cfg=O.default_config())
     assert O.default_config().timestep_sampling == "auto"
-    codi = O.consistency_terms(init_params(1), big, jax.random.PRNGKey(3), **kw)
-    cm = O.consistency_terms(init_params(1), big, jax.random.PRNGKey(3), default_sampling="sample", **kw)
-    assert len(np.unique(np.asarray(codi.t))) == 1 and len(np.unique(np.asarray(cm.t))) > 4
+    distinct = {}
+    for space in ("x", "eps"):
+        kw = dict(nets=NETS, schedule=schedule, ema_params=init_params(2), cfg=cfg_with(consistency_space=space))
+        codi = O.consistency_terms(init_params(1), big, jax.random.PRNGKey(3), **kw)
+        cm = O.consistency_terms(init_params(1), big, jax.random.PRNGKey(3), default_sampling="sample", **kw)
+        distinct[space] = (len(np.unique(np.asarray(codi.t))), len(np.unique(np.asarray(cm.t))))
+    assert distinct["eps"][0] == 1 and distinct["x"][0] > 4
+    assert distinct["eps"][1] > 4 and distinct["x"][1] > 4
+    forced = cfg_with(consistency_space="x", timestep_sampling="batch")
+    one = O.consistency_terms(init_params(1), big, jax.random.PRNGKey(3), nets=NETS, schedule=schedule,
+                              ema_params=init_params(2), cfg=forced)
+    assert len(np.unique(np.asarray(one.t))) == 1
     _, m = O.gd(init_params(1), big, jax.random.PRNGKey(12), nets=NETS, schedule=schedule,
                 cfg=cfg_with(gd_student_steps=4))
     assert float(m["t_mean"]) not in (999.0, 749.0, 499.0, 249.0)  # a mix of the student's steps
@@ -359,7 +392,7 @@ def test_errors(schedule, batch):
         O.codi(init_params(1), batch, jax.random.PRNGKey(0), nets=NETS, **kw)
     with pytest.raises(ValueError, match="nets.decode"):
         O.codi(init_params(1), batch, jax.random.PRNGKey(0), nets=O.Networks(apply=toy_apply), ema_params=init_params(2),
-               schedule=schedule, cfg=cfg_with(signal_loss="pixel_l2"))
+               schedule=schedule, cfg=cfg_with(signal_loss="pixel_l2", pf_ode="online"))
     with pytest.raises(ValueError, match="nets.teacher"):
         O.codi(init_params(1), batch, jax.random.PRNGKey(0), nets=O.Networks(apply=toy_apply), ema_params=init_params(2),
                schedule=schedule, cfg=cfg_with(pf_ode="teacher"))

@@ -45,9 +45,11 @@ _FIELDS = (
     ("min_snr_gamma", 5.0, "gamma of the min-SNR weight min(SNR, gamma)."),
     ("text_drop_prob", 0.1, "pretrain/finetune: per-example probability of replacing 'text' by 'text_null' (CFG)."),
     ("distill_steps", 50, "N of the CoDi/CM grid t = k T/N, k ~ U{1..N-1}; the codi sampler walks the same grid."),
-    ("pf_ode", "online", "How z_s is reached from z_t: online (paper eq. 14: a_s stopgrad(f_theta) + s_s eps, same "
-                         "eps) | teacher (DDIM step of nets.teacher, official code) | online_ddim (DDIM step of the "
-                         "online model under stop_gradient)."),
+    ("pf_ode", "auto", "How z_s is reached from z_t: online (paper eq. 14: a_s stopgrad(f_theta) + s_s eps, same "
+                       "eps) | teacher (DDIM step of nets.teacher, official code) | online_ddim (DDIM step of the "
+                       "online model under stop_gradient) | auto: teacher in x space (the official code's pair; the "
+                       "better FID/KID on two seeds there, README), online in eps space (where the teacher's was far "
+                       "worse with all three embedded teachers, as in the paper's Fig. 7)."),
     ("consistency_space", "x", "Consistency distance on f (x, the official code's) or on eps_f (eps, paper eq. 15). "
                                "x scored the better FID/KID at the same depth error with both embedded teachers "
                                "(README, Table 2)."),
@@ -58,8 +60,9 @@ _FIELDS = (
     ("w_consistency", 1.0, "Weight of the consistency term."),
     ("w_signal", 1.0, "Weight of the signal (conditional guidance) term."),
     ("timestep_sampling", "auto", "batch: ONE k for the whole batch (CoDi, paper Fig. 7) | sample: one k per example "
-                                  "(as CM and progressive distillation draw it) | auto: batch for codi, sample for the "
-                                  "cm and gd baselines."),
+                                  "(as CM and progressive distillation draw it) | auto: sample for the cm and gd "
+                                  "baselines; for codi sample in x space (with the teacher's PF-ODE the better KID "
+                                  "and depth error on two seeds, README), batch in eps space (the paper's pair)."),
     ("timestep_scaling", 10.0, "c = timestep_scaling * n in the boundary coefficients (LCM form of eq. 11)."),
     ("sigma_data", 0.5, "sigma_data of the boundary coefficients."),
     ("cfg_aware", False, "Guidance-aware distillation: draw w ~ U[guidance_min, guidance_max] per batch; the online "
@@ -81,7 +84,7 @@ FIELD_DOCS = {name: doc for name, _, doc in _FIELDS}
 _CHOICES = {
     "prediction_type": pz.PREDICTION_TYPES,
     "loss_weighting": ("none", "min_snr"),
-    "pf_ode": ("online", "teacher", "online_ddim"),
+    "pf_ode": ("auto", "online", "teacher", "online_ddim"),
     "consistency_space": ("eps", "x"),
     "distance": ("l2", "pseudo_huber"),
     "signal_loss": ("latent_l2", "pixel_l2", "none"),
@@ -152,9 +155,20 @@ def drop_text(batch: dict, rng: jax.Array, prob: float) -> dict:
     return {**batch, "text": jnp.where(pz.bcast(drop, null), null, batch["text"])}
 
 
-def timestep_sampling(cfg, default: str) -> str:
-    """cfg.timestep_sampling with 'auto' resolved to the objective's own default."""
-    return default if cfg.timestep_sampling == "auto" else cfg.timestep_sampling
+def resolved_pf_ode(cfg) -> str:
+    """cfg.pf_ode with 'auto' resolved: the teacher's PF-ODE in x space, the online one (eq. 14) in eps space."""
+    if cfg.pf_ode != "auto":
+        return cfg.pf_ode
+    return "teacher" if cfg.consistency_space == "x" else "online"
+
+
+def timestep_sampling(cfg, default: str | None = None) -> str:
+    """cfg.timestep_sampling with 'auto' resolved to the objective's own `default` (cm, gd: one t per example, as
+    their papers); CoDi's (None) follows the consistency space as pf_ode does: one t per example in x space, one per
+    batch (the paper's Fig. 7) in eps space."""
+    if cfg.timestep_sampling != "auto":
+        return cfg.timestep_sampling
+    return default or ("sample" if cfg.consistency_space == "x" else "batch")
 
 
 def sample_indices(rng: jax.Array, batch_size: int, low: int, high: int, mode: str) -> jax.Array:
@@ -252,7 +266,7 @@ class ConsistencyTerms:
 
 
 def consistency_terms(params, batch, rng, *, nets: Networks, schedule: sch.Schedule, cfg, ema_params,
-                      pf_ode: str | None = None, default_sampling: str = "batch") -> ConsistencyTerms:
+                      pf_ode: str | None = None, default_sampling: str | None = None) -> ConsistencyTerms:
     """Steps 1-5 of the CoDi objective (docs/algorithm.md); pf_ode overrides cfg.pf_ode (cm uses 'teacher').
 
     The target at s = 0 (k = 1): the boundary's f(z, 0) = z treats z_0 as data, but in a discrete VP schedule
@@ -261,7 +275,7 @@ def consistency_terms(params, batch, rng, *, nets: Networks, schedule: sch.Sched
     network's own prediction (x_hat, eps_hat) instead, which is exact for an exact network: the loss of a network
     whose x_hat is exact is ~0 at every k, in both spaces."""
     validate(cfg)
-    pf_ode = pf_ode or cfg.pf_ode
+    pf_ode = pf_ode or resolved_pf_ode(cfg)
     if ema_params is None:
         raise ValueError("consistency objectives need ema_params (the EMA target network theta^-)")
     if pf_ode == "teacher" and nets.teacher is None:
