@@ -9,9 +9,12 @@ uses), then, each in <workdir>/<method>:
   cm         CM-II: consistency distillation of the fine-tuned model (frozen teacher, DDIM PF-ODE, x-space, EMA target)
   gd         GD-II: guided/progressive distillation of the fine-tuned model into 4 steps
   pe_codi    PE-CoDi: frozen UNet, conditional encoder + zero convs trained with the CoDi objective
-  codi       full CoDi (mu mixing, online PF-ODE, x-space consistency + latent signal loss, one t per batch)
-  codi_no_signal / codi_teacher_pfode / codi_per_sample_t / codi_eps_space   the Figure 7 ablations (eps space:
-             the paper's eq. 15, the default until 4 Dec 2026)
+  codi       full CoDi (mu mixing, x-space consistency + latent signal loss, the teacher's PF-ODE, one t per
+             example: the defaults since 4 Dec 2026, measured on two seeds)
+  codi_no_signal / codi_online_pfode / codi_per_batch_t / codi_eps_space   the Figure 7 ablations: no signal
+             loss; the online PF-ODE (eq. 14) and one t per batch, the paper's choices where the default departs
+             from them; eps space (eq. 15, with eq. 14's PF-ODE and one t per batch: the paper's whole form)
+  codi_online_batch_t   x space with the paper's online PF-ODE and one t per batch (the default until 4 Dec 2026)
   codi_target_ema / cm_per_batch_t / gd_full_ode   the defaults' ablations: a fast target EMA (0.95) beside the
              exported one, CM-II with one t per batch instead of its paper's t per example, GD-II's first round
              distilling 8 teacher DDIM steps per student step (nearly the full ODE) instead of 2
@@ -38,9 +41,10 @@ METHODS = {
     "pe_codi": {"mode": "pe_codi"},
     "codi": {"mode": "codi"},
     "codi_no_signal": {"mode": "codi", "objective.signal_loss": "none"},
-    "codi_teacher_pfode": {"mode": "codi", "objective.pf_ode": "teacher"},
-    "codi_per_sample_t": {"mode": "codi", "objective.timestep_sampling": "sample"},
+    "codi_online_pfode": {"mode": "codi", "objective.pf_ode": "online"},
+    "codi_per_batch_t": {"mode": "codi", "objective.timestep_sampling": "batch"},
     "codi_eps_space": {"mode": "codi", "objective.consistency_space": "eps"},
+    "codi_online_batch_t": {"mode": "codi", "objective.pf_ode": "online", "objective.timestep_sampling": "batch"},
     "codi_target_ema": {"mode": "codi", "target_ema_decay": 0.95},
     "cm_per_batch_t": {"mode": "cm", "init_from": "@finetune", "objective.timestep_sampling": "batch"},
     "gd_full_ode": {"mode": "gd", "init_from": "@finetune", "objective.gd_teacher_substeps": 8},

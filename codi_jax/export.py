@@ -35,7 +35,7 @@ from jax.experimental import multihost_utils
 
 from codi_jax import modes
 from codi_jax import weights
-from codi_jax.diffusion import schedules
+from codi_jax.diffusion import objectives, schedules
 from codi_jax.models import conditional as cond_lib
 from codi_jax.models.controlnet import ControlNetModel
 from codi_jax.models import with_compute
@@ -258,7 +258,12 @@ def model_card(index: dict, config, *, step: int | None = None, metrics: str | N
                  f"{json.dumps(meta['diffusers_timesteps'])}); LCMScheduler's own grid is shifted by up to one grid step. Between "
                  "steps LCMScheduler re-noises with fresh noise, where codi_jax's default re-uses the model's own "
                  "noise estimate: one step is identical, more steps agree in distribution, not pixel for pixel.", ""]
-    body += ["## Training", "", "```", _command(), "```", "", "<details><summary>config</summary>", "", "```json",
+    body += ["## Training", "", "```", _command(), "```", ""]
+    if spec.pf_ode_teacher and "objective" in config:
+        # 'auto' in the config below resolves by the consistency space; what it meant for this run:
+        body += [f"The objective's 'auto' settings as trained: pf_ode = {objectives.resolved_pf_ode(config.objective)}"
+                 f", timestep_sampling = {objectives.timestep_sampling(config.objective)}.", ""]
+    body += ["<details><summary>config</summary>", "", "```json",
              config.to_json_best_effort(indent=1) if hasattr(config, "to_json_best_effort") else json.dumps(config),
              "```", "", "</details>", "", METRICS_BEGIN, metrics_section(metrics), METRICS_END, ""]
     return "\n".join(header + body)

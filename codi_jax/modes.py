@@ -28,7 +28,8 @@ class Mode:
     freeze_unet: bool | None = None
     # What the run starts from and keeps frozen as its teacher:
     #   'pretrained'  a text-to-image model to adapt (config.teacher, or config.init_from); with
-    #                 objective.pf_ode='teacher' (the x-space default) its UNet is also kept frozen as the PF-ODE teacher
+    #                 objective.pf_ode='teacher' (the x-space default) its UNet is also kept frozen as the PF-ODE
+    #                 teacher
     #   'conditional' a finished fine-tuned conditional run (config.init_from), frozen as the teacher (CM-II, GD-II)
     #   'none'        nothing
     teacher: Literal["none", "pretrained", "conditional"] = "none"

@@ -491,8 +491,8 @@ class ConditionalRecipe(TextToImageRecipe):
             return {k: v for k, v in params.items() if not (self.freeze_unet and k == "unet")}
 
         self.init_fn = init_fn
-        # Frozen teachers: the pretrained text-to-image UNet (the teacher's PF-ODE, the x-space default), or the fine-tuned
-        # conditional model itself for CM-II / GD-II (restored from init_from by placed_frozen).
+        # Frozen teachers: the pretrained text-to-image UNet (the teacher's PF-ODE, the x-space default), or the
+        # fine-tuned conditional model itself for CM-II / GD-II (restored from init_from by placed_frozen).
         if self.spec.pf_ode_teacher:
             if objectives.resolved_pf_ode(config.objective) == "teacher":
                 if unet_params is None and not abstract:

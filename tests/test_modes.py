@@ -69,6 +69,9 @@ def test_each_row_reaches_config_recipe_and_export(mode):
                            "prediction_type": "v_prediction"}}
     card = export.model_card(index, c)
     assert ("consistency-distillation" in card) == (sampler[0] == "codi")
+    # The card says what the objective's 'auto' settings meant for the run (x space: the teacher, one t per example).
+    as_trained = "pf_ode = teacher, timestep_sampling = sample."
+    assert (as_trained in card) == (mode in ("codi", "pe_codi")), mode
     assert f"base_model: \"{c.init_from if teacher == 'conditional' else c.teacher}\"" in card
 
 
