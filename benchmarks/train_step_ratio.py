@@ -7,9 +7,10 @@ Each mode is built by `train.setup` (the real loop's mesh, shardings and ahead-o
 same random tiny teacher (codi_jax.testing.make_random_pipeline). Batches come from each setup's real data loader and
 are fetched before timing, so only the step is measured. After one warm-up step per mode the modes are timed
 interleaved (codi, finetune, pe_codi, codi, ...), each call ended by block_until_ready, so load from other processes on
-a shared machine hits every mode alike; the figures are medians. Goal (docs/design.md): codi / finetune <= 1.4, ideal 4/3:
-CoDi runs the online model forward and backward plus one gradient-free forward of the EMA target, fine-tuning one
-forward and backward.
+a shared machine hits every mode alike; the figures are medians. Goal (docs/design.md): codi / finetune <= 1.05 x its
+ideal. Fine-tuning runs one forward and backward (3 forward-units); CoDi adds one gradient-free forward of the EMA
+target (ideal 4/3, the paper's online PF-ODE: `codi_online`) and, with the teacher's PF-ODE (the x-space default,
+`codi`), one of the frozen teacher (ideal 5/3).
 """
 
 from __future__ import annotations
@@ -27,14 +28,19 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # run as a script from a checkout without installing the package
 
-MODES = ("codi", "finetune", "pe_codi")
+MODES = ("codi", "finetune", "pe_codi", "codi_online")
+IDEAL = {"codi": 5 / 3, "codi_online": 4 / 3}
 
 
 def _config(mode: str, teacher: str, batch: int):
     spec = importlib.util.spec_from_file_location("depth_config", os.path.join(REPO, "configs", "depth.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    online = mode == "codi_online"
+    mode = "codi" if online else mode
     c = module.get_config(f"tiny,mode={mode},batch={batch}")  # finalize() sets cond_mode / freeze_unet per mode
+    if online:
+        c.objective.pf_ode = "online"
     c.stages = ()  # the teacher is given: no vae / pretrain stages
     c.run_eval = False
     c.teacher = teacher
@@ -115,13 +121,15 @@ def main() -> None:
         },
         "ratio_codi_over_finetune": round(med["codi"] / med["finetune"], 3),
         "ratio_pe_codi_over_finetune": round(med["pe_codi"] / med["finetune"], 3),
-        "goal": "codi / finetune <= 1.4 (ideal 4/3)",
+        "ratio_codi_online_over_finetune": round(med["codi_online"] / med["finetune"], 3),
+        "goal": "codi / finetune <= 1.05 x ideal: 5/3 with the teacher's PF-ODE (default), 4/3 with the online one",
     }
     flops = {m: out["modes"][m]["flops"] for m in MODES}
     if flops["codi"] and flops["finetune"]:
         out["flops_ratio_codi_over_finetune"] = round(flops["codi"] / flops["finetune"], 3)
         out["flops_ratio_pe_codi_over_finetune"] = round(flops["pe_codi"] / flops["finetune"], 3)
-    out["meets_goal"] = out["ratio_codi_over_finetune"] <= 1.4
+        out["flops_ratio_codi_online_over_finetune"] = round(flops["codi_online"] / flops["finetune"], 3)
+    out["meets_goal"] = all(out[f"ratio_{m}_over_finetune"] <= 1.05 * ideal for m, ideal in IDEAL.items())
     text = json.dumps(out, indent=2)
     print(text)
     if args.out:
