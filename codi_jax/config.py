@@ -13,6 +13,12 @@ import ml_collections
 from codi_jax import modes
 
 TASKS = ("depth", "sr", "inpaint", "edit", "t2i")
+# Stable Diffusion 1.x/2.x's noise schedule: the default when there is no teacher to read one from.
+SD_SCHEDULE = {"kind": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000}
+# What `resolve` may take from the teacher folder; config.derived.<name> says where each value came from.
+DERIVED = ("image_size", "tokenizer", "max_length", "prediction_type", "schedule")
+# Without a teacher (a text-to-image model trained from scratch): the preset's native size, CLIP's caption length.
+PRESET_IMAGE_SIZE = {"sd15": 512, "sd21": 768, "tiny": 32}
 
 
 # The objectives, the data stack and the recipes import JAX (and grain) at module level, and this module must not:
@@ -76,11 +82,13 @@ def base(task: str) -> ml_collections.ConfigDict:
     c.model.cond_mode = "mu"  # 'mu' (full CoDi, eq. 12) or 'controlnet' (zero convs); set per mode in finalize()
     c.model.freeze_unet = False  # True for PE-CoDi: only the conditional encoder trains
     c.model.hint_channels = (16, 32, 96, 256)
-    c.model.prediction_type = "epsilon"  # of the teacher; the paper's model is v_prediction
-
-    c.schedule = ml_collections.ConfigDict(
-        {"kind": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000}
-    )
+    # Fields left empty ('' or 0) here are the teacher's: `resolve` reads them from its folder (codi_jax/teacher.py),
+    # so a Stable Diffusion 2.x v-prediction teacher trains as one without a flag. A value set here or on the command
+    # line wins; `derived` records where each came from, and the export's model card shows it.
+    c.model.prediction_type = ""  # epsilon | v_prediction | sample; '' = the teacher's scheduler_config.json
+    # '' / 0 = the teacher's scheduler_config.json (without a teacher: Stable Diffusion's scaled_linear 0.00085-0.012)
+    c.schedule = ml_collections.ConfigDict({"kind": "", "beta_start": 0.0, "beta_end": 0.0, "num_train_timesteps": 0})
+    c.derived = ml_collections.ConfigDict({k: "" for k in DERIVED})
     c.objective = _objective_defaults()
 
     c.optimizer = ml_collections.ConfigDict()
@@ -115,6 +123,12 @@ def base(task: str) -> ml_collections.ConfigDict:
 
     c.data = _data_defaults()
     c.data.task = task
+    # At this scale the data are the user's: no default dataset (the procedural scenes are the :tiny variant's), and
+    # image size, tokenizer and caption length are the teacher's unless set ('' / 0).
+    c.data.dataset = ""
+    c.data.image_size = 0
+    c.data.tokenizer = ""
+    c.data.max_length = 0
 
     c.eval = ml_collections.ConfigDict()
     c.eval.num_examples = 3_000
@@ -122,6 +136,9 @@ def base(task: str) -> ml_collections.ConfigDict:
     c.eval.steps = (1, 2, 4, 8)
     c.eval.teacher_steps = 50
     c.eval.seed = 1234
+    # Which held-out split the evaluation scores: 'validation' to choose defaults and ablations, 'test' only for the
+    # numbers that are reported (never tune on the set you report).
+    c.eval.split = "test"
     # Classifier-free guidance of every sampled row; 0: each model at its own (its export's guidance_scale: the
     # scale a cfg_aware model was distilled for, else 1; the text-only teacher at 1).
     c.eval.guidance_scale = 0.0
@@ -148,6 +165,9 @@ def tiny(c: ml_collections.ConfigDict) -> None:
     c.model.preset = "tiny"
     c.model.hint_channels = (16, 32, 32)  # 3 entries: the condition is 4x the latent size (tiny VAE)
     c.model.prediction_type = "v_prediction"  # eps-prediction blew up x0 at high t in short CPU runs
+    # The shipped teacher's (codi_jax/pretrained/scenes32); set, not derived, so that the scratch route, whose teacher
+    # does not exist yet when the run starts, has the same settings.
+    c.schedule = ml_collections.ConfigDict(dict(SD_SCHEDULE))
     c.dtype = "float32"
     c.remat = False
     c.batch_size = 32
@@ -260,9 +280,140 @@ def finalize(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         # CoDi (paper 5.1); True is ControlNet proper and, from such a finetune run, CM-II / GD-II (frozen).
         if spec.freeze_unet is not None:
             c.model.freeze_unet = spec.freeze_unet
-    c.objective.prediction_type = c.model.prediction_type
+    if c.model.prediction_type:  # else the teacher's, filled in by resolve
+        c.objective.prediction_type = c.model.prediction_type
     validate(c)
     return c
+
+
+def _unset(c: ml_collections.ConfigDict) -> dict[str, bool]:
+    """Which of the teacher's fields (DERIVED) are still empty."""
+    return {"image_size": not c.data.image_size, "tokenizer": not c.data.tokenizer, "max_length": not c.data.max_length,
+            "prediction_type": not c.model.prediction_type,
+            "schedule": not all(c.schedule[k] for k in SD_SCHEDULE)}
+
+
+def _required(c: ml_collections.ConfigDict, fail) -> None:
+    """What a run cannot go without, named by the flag that supplies it."""
+    spec = modes.TABLE[c.mode]
+    if spec.conditional and not c.teacher and not c.init_from:
+        fail("teacher", f"mode {c.mode!r} adapts a pretrained text-to-image model and none is set: pass "
+                        "--config.teacher=<a diffusers Stable Diffusion folder> (or --config.init_from=<a codi_jax run>)")
+    if spec.teacher == "conditional" and not c.init_from:
+        fail("init_from", f"mode {c.mode!r} distils a fine-tuned conditional model: pass --config.init_from=<the "
+                          "workdir of a finished finetune run>")
+    if spec.family == "t2i" and not (c.teacher or c.vae_from):
+        fail("vae_from", f"mode {c.mode!r} trains a UNet in a VAE's latent space and none is set: pass "
+                         "--config.vae_from=<a diffusers vae folder> (or --config.teacher=<a pipeline folder>)")
+    if not c.data.dataset:
+        fail("data.dataset", "no dataset is set: pass --config.data.dataset=folder --config.data.data_dir=<image "
+                             "folder> (or tfds with --config.data.tfds_name=...); the procedural scenes are the "
+                             ":tiny variant's ('scenes')")
+
+
+def resolve(c: ml_collections.ConfigDict, *, check_paths: bool = True) -> ml_collections.ConfigDict:
+    """The config as the run will use it: every field left to the teacher (image size, tokenizer, caption length,
+    prediction type, noise schedule: codi_jax/teacher.py) filled from its folder, or from the no-teacher default, and
+    where each came from recorded in config.derived; then everything checked. A value the user set wins. A run that
+    lacks a teacher, a dataset, or a tokenizer that fits the text encoder stops here, in one line naming the flag.
+
+    check_paths=False checks the config without reading any folder (a launch machine may not see the workers'
+    paths): the teacher's fields stay empty, to be filled where the run starts. Calling it again changes nothing."""
+    from codi_jax import teacher as teacher_lib
+
+    def fail(field, message):
+        raise ValueError(f"config.{field}: {message}")
+
+    finalize(c)
+    _required(c, fail)
+    if not check_paths:
+        return c
+    defined = teacher_lib.Defined()
+    # '@stage' teachers are trained by this run and do not exist yet: the config must set what they would define.
+    if c.teacher and not c.teacher.startswith("@"):
+        try:
+            root = teacher_lib.folder(c.teacher)
+            text_from = teacher_lib.folder(c.text_encoder_from) if c.text_encoder_from else ""
+            defined = teacher_lib.read(root, text_encoder_from=text_from)
+        except (FileNotFoundError, ValueError) as e:
+            fail("teacher", f"{c.teacher!r}: {e}")
+    where = f"teacher {c.teacher}"
+    no_teacher = "no teacher" if not c.teacher else f"{c.teacher} does not define it"
+    unset = _unset(c)
+    fields = {"image_size": ("data", "image_size"), "tokenizer": ("data", "tokenizer"),
+              "max_length": ("data", "max_length"), "prediction_type": ("model", "prediction_type")}
+    for name, (group, key) in fields.items():
+        theirs = getattr(defined, name)
+        if c.derived[name]:  # resolved before: keep what it recorded
+            continue
+        if not unset[name]:
+            differs = theirs is not None and theirs != c[group][key]
+            c.derived[name] = "config" + (f" (the teacher's: {theirs!r})" if differs else "")
+        elif theirs is not None:
+            c[group][key] = theirs
+            c.derived[name] = f"{where}: {defined.sources[name]}"
+        elif name == "image_size" and c.model.preset in PRESET_IMAGE_SIZE:
+            c.data.image_size = PRESET_IMAGE_SIZE[c.model.preset]
+            c.derived[name] = f"default of model.preset {c.model.preset!r} ({no_teacher})"
+        elif name == "max_length":
+            c.data.max_length = 77
+            c.derived[name] = f"default: CLIP's 77 ({no_teacher})"
+        elif name == "prediction_type":
+            c.model.prediction_type = "epsilon"
+            c.derived[name] = f"default: epsilon ({no_teacher})"
+        else:
+            fail(f"data.{key}", f"{no_teacher}: pass --config.data.{key}=... "
+                                + ("(a CLIP tokenizer folder, e.g. <stable diffusion>/tokenizer)" if key == "tokenizer"
+                                   else ""))
+    if not c.derived.schedule:
+        if not unset["schedule"]:
+            c.derived.schedule = "config"
+        else:
+            source = defined.schedule or SD_SCHEDULE
+            for k, v in source.items():
+                if not c.schedule[k]:
+                    c.schedule[k] = v
+            c.derived.schedule = (f"{where}: {defined.sources['schedule']}" if defined.schedule
+                                  else f"default: Stable Diffusion's ({no_teacher})")
+    _check_vocab(c, defined, fail)
+    return finalize(c)
+
+
+def resolve_for_plan(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """For an ahead-of-time plan of a model that is never loaded (recipes' abstract=True: the pod plan): the teacher's
+    fields left unset take the no-teacher defaults, and the tokenizer (which then only sizes the null prompt) the
+    builtin one. Never for a run that trains."""
+    unset = _unset(c)
+    plan = "default for an ahead-of-time plan (no teacher read)"
+    defaults = {"image_size": ("data", "image_size", PRESET_IMAGE_SIZE.get(c.model.preset, 512)),
+                "tokenizer": ("data", "tokenizer", "builtin:scenes"), "max_length": ("data", "max_length", 77),
+                "prediction_type": ("model", "prediction_type", "epsilon")}
+    for name, (group, key, value) in defaults.items():
+        if unset[name]:
+            c[group][key] = value
+            c.derived[name] = plan
+    if unset["schedule"]:
+        for k, v in SD_SCHEDULE.items():
+            c.schedule[k] = c.schedule[k] or v
+        c.derived.schedule = plan
+    return finalize(c)
+
+
+def _check_vocab(c: ml_collections.ConfigDict, defined, fail) -> None:
+    """Token ids the text encoder has no embedding for, or that mean other words to it, train silently wrong."""
+    from codi_jax import teacher as teacher_lib
+
+    if defined.text_vocab_size is None:
+        return
+    try:
+        emitted = teacher_lib.tokenizer_vocab_size(c.data.tokenizer)
+    except (FileNotFoundError, ValueError) as e:
+        fail("data.tokenizer", str(e))
+    if emitted is not None and emitted != defined.text_vocab_size:
+        text = c.text_encoder_from or f"{c.teacher}/text_encoder"
+        fail("data.tokenizer", f"{c.data.tokenizer!r} has {emitted} token ids but the text encoder {text!r} has "
+                               f"{defined.text_vocab_size} (vocab_size): they do not belong together; leave "
+                               "data.tokenizer unset to use the teacher's own tokenizer/")
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
@@ -286,7 +437,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         fail("dtype", f"{c.dtype!r} is not float32 or bfloat16")
     if c.model.cond_mode not in ("mu", "controlnet"):
         fail("model.cond_mode", f"{c.model.cond_mode!r} is not mu or controlnet")
-    if c.model.prediction_type not in ("epsilon", "v_prediction", "sample"):
+    if c.model.prediction_type not in ("", "epsilon", "v_prediction", "sample"):
         fail("model.prediction_type", f"{c.model.prediction_type!r} is not epsilon, v_prediction or sample")
     if not 0.0 <= c.ema_decay < 1.0:
         fail("ema_decay", f"must be in [0, 1), got {c.ema_decay}")
@@ -321,14 +472,28 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _validate_init_controlnet(c, fail)
     if c.eval.guidance_scale < 0:
         fail("eval.guidance_scale", f"must be 0 (each model's own) or a scale >= 0, got {c.eval.guidance_scale}")
+    if c.eval.split not in ("validation", "test"):
+        fail("eval.split", f"{c.eval.split!r} is not validation or test")
     for step in c.eval.steps:
         if int(step) <= 0:
             fail("eval.steps", f"step counts must be positive, got {tuple(c.eval.steps)}")
     from codi_jax import data  # JAX and grain: see above
     from codi_jax.diffusion import objectives
 
-    data.validate(c.data)
-    objectives.validate(c.objective)
+    # Fields still left to the teacher are checked once resolve has filled them; until then with stand-ins.
+    unset = _unset(c)
+    data_cfg, objective = c.data, c.objective
+    if unset["image_size"] or unset["tokenizer"] or unset["max_length"] or not data_cfg.dataset:
+        data_cfg = ml_collections.ConfigDict(c.data.to_dict())
+        data_cfg.image_size = data_cfg.image_size or 64
+        data_cfg.tokenizer = data_cfg.tokenizer or "unset"
+        data_cfg.max_length = data_cfg.max_length or 77
+        data_cfg.dataset = data_cfg.dataset or "scenes"
+    if unset["prediction_type"]:
+        objective = ml_collections.ConfigDict(c.objective.to_dict())
+        objective.prediction_type = "epsilon"
+    data.validate(data_cfg)
+    objectives.validate(objective)
 
 
 def _validate_init_controlnet(c: ml_collections.ConfigDict, fail) -> None:

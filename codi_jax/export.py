@@ -224,6 +224,7 @@ def model_card(index: dict, config, *, step: int | None = None, metrics: str | N
             + (f", {step} steps" if step is not None else "") + f", from `{base or 'scratch'}`. "
             f"Evaluated with the `{sampler}` sampler, {steps} steps, classifier-free guidance {guidance:g}; "
             f"prediction type `{meta['prediction_type']}`.", ""]
+    body += _derived_section(config)
     body += ["## Use", "", "```python", "import torch"]
     if cls == "AutoencoderKL":
         body += ["from diffusers import AutoencoderKL", "",
@@ -267,6 +268,20 @@ def model_card(index: dict, config, *, step: int | None = None, metrics: str | N
              config.to_json_best_effort(indent=1) if hasattr(config, "to_json_best_effort") else json.dumps(config),
              "```", "", "</details>", "", METRICS_BEGIN, metrics_section(metrics), METRICS_END, ""]
     return "\n".join(header + body)
+
+
+def _derived_section(config) -> list[str]:
+    """Where the settings the run shares with its teacher came from (config.resolve: the teacher's folder, the
+    command line, or a default), so that a reader can tell an SD 2.x v-prediction run from one trained as epsilon."""
+    derived = config.get("derived") if hasattr(config, "get") else None
+    if not derived or not any(derived.values()):
+        return []
+    data, model = config.data, config.model
+    values = {"image_size": data.image_size, "tokenizer": data.tokenizer, "max_length": data.max_length,
+              "prediction_type": model.prediction_type,
+              "schedule": "{kind} {beta_start:g}-{beta_end:g}, T={num_train_timesteps}".format(**config.schedule)}
+    rows = [f"| {name} | `{values[name]}` | {derived[name]} |" for name in values if derived.get(name)]
+    return ["## Settings shared with the teacher", "", "| setting | value | from |", "|---|---|---|", *rows, ""]
 
 
 def _mu_text(index: dict) -> str:

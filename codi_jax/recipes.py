@@ -28,6 +28,8 @@ import numpy as np
 from absl import logging
 
 from codi_jax import checkpoint, diffusion, export, inference, modes, weights
+from codi_jax import config as config_lib
+from codi_jax import teacher as teacher_lib
 from codi_jax import data as data_lib
 from codi_jax.diffusion import objectives
 from codi_jax.models import clip as clip_lib
@@ -38,21 +40,13 @@ from codi_jax.models import vae as vae_lib
 from codi_jax.models import with_compute
 
 
-PRETRAINED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained")
+PRETRAINED_DIR = teacher_lib.PRETRAINED_DIR
 
 
 def resolve(path: str, workdir: str) -> str:
     """'@stage' names the export of an earlier stage of this run: <workdir>/<stage>/export; 'builtin:NAME' a pipeline
     shipped in the package (codi_jax/pretrained/NAME)."""
-    if path.startswith("@"):
-        return os.path.join(workdir, path[1:], "export")
-    if path.startswith("builtin:"):
-        found = os.path.join(PRETRAINED_DIR, path[len("builtin:"):])
-        if not os.path.isdir(found):
-            raise FileNotFoundError(f"{path!r}: no pretrained pipeline {found!r} in this installation "
-                                    f"(shipped: {sorted(os.listdir(PRETRAINED_DIR)) if os.path.isdir(PRETRAINED_DIR) else []})")
-        return found
-    return path
+    return teacher_lib.folder(path, workdir)
 
 
 def controlnet_source(path: str, task: str) -> tuple[str, dict]:
@@ -139,6 +133,8 @@ class Recipe:
         """abstract=True reads no weights and materialises nothing (presets only): for ahead-of-time compiles of
         large models, e.g. the TPU pod plan in benchmarks/aot_tpu.py."""
 
+        # The teacher's settings (image size, tokenizer, schedule...), for every caller alike.
+        config_lib.resolve_for_plan(config) if abstract else config_lib.resolve(config)
         self.config = config
         self.mode = config.mode
         self.spec = modes.get(config.mode)
