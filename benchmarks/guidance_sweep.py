@@ -1,12 +1,13 @@
 """One conditional model sampled at several classifier-free guidance scales, on the evaluation's held-out scenes.
 
     python benchmarks/guidance_sweep.py --model=runs/depth-tiny [--guidance=1,2,3,5] [--steps=1,2,4] \
-        [--examples=1000] [--config=depth] [--results=guidance_sweep]
+        [--examples=1000] [--config=depth] [--split=validation] [--results=guidance_sweep]
 
 Every (scale, steps) row is scored as codi_jax.evaluate scores a method (FID/KID, the depth error, caption following,
 PSNR/SSIM, bootstrap intervals), on the same held-out examples and initial noise as the evaluation of
-configs/<config>.py:tiny (evaluate.held_out), so a row at the model's own guidance equals that evaluation's row to
-the digit. Writes
+configs/<config>.py:tiny on that split (evaluate.held_out), so a row at the model's own guidance equals that
+evaluation's row to the digit. The sweep exists to choose a setting, so it runs on the validation split by default;
+--split=test only re-measures a setting already chosen (the test split is for the numbers that are reported). Writes
 benchmarks/results/<results>.{json,md}, rewritten after each scale (a stopped sweep keeps what it measured).
 """
 
@@ -29,6 +30,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", default="1,2,4", help="comma-separated sampling steps")
     parser.add_argument("--examples", type=int, default=1000, help="held-out examples")
     parser.add_argument("--config", default="depth", help="configs/<config>.py:tiny gives the data and metrics")
+    parser.add_argument("--split", default="validation", choices=("validation", "test"),
+                        help="held-out split: validation chooses settings, test only reports them")
     parser.add_argument("--results", default="guidance_sweep", help="benchmarks/results/<results>.{json,md}")
     args = parser.parse_args(argv)
     try:
@@ -51,11 +54,12 @@ def main(argv=None) -> int:
         pipe = Pipeline.load(args.model)
     except (FileNotFoundError, ValueError) as e:
         parser.exit(2, f"error: {e}\n")
-    config = tiny_config(args.config)
+    config = tiny_config(args.config, **{"eval.split": args.split})
     batches, real, cond, captions = evaluate.held_out(config, args.examples)
     scorer = evaluate.Scorer(config, real, captions, cond)
     report = {"meta": {"command": " ".join(["python benchmarks/guidance_sweep.py"] + (argv or sys.argv[1:])),
                        "model": os.path.relpath(os.path.abspath(args.model), REPO), "num_examples": len(real),
+                       "split": args.split,
                        "seed": int(config.eval.seed), "machine": f"{os.cpu_count()} CPU cores",
                        "unavailable": scorer.unavailable,
                        "notes": "rows: the model at guidance w; its own guidance is "

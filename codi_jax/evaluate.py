@@ -1,6 +1,11 @@
 """Offline evaluation of a run and of the baselines beside it.
 
-    python -m codi_jax.evaluate --config=configs/depth.py:tiny --workdir=runs/depth-tiny [--steps=1,2,4,8]
+    python -m codi_jax.evaluate --workdir=runs/depth-tiny [--steps=1,2,4,8] [--config.eval.split=validation]
+
+The config is the one the run saved with its newest checkpoint (its data, image size, task and evaluation settings),
+with the --config.key=value flags typed here on top; --config=<file> is needed only for a workdir without a saved config
+(a Table 2 workdir of sub-runs, or one holding only exports). The held-out split is config.eval.split: 'test' (default)
+for the numbers that are reported, 'validation' for choosing settings.
 
 Methods: the run's own model (<workdir>/export) and every conditional baseline exported under <workdir>/<name>/export.
 Each is sampled on the same held-out set and scored against the ground truth: FID and KID (InceptionV3), PSNR, SSIM,
@@ -22,24 +27,32 @@ against the number of steps (as the paper's Figures 2 and 7) and a sample grid (
 
 from __future__ import annotations
 
+import copy
+import difflib
 import json
+import logging as std_logging
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
+import ml_collections
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 from PIL import Image
 
-from codi_jax import cli, modes, recipes
+from codi_jax import checkpoint, cli, modes, recipes
+from codi_jax import config as config_lib
 from codi_jax import data as data_lib
 from codi_jax import export as export_lib
+from codi_jax.data import pipeline
 from codi_jax.data.tasks import condition_rgb
-from codi_jax.metrics import MetricUnavailable, depth, fid, image, lpips, stats
+from codi_jax.metrics import MetricUnavailable, dense, depth, fid, image, lpips, stats
 from codi_jax.metrics import captions as caption_metric
 from codi_jax.metrics import clip_score as clip_lib
+from codi_jax.models.dense_unet import DenseUNetConfig
 from codi_jax.sample import Pipeline, to_uint8
 
 LOWER_IS_BETTER = {"fid": True, "kid": True, "depth_rmse": True, "depth_si_rmse": True, "depth_delta1": False,
@@ -87,6 +100,175 @@ def _check_tasks(config, methods: dict[str, str]) -> None:
                 f"for task {config.task!r}: evaluate it with that task's config (e.g. configs/{meta.get('task')}.py)")
 
 
+class EvalConfigError(ValueError):
+    """An evaluation that cannot work as configured (no config, a held-out split too small for the request, a metric
+    reader trained for another image size): one line naming the fields to change, raised before anything is sampled
+    or written; the command line exits with status 2."""
+
+
+def saved_config(workdir: str) -> tuple[int, dict] | None:
+    """(step, config as JSON) saved with the newest checkpoint in workdir that has one, or None: a workdir without
+    checkpoints/ (sub-runs, exports only) is read without creating anything in it."""
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        return None
+    # Orbax logs some twenty lines to open a manager and read one item. Quieted on absl's Python logger, not with
+    # logging.set_verbosity: that would set the --verbosity flag and hide this module's own INFO lines.
+    absl_logger = std_logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(std_logging.WARNING)
+    checkpointer = checkpoint.Checkpointer(workdir, async_save=False)
+    try:
+        return checkpointer.saved_config()
+    finally:
+        checkpointer.close()
+        absl_logger.setLevel(level)
+
+
+def _tuples(value):
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def _overlay(config: ml_collections.ConfigDict, values: dict, prefix: str = "") -> list[str]:
+    """Sets each field of `config` to the saved value (JSON: tuples come back as lists); returns the saved keys that
+    this version has no field of that kind for (a config saved by another version), which are left out."""
+    left_out = []
+    for key, value in values.items():
+        current = config[key] if key in config else None
+        if key not in config or isinstance(current, ml_collections.ConfigDict) != isinstance(value, dict):
+            left_out.append(prefix + key)
+        elif isinstance(current, ml_collections.ConfigDict):
+            left_out += _overlay(current, value, f"{prefix}{key}.")
+        else:
+            try:
+                config[key] = _tuples(value) if isinstance(current, tuple) else value
+            except TypeError:  # the field changed type between versions
+                left_out.append(prefix + key)
+    return left_out
+
+
+def _get(config: ml_collections.ConfigDict, dotted: str):
+    for part in dotted.split("."):
+        config = config[part]
+    return config
+
+
+def _saved_run(workdir: str, file_config=None, file_spec: str = "--config"):
+    """(config, line) from the workdir's saved config, before any flag and unfinalized, or None without one. The line
+    says where it came from; `file_config` must be for the run's task and gives only fields the saved config lacks."""
+    saved = saved_config(workdir) if os.path.isdir(workdir) else None
+    if saved is None:
+        return None
+    step, values = saved
+    task, mode = values.get("task"), values.get("mode")
+    line = f"evaluate: the config saved with checkpoint {step} in {workdir}"
+    if task not in config_lib.TASKS:
+        raise EvalConfigError(f"the config saved with checkpoint {step} in {workdir} names no known task ({task!r}); "
+                              "pass --config with the run's config")
+    if file_config is not None:
+        if file_config.task != task:
+            raise WorkdirMismatch(
+                f"{file_spec} is for task {file_config.task!r}, but {workdir} holds a run of task {task!r} (mode "
+                f"{mode!r}, checkpoint {step}): leave --config out to evaluate it with its saved config")
+        if file_config.mode != mode:
+            line += f" ({file_spec} is for mode {file_config.mode!r}: the run's saved mode {mode!r} is used)"
+    config = copy.deepcopy(file_config) if file_config is not None else config_lib.base(task)
+    left_out = _overlay(config, values)
+    if left_out:
+        line += f" (saved fields this version does not have, left out: {', '.join(left_out)})"
+    return config, line
+
+
+def _config_needed(workdir: str) -> EvalConfigError:
+    return EvalConfigError(f"--config is needed: {workdir} has no saved config (no checkpoint with one); pass the "
+                           "config it was trained with, e.g. --config=configs/depth.py:tiny")
+
+
+def config_for(workdir: str, file_config: ml_collections.ConfigDict | None = None,
+               overrides: dict[str, Any] | None = None, file_spec: str = "--config") -> tuple[Any, str]:
+    """The config to evaluate `workdir` with, and one line saying which it is and what the flags changed.
+
+    With a saved config (the newest checkpoint's): that config, with `overrides` ({dotted key: value}: the
+    --config.key=value flags the user typed) on top, finalized. `file_config` (--config), if given, must be for the
+    run's task (else WorkdirMismatch) and supplies only the fields the saved config predates. Without a saved config:
+    `file_config` as it is (the flags are already in it), or EvalConfigError when there is none either.
+    """
+    overrides = dict(overrides or {})
+    saved = _saved_run(workdir, file_config, file_spec)
+    if saved is None:
+        if file_config is None:
+            raise _config_needed(workdir)
+        typed = ", ".join(f"{k}={v!r}" for k, v in overrides.items())
+        return file_config, (f"evaluate: config {file_spec} ({workdir} has no saved config)"
+                             + (f"; flags set {typed}" if typed else ""))
+    config, line = saved
+    before = {key: _get(config, key) for key in overrides}
+    config.update_from_flattened_dict(overrides)
+    config_lib.finalize(config)
+    changed = ", ".join(f"{k} {before[k]!r} -> {v!r}" for k, v in overrides.items() if before[k] != v)
+    return config, line + (f"; flags changed {changed}" if changed else "; no flag changed it")
+
+
+def check_held_out(config) -> None:
+    """EvalConfigError when the held-out split (eval.split) has fewer records than the evaluation needs:
+    eval.num_examples, twice that with eval.noise_floor (FID's floor is a second, disjoint set of the same size)."""
+    split, n, floor = config.eval.split, int(config.eval.num_examples), bool(config.eval.noise_floor)
+    need = 2 * n if floor else n
+    try:
+        have = len(data_lib.make_source(config.data, split))
+    except ValueError as e:  # e.g. a folder with no image in this split
+        raise EvalConfigError(f"eval.split={split!r}: {e}") from e
+    if need <= have:
+        return
+    fits = have // 2 if floor else have
+    fixes = [f"--config.eval.num_examples={fits}"] if fits else []
+    if floor:
+        fixes.append(f"--config.eval.noise_floor=False (then up to {have})")
+    fixes.append(f"a larger {split} split ({pipeline.split_size_fields(config.data, split)})")
+    raise EvalConfigError(
+        f"eval.num_examples={n}{' with eval.noise_floor=True' if floor else ''} needs {need} held-out records, and "
+        f"the {split} split (eval.split) has {have}: set {', or '.join(fixes)}")
+
+
+def _readers(config) -> dict[str, tuple[str, Path, str]]:
+    """The image readers of this evaluation: {config.eval field: (what, folder, the command that trains one)}."""
+    out = {}
+    if config.task == "depth":
+        out["depth_estimator"] = ("depth estimator", Path(config.eval.depth_estimator or depth.DEFAULT_PATH),
+                                  "python -m codi_jax.metrics.train_depth")
+    if _reads_captions(config):
+        out["segmenter"] = ("colour segmenter", Path(config.eval.segmenter or caption_metric.DEFAULT_PATH),
+                            "python -m codi_jax.metrics.train_segmenter")
+    return out
+
+
+def _reads_captions(config) -> bool:
+    # Caption following reads the scene grammar's captions: procedural scenes, and not edit's instructions.
+    return config.data.dataset == "scenes" and config.task != "edit"
+
+
+def _reader_misfit(config, field: str, size: int | None) -> str | None:
+    """One line when the reader of config.eval.<field> reads another image size than the data have, else None."""
+    what, path, command = _readers(config)[field]
+    s = int(config.data.image_size)
+    if size is None or int(size) == s:
+        return None
+    return (f"config.eval.{field}: the {what} {path} reads {size}x{size} images, and the data are {s}x{s} "
+            f"(data.image_size): pass one trained at {s} px (`{command} --image_size {s} --out DIR`, then "
+            f"--config.eval.{field}=DIR)")
+
+
+def check_readers(config) -> None:
+    """EvalConfigError for a reader set in config.eval that reads another image size than the data, from its
+    config.json alone (before the held-out set is built). The shipped default at another size is no refusal: its metric
+    is reported unavailable (Scorer), as when no reader exists."""
+    for field, (_, path, _) in _readers(config).items():
+        file = path.expanduser() / dense.CONFIG_FILE
+        if config.eval[field] and file.is_file():
+            problem = _reader_misfit(config, field, DenseUNetConfig.from_dict(json.loads(file.read_text())).image_size)
+            if problem:
+                raise EvalConfigError(problem)
+
+
 def samplers_for(mode: str, steps: tuple[int, ...], teacher_steps: int) -> list[tuple[str, str, int]]:
     """(row label suffix, sampler, steps) to evaluate for a model of this mode (the paper's Table 2 rows)."""
     return modes.get(mode).eval_rows(steps, teacher_steps)
@@ -128,15 +310,14 @@ class Scorer:
         self.depth = None
         if config.task == "depth":
             try:
-                self.depth = depth.load_depth_estimator(config.eval.depth_estimator or None)
+                self.depth = self._reader(config, "depth_estimator", depth.load_depth_estimator)
             except (MetricUnavailable, FileNotFoundError) as e:
                 for m in ("depth_rmse", "depth_si_rmse", "depth_delta1"):
                     self.unavailable[m] = str(e)
-        # Caption following reads the scene grammar's captions: procedural scenes, and not edit's instructions.
         self.segmenter = None
-        if config.data.dataset == "scenes" and config.task != "edit":
+        if _reads_captions(config):
             try:
-                self.segmenter = caption_metric.load_segmenter(config.eval.segmenter or None)
+                self.segmenter = self._reader(config, "segmenter", caption_metric.load_segmenter)
             except (MetricUnavailable, FileNotFoundError) as e:
                 for m in ("caption_colour_recall", "caption_colour_exact", "caption_relation", "caption_order"):
                     self.unavailable[m] = str(e)
@@ -150,6 +331,19 @@ class Scorer:
         except (MetricUnavailable, FileNotFoundError) as e:
             self.clip = None
             self.unavailable["clip_score"] = str(e)
+
+    @staticmethod
+    def _reader(config, field: str, load):
+        """A dense reader (config.eval.<field>, else the shipped one) that reads the data's image size. One the user
+        named at another size is refused (EvalConfigError); the shipped one at another size is unavailable."""
+        model = load(config.eval[field] or None)
+        problem = _reader_misfit(config, field, model[0].config.image_size)
+        if problem and config.eval[field]:
+            raise EvalConfigError(problem)
+        if problem:
+            logging.warning("%s", problem)
+            raise MetricUnavailable(problem)
+        return model
 
     def distribution(self, images_uint8: np.ndarray) -> dict[str, Any]:
         """FID and KID (with a bootstrap interval) of a set of images against the held-out ground truth."""
@@ -281,10 +475,12 @@ def markdown(report: dict) -> str:
 
 
 def held_out(config, num_examples: int):
-    """The evaluation's held-out set: (batches, real images uint8, conditions or None, captions), the same examples and
-    per-batch noise seeds for every caller, so rows scored on it compare with the evaluation's to the digit."""
+    """The evaluation's held-out set, from config.eval.split: (batches, real images uint8, conditions or None,
+    captions), the same examples and per-batch noise seeds for every caller, so rows scored on it compare with the
+    evaluation's (of the same split) to the digit."""
     batches = data_lib.make_eval_batches(config.data, batch_size=int(config.eval.batch_size),
-                                         num_examples=num_examples, seed=int(config.eval.seed))
+                                         num_examples=num_examples, seed=int(config.eval.seed),
+                                         split=config.eval.split)
     real = np.concatenate([to_uint8(b["image"]) for b in batches])
     cond = np.concatenate([b["cond"] for b in batches]) if "cond" in batches[0] else None
     return batches, real, cond, [c for b in batches for c in b["caption"]]
@@ -321,6 +517,8 @@ def run(config, workdir: str, steps: tuple[int, ...] | None = None) -> dict:
     if not methods:
         raise FileNotFoundError(f"no finished conditional model in {workdir!r} (looked for export/ and */export/)")
     _check_tasks(config, methods)
+    check_held_out(config)
+    check_readers(config)
     out_dir = os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
     n_eval, bs, seed = int(config.eval.num_examples), int(config.eval.batch_size), int(config.eval.seed)
@@ -335,7 +533,7 @@ def run(config, workdir: str, steps: tuple[int, ...] | None = None) -> dict:
     truth = {**scorer.controllability(real), **scorer.caption_following(real)}
     if config.eval.noise_floor:
         reference = data_lib.make_eval_batches(config.data, batch_size=bs, num_examples=n_eval, seed=seed,
-                                               offset=n_eval)
+                                               offset=n_eval, split=config.eval.split)
         truth.update(scorer.distribution(np.concatenate([to_uint8(b["image"]) for b in reference])))
     report[GROUND_TRUTH] = {"-": truth}
     pipes = {name: Pipeline.load(export) for name, export in methods.items()}  # each export read once
@@ -360,12 +558,14 @@ def run(config, workdir: str, steps: tuple[int, ...] | None = None) -> dict:
     columns.append(real[:8])
     names.append("ground truth")
     report["meta"] = {
-        "num_examples": int(len(real)), "seed": seed, "image_size": int(config.data.image_size),
+        "num_examples": int(len(real)), "split": config.eval.split, "seed": seed,
+        "image_size": int(config.data.image_size),
         "task": config.task, "steps": list(steps), "teacher": config.teacher,
         # Relative to the workdir, as given for the teacher: a report must not record the machine it ran on.
         "methods": {k: os.path.relpath(v, workdir) for k, v in methods.items()},
         "unavailable": scorer.unavailable, "grid_columns": names, "seconds": round(time.time() - t0, 1),
-        "notes": (f"{GROUND_TRUTH}: depth errors and caption following of the real images (the readers' floor and "
+        "notes": (f"Held-out {config.eval.split} split ({int(len(real))} examples). "
+                  f"{GROUND_TRUTH}: depth errors and caption following of the real images (the readers' floor and "
                   f"ceiling); its FID/KID are those of "
                   f"a disjoint held-out set of the same size (the noise floor). {VAE_CEILING}: encode-decode of the "
                   f"real images. {TEACHER}: the text-to-image teacher from the caption alone."),
@@ -391,6 +591,61 @@ def _update_model_cards(report: dict, methods: dict[str, str]) -> None:
             logging.warning("%s has no codi_jax model card: its metrics are only in the eval report", path)
 
 
+def _flag_value(argv, name: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg.startswith(f"--{name}="):
+            return arg.split("=", 1)[1]
+        if arg == f"--{name}" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _override_problem(config, key: str, value: str) -> str | None:
+    """Which --config.key=value names no field of the saved config, with the nearest field (as cli does for a
+    config file)."""
+    node, walked = config, []
+    for part in key.split("."):
+        fields = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else None
+        if fields is None:
+            return (f"--config.{key}={value}: config.{'.'.join(walked)} is a {type(node).__name__}, it has no field "
+                    f"{part!r}")
+        if part not in fields:
+            near = difflib.get_close_matches(part, fields, n=1)
+            where = f"config.{'.'.join(walked)}" if walked else "the saved config"
+            hint = f"; did you mean {'.'.join(walked + near)!r}?" if near else f" (fields: {', '.join(sorted(fields))})"
+            return f"--config.{key}={value}: {where} has no field {part!r}{hint}"
+        node, walked = node[part], walked + [part]
+    return None
+
+
+def flags_parser(argv):
+    """cli.flags_parser, after defining --config: a config file when one is given; otherwise the workdir's saved
+    config, against which the --config.key=value flags are then read (their types and typos are its own)."""
+    workdir = _flag_value(argv, "workdir")
+    asks_help = any(a.split("=")[0] in ("--help", "-h", "--helpfull", "--helpshort", "-?") for a in argv)
+    if cli._config_arg(argv) is None and workdir and not asks_help:
+        if not os.path.isdir(workdir):
+            print(f"error: --workdir={workdir!r} does not exist", file=sys.stderr)
+            raise SystemExit(1)
+        try:
+            saved = _saved_run(workdir)
+        except EvalConfigError as e:
+            cli.fail(str(e))
+        if saved is None:
+            cli.fail(str(_config_needed(workdir)))
+        saved = saved[0]  # unfinalized: a saved field this version refuses can still be set right by a flag
+        for key, value in cli._overrides(argv):
+            problem = _override_problem(saved, key, value)
+            if problem:
+                cli.fail(problem)
+        config_flags.DEFINE_config_dict("config", saved, "The run's config: by default the one saved in --workdir",
+                                        lock_config=True)
+    else:
+        config_flags.DEFINE_config_file("config", None, "Task config file, e.g. configs/depth.py:tiny; needed only "
+                                        "for a workdir without a saved config", lock_config=True)
+    return cli.flags_parser(argv)
+
+
 def main(argv):
     del argv
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -399,9 +654,24 @@ def main(argv):
         steps = tuple(int(s) for s in FLAGS.steps.split(",")) if FLAGS.steps else None
     except ValueError:
         cli.fail(f"--steps={FLAGS.steps}: comma-separated step counts, e.g. 1,2,4")
-    config = cli.config(FLAGS)
+    spec = cli._config_arg(sys.argv)
+    file_config = cli.config(FLAGS) if spec else None
+    if not os.path.isdir(FLAGS.workdir):  # before the config line: a mistyped workdir is the whole story
+        print(f"error: --workdir={FLAGS.workdir!r} does not exist", file=sys.stderr)
+        raise SystemExit(1)
+    try:
+        config, line = config_for(FLAGS.workdir, file_config, FLAGS["config"].override_values,
+                                  file_spec=f"--config={spec}")
+    except WorkdirMismatch as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1)
+    except ValueError as e:  # EvalConfigError, or an override that the saved config does not validate with
+        cli.fail(str(e))
+    logging.info("%s", line)
     try:
         run(config, FLAGS.workdir, steps)
+    except EvalConfigError as e:
+        cli.fail(str(e))
     except (FileNotFoundError, WorkdirMismatch) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1)
@@ -409,9 +679,8 @@ def main(argv):
 
 if __name__ == "__main__":
     FLAGS = flags.FLAGS
-    config_flags.DEFINE_config_file("config", None, "Task config file, e.g. configs/depth.py:tiny", lock_config=True)
     flags.DEFINE_string("workdir", None, "The run folder to evaluate")
     flags.DEFINE_string("steps", "", "Comma-separated step counts (default: config.eval.steps)")
-    flags.mark_flags_as_required(["config", "workdir"])
+    flags.mark_flags_as_required(["workdir"])
 
-    app.run(main, flags_parser=cli.flags_parser)
+    app.run(main, flags_parser=flags_parser)

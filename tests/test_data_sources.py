@@ -1,5 +1,6 @@
 """Image folders (with bad files), the tfds array_record builder, and the prepare_depth command."""
 
+import hashlib
 import json
 import logging
 import os
@@ -76,8 +77,9 @@ def test_folder_errors_are_clear(tmp_path, image_folder):
     _write_images(meta, 2, captions=False)
     (meta / "metadata.jsonl").write_text(json.dumps({"file_name": "img00.png", "prompt": "x"}) + "\n")
     with pytest.raises(ValueError, match="caption column 'text'"):
-        sources.FolderSource(str(meta), split="train", image_size=16, test_fraction=0.0)
-    src = sources.FolderSource(str(meta), split="train", image_size=16, caption_key="prompt", test_fraction=0.0)
+        sources.FolderSource(str(meta), split="train", image_size=16, test_fraction=0.0, validation_fraction=0.0)
+    src = sources.FolderSource(str(meta), split="train", image_size=16, caption_key="prompt", test_fraction=0.0,
+                               validation_fraction=0.0)
     assert src[src.files.index("img00.png")]["caption"] == "x"
 
 
@@ -94,12 +96,81 @@ def test_edit_folder_layout(tmp_path):
     for i in range(3):
         (tmp_path / "instruction" / f"img{i:02d}.txt").write_text(f"make it {i}")
     cfg = _folder_cfg(tmp_path, task="edit")
-    src = sources.EditFolderSource(str(tmp_path), split="train", image_size=16, test_fraction=0.0)
+    src = sources.EditFolderSource(str(tmp_path), split="train", image_size=16, test_fraction=0.0,
+                                   validation_fraction=0.0)
     assert isinstance(src, grain.sources.RandomAccessDataSource)
     assert len(src) == 3 and src[1]["caption"] == "make it 1" and src[1]["input_image"].shape == (16, 16, 3)
     with pytest.raises(ValueError, match="instruction"):
         sources.EditFolderSource(str(tmp_path / "input"), split="train", image_size=16)
     assert data.cond_channels(cfg) == 3
+
+
+NAMES = [f"img_{i:04d}.png" for i in range(400)] + [f"sub/dir/photo {i}.jpg" for i in range(200)]
+
+
+def _touch(root, names):
+    """Image files that are only listed, never decoded (the split is chosen from the paths alone)."""
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"")
+
+
+def _digest(files):
+    return hashlib.sha1("\n".join(n for n in NAMES if n in set(files)).encode()).hexdigest()
+
+
+def test_folder_hash_split_keeps_test_and_carves_validation_beside_it(tmp_path):
+    _touch(tmp_path, NAMES)
+    split = {s: set(sources.FolderSource(str(tmp_path), split=s, image_size=16).files)
+             for s in ("train", "validation", "test")}
+    # The test files before validation existed (digest and count from that code, fraction 0.05): unchanged.
+    assert len(split["test"]) == 41 and _digest(split["test"]) == "52939c178f614298b9ae2609723a9fb16c11853e"
+    assert not split["validation"] & split["test"] and not split["validation"] & split["train"]
+    assert split["train"] | split["validation"] | split["test"] == set(NAMES)
+    assert 15 <= len(split["validation"]) <= 45  # 5 % of 600
+    # Files added later never move a file from one split to another.
+    _touch(tmp_path, [f"new_{i}.png" for i in range(300)])
+    for s, files in split.items():
+        after = set(sources.FolderSource(str(tmp_path), split=s, image_size=16).files)
+        assert files <= after and not (after - files) - {f"new_{i}.png" for i in range(300)}
+
+
+def test_folder_fractions_are_config_fields(tmp_path):
+    _touch(tmp_path, NAMES)
+    cfg = _folder_cfg(tmp_path, folder_test_fraction=0.10, folder_validation_fraction=0.2)
+    test = data.make_source(cfg, "test").files
+    assert len(test) == 61 and _digest(test) == "07e0a1d97bcf6cdc829e42e0242a6bb4d7571984"  # as before, at 10 %
+    assert 90 <= len(data.make_source(cfg, "validation")) <= 150
+    for field, value in [("folder_test_fraction", 1.0), ("folder_validation_fraction", -0.1),
+                         ("folder_validation_fraction", 0.95)]:
+        with pytest.raises(ValueError, match=field):
+            data.validate(_folder_cfg(tmp_path, **{field: value}))
+
+
+def test_folder_split_folders_with_and_without_validation(tmp_path):
+    _touch(tmp_path, [f"train/{n}" for n in NAMES[:300]] + [f"test/t{i}.png" for i in range(5)])
+    train = set(sources.FolderSource(str(tmp_path), split="train", image_size=16).files)
+    val = set(sources.FolderSource(str(tmp_path), split="validation", image_size=16).files)
+    test = set(sources.FolderSource(str(tmp_path), split="test", image_size=16).files)
+    assert test == {f"test/t{i}.png" for i in range(5)}
+    # No validation/ folder: a stable 5 % of train/ is held out for it.
+    assert val and not val & train and val | train == {f"train/{n}" for n in NAMES[:300]} and len(val) < 30
+    _touch(tmp_path, [f"validation/v{i}.png" for i in range(3)])
+    assert set(sources.FolderSource(str(tmp_path), split="validation", image_size=16).files) == \
+        {f"validation/v{i}.png" for i in range(3)}
+    assert len(sources.FolderSource(str(tmp_path), split="train", image_size=16)) == 300  # all of train/ again
+
+
+def test_edit_folder_splits_are_disjoint(tmp_path):
+    stems = [f"e{i:03d}" for i in range(200)]
+    _touch(tmp_path, [f"{d}/{s}.png" for d in ("input", "edited") for s in stems])
+    (tmp_path / "instruction").mkdir()
+    for s in stems:
+        (tmp_path / "instruction" / f"{s}.txt").write_text("make it red")
+    split = {s: {i[1] for i in sources.EditFolderSource(str(tmp_path), split=s, image_size=16).items}
+             for s in ("train", "validation", "test")}
+    assert all(split.values()) and sum(map(len, split.values())) == 200
+    assert not split["train"] & split["validation"] and not split["validation"] & split["test"]
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +208,16 @@ def test_tfds_pipeline_and_missing_feature(tfds_dir):
     cfg.tfds_caption_key = "text"
     with pytest.raises(ValueError, match="text"):
         data.make_train_loader(cfg, global_batch_size=4, seed=0, process_index=0, process_count=1)
+
+
+def test_tfds_validation_split_is_named_in_the_config(tfds_dir):
+    d, name = tfds_dir
+    cfg = data.default_config()
+    cfg.update(dataset="tfds", tfds_name=name, data_dir=d, image_size=16, task="t2i")
+    with pytest.raises(ValueError, match="has no split 'validation'"):  # this dataset has train and test only
+        data.make_source(cfg, "validation")
+    cfg.tfds_validation_split = "train"  # any split of the dataset, by name
+    assert len(data.make_source(cfg, "validation")) == 12 and len(data.make_source(cfg, "test")) == 4
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ the trainer assembles global arrays with jax.make_array_from_process_local_data.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import grain.python as grain
@@ -31,19 +32,25 @@ def default_config() -> ml_collections.ConfigDict:
     c.data_dir = ""  # folder root (dataset='folder') or tfds data_dir (dataset='tfds'; '' = tfds default)
     c.tfds_name = ""  # e.g. 'codi_scenes/32px' or any array_record-prepared tfds dataset
     c.tfds_train_split = "train"
-    c.tfds_eval_split = "test"
+    c.tfds_validation_split = "validation"  # for choosing defaults and ablations (config.eval.split='validation')
+    c.tfds_eval_split = "test"  # the test split: only for the numbers that are reported
     c.tfds_image_key = "image"  # for edit: the edited (target) image
     c.tfds_caption_key = "caption"  # for edit: the instruction
     c.tfds_depth_key = "depth"  # metric depth (larger = farther), used by task 'depth'
     c.tfds_edit_input_key = "input_image"  # used by task 'edit'
     c.folder_caption_key = "text"  # caption column of an optional metadata.jsonl in the image folder
     c.folder_validate = False  # decode every folder image once at start-up, so skipped files are counted up front
+    # A folder without train/ and test/ sub-folders is split by a stable hash of each file's path: these fractions
+    # go to test and to validation (with train/ and test/: validation/, or without it a hash share of train/).
+    c.folder_test_fraction = 0.05
+    c.folder_validation_fraction = 0.05
     c.tokenizer = tokenizer.BUILTIN_SCENES  # or a local folder with a CLIP tokenizer, e.g. <sd>/tokenizer
     c.max_length = 77
     c.num_workers = 0  # grain worker processes per host (0 = in the main process)
     c.worker_buffer_size = 2
     c.shuffle = True  # global index shuffle (grain IndexSampler); no shuffle buffer is needed
     c.scenes_num_train = 50_000
+    c.scenes_num_validation = 2_000  # 1000 evaluated scenes and 1000 more for FID's noise floor, as the tiny eval uses
     c.scenes_num_test = 1_000
     c.scenes_seed = 0  # which procedural world; the loader `seed` only changes order and augmentation randomness
     c.scenes_min_objects = 1
@@ -78,11 +85,18 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if not 0.0 <= cfg.text_dropout < 1.0:
         raise ValueError(f"text_dropout must be in [0, 1), got {cfg.text_dropout!r}")
     if cfg.dataset == "scenes":
-        for f in ("scenes_num_train", "scenes_num_test", "scenes_min_objects", "scenes_supersample"):
+        for f in ("scenes_num_train", "scenes_num_validation", "scenes_num_test", "scenes_min_objects",
+                  "scenes_supersample"):
             if int(cfg[f]) < 1:
                 raise ValueError(f"{f} must be >= 1, got {cfg[f]!r}")
         if cfg.scenes_max_objects < cfg.scenes_min_objects or cfg.scenes_max_objects > 5:
             raise ValueError(f"scenes_max_objects must be in [scenes_min_objects, 5], got {cfg.scenes_max_objects!r}")
+    for f in ("folder_test_fraction", "folder_validation_fraction"):
+        if not 0.0 <= cfg[f] < 1.0:
+            raise ValueError(f"{f} must be in [0, 1), got {cfg[f]!r}")
+    if cfg.folder_test_fraction + cfg.folder_validation_fraction >= 1.0:
+        raise ValueError(f"folder_test_fraction + folder_validation_fraction must leave files for training, got "
+                         f"{cfg.folder_test_fraction!r} + {cfg.folder_validation_fraction!r}")
     if not cfg.tokenizer:
         raise ValueError("tokenizer must be 'builtin:scenes' or a local CLIP tokenizer folder")
 
@@ -96,25 +110,31 @@ def cond_channels(cfg) -> int:
 
 
 def make_source(cfg, split: str):
-    """The raw record source of a split ('train' or 'test')."""
+    """The raw record source of a split: 'train', 'validation' (for choosing defaults and ablations) or 'test' (only
+    for the numbers that are reported)."""
     validate(cfg)
+    if split not in sources.SPLITS:
+        raise ValueError(f"split must be one of {sources.SPLITS}, got {split!r}")
     if cfg.dataset == "scenes":
-        n = cfg.scenes_num_train if split == "train" else cfg.scenes_num_test
+        n = cfg[f"scenes_num_{split}"]
         return sources.SceneSource(split=split, num_examples=n, image_size=cfg.image_size, seed=cfg.scenes_seed,
                                    edit=cfg.task == "edit", min_objects=cfg.scenes_min_objects,
                                    max_objects=cfg.scenes_max_objects, supersample=cfg.scenes_supersample)
     if cfg.dataset == "folder":
+        fractions = {"test_fraction": cfg.folder_test_fraction,
+                     "validation_fraction": cfg.folder_validation_fraction}
         if cfg.task == "edit":
-            return sources.EditFolderSource(cfg.data_dir, split=split, image_size=cfg.image_size)
+            return sources.EditFolderSource(cfg.data_dir, split=split, image_size=cfg.image_size, **fractions)
         return sources.FolderSource(cfg.data_dir, split=split, image_size=cfg.image_size,
-                                    need_depth=cfg.task == "depth",
-                                    caption_key=cfg.folder_caption_key, validate=cfg.folder_validate)
+                                    need_depth=cfg.task == "depth", caption_key=cfg.folder_caption_key,
+                                    validate=cfg.folder_validate, **fractions)
     keys = {"image": cfg.tfds_image_key, "caption": cfg.tfds_caption_key}
     if cfg.task == "depth":
         keys["depth"] = cfg.tfds_depth_key
     if cfg.task == "edit":
         keys["input_image"] = cfg.tfds_edit_input_key
-    tfds_split = cfg.tfds_train_split if split == "train" else cfg.tfds_eval_split
+    tfds_split = {"train": cfg.tfds_train_split, "validation": cfg.tfds_validation_split,
+                  "test": cfg.tfds_eval_split}[split]
     return sources.TfdsSource(cfg.tfds_name, split=tfds_split, data_dir=cfg.data_dir or None,
                               image_size=cfg.image_size, keys=keys)
 
@@ -214,18 +234,38 @@ def make_train_loader(cfg, *, global_batch_size: int, seed: int, process_index: 
                                                            prefetch_buffer_size=max(2 * local_batch, 16)))
 
 
-def make_eval_batches(cfg, *, batch_size: int, num_examples: int, seed: int, offset: int = 0) -> list[dict[str, Any]]:
-    """Test-split records `offset` .. `offset + num_examples` (of the readable ones) as deterministic batches (same
-    keys as training, plus 'caption'); a second, disjoint set (offset = num_examples) gives FID's noise floor.
+def split_size_fields(cfg, split: str) -> str:
+    """What sets the number of records in a split, for a message that asks for more of them."""
+    if cfg.dataset == "scenes":
+        return f"data.scenes_num_{split}"
+    if cfg.dataset == "tfds":
+        field = {"train": "tfds_train_split", "validation": "tfds_validation_split", "test": "tfds_eval_split"}[split]
+        return f"data.{field} (a larger split of {cfg.tfds_name})"
+    root = cfg.data_dir
+    if cfg.task != "edit" and sources.has_split_folders(root):
+        if split == "validation" and not os.path.isdir(os.path.join(root, "validation")):
+            return (f"data.folder_validation_fraction (the share of {os.path.join(root, 'train')} held out), or a "
+                    f"{os.path.join(root, 'validation')} folder")
+        return f"more images in {os.path.join(root, split)}"
+    if split == "train":
+        return "more images in data.data_dir"
+    return f"data.folder_{split}_fraction"
+
+
+def make_eval_batches(cfg, *, batch_size: int, num_examples: int, seed: int, offset: int = 0,
+                      split: str = "test") -> list[dict[str, Any]]:
+    """Records `offset` .. `offset + num_examples` (of the readable ones) of a held-out split ('test', or 'validation'
+    to choose settings on) as deterministic batches (same keys as training, plus 'caption'); a second, disjoint set
+    (offset = num_examples) gives FID's noise floor.
 
     Task randomness (masks, degradations) is drawn from (seed, record index), so every call returns the same batches.
     Unreadable files are skipped; the last batch may be smaller.
     """
     validate(cfg)
-    source = make_source(cfg, "test")
+    source = make_source(cfg, split)
     if offset + num_examples > len(source):
-        raise ValueError(f"num_examples {num_examples} (from test record {offset}) exceeds the {len(source)} test "
-                         "records")
+        raise ValueError(f"num_examples {num_examples} (from {split} record {offset}) exceeds the {len(source)} "
+                         f"{split} records (a larger {split} split: {split_size_fields(cfg, split)})")
     examples = []
     readable = 0
     for i in range(len(source)):

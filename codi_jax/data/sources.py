@@ -113,9 +113,22 @@ def load_disparity(path: str, size: int) -> np.ndarray:
         return np.asarray(_center_crop_resize(f, size, Image.Resampling.BILINEAR), np.float32)
 
 
-def _split_of(rel: str, test_fraction: float) -> str:
-    # A stable hash of the relative path: the split never changes when files are added, and never overlaps.
-    return "test" if (zlib.crc32(rel.encode()) % 10_000) < test_fraction * 10_000 else "train"
+SPLITS = ("train", "validation", "test")
+
+
+def _split_of(rel: str, test_fraction: float, validation_fraction: float) -> str:
+    """'test', 'validation' or 'train' from a stable hash of the relative path: a file never changes split when files
+    are added, and the splits never overlap. Test takes the hash's first `test_fraction` (the same files as before
+    validation existed), validation the next `validation_fraction`."""
+    bucket = zlib.crc32(rel.encode()) % 10_000
+    if bucket < test_fraction * 10_000:
+        return "test"
+    return "validation" if bucket < (test_fraction + validation_fraction) * 10_000 else "train"
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
 
 
 class SceneSource:
@@ -146,6 +159,11 @@ class SceneSource:
         return f"SceneSource(split={self.split}, n={self.num_examples}, size={self.image_size}, edit={self.edit})"
 
 
+def has_split_folders(root: str) -> bool:
+    """A folder dataset laid out as root/train and root/test (optionally root/validation)."""
+    return os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "test"))
+
+
 def _list_images(root: str, exclude: tuple[str, ...] = ()) -> list[str]:
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
@@ -159,21 +177,30 @@ def _list_images(root: str, exclude: tuple[str, ...] = ()) -> list[str]:
 class FolderSource:
     """Images under a folder (recursive), captions from same-stem .txt files or an imagefolder-style metadata.jsonl.
 
-    Splits: `root/train` and `root/test` when both exist, else a stable 5 % hash split of the relative paths.
+    Splits: `root/train` and `root/test` when both exist (and `root/validation` when present, else validation is a
+    stable `validation_fraction` hash split of `root/train`); otherwise a stable hash split of the relative paths,
+    `test_fraction` for test and `validation_fraction` for validation (see _split_of).
     Unreadable or truncated images are skipped and counted (see SKIPPED); with validate=True every file is decoded once
     here so the count is exact before training starts.
     """
 
     def __init__(self, root: str, *, split: str, image_size: int, need_depth: bool = False, caption_key: str = "text",
-                 test_fraction: float = 0.05, validate: bool = False):
+                 test_fraction: float = 0.05, validation_fraction: float = 0.05, validate: bool = False):
+        _check_split(split)
         if not os.path.isdir(root):
             raise ValueError(f"data_dir: {root!r} is not a folder")
         # Paths are kept relative to root, so depth maps live at root/depth/<same relative path> in both layouts.
-        if os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "test")):
-            files = [os.path.join(split, f) for f in _list_images(os.path.join(root, split), (DEPTH_DIR,))]
-            meta_dirs = ["", split]
+        if has_split_folders(root):
+            # Without root/validation, validation is carved out of root/train by the stable hash.
+            carve = split != "test" and not os.path.isdir(os.path.join(root, "validation"))
+            folder = "train" if carve else split
+            files = [os.path.join(folder, f) for f in _list_images(os.path.join(root, folder), (DEPTH_DIR,))]
+            if carve:
+                files = [f for f in files if _split_of(f, 0.0, validation_fraction) == split]
+            meta_dirs = ["", folder]
         else:
-            files = [f for f in _list_images(root, (DEPTH_DIR,)) if _split_of(f, test_fraction) == split]
+            files = [f for f in _list_images(root, (DEPTH_DIR,))
+                     if _split_of(f, test_fraction, validation_fraction) == split]
             meta_dirs = [""]
         if not files:
             raise ValueError(f"data_dir: no images ({', '.join(IMAGE_EXTS)}) for split {split!r} under {root!r}")
@@ -263,9 +290,12 @@ class FolderSource:
 
 
 class EditFolderSource:
-    """Instruction-editing triplets: root/input/<stem>.<ext>, root/edited/<stem>.<ext>, root/instruction/<stem>.txt."""
+    """Instruction-editing triplets: root/input/<stem>.<ext>, root/edited/<stem>.<ext>, root/instruction/<stem>.txt,
+    split by a stable hash of the stem as FolderSource splits a flat folder."""
 
-    def __init__(self, root: str, *, split: str, image_size: int, test_fraction: float = 0.05):
+    def __init__(self, root: str, *, split: str, image_size: int, test_fraction: float = 0.05,
+                 validation_fraction: float = 0.05):
+        _check_split(split)
         dirs = {k: os.path.join(root, k) for k in ("input", "edited", "instruction")}
         absent = [d for d in dirs.values() if not os.path.isdir(d)]
         if absent:
@@ -274,7 +304,7 @@ class EditFolderSource:
         inputs = {os.path.splitext(f)[0]: f for f in _list_images(dirs["input"])}
         stems = sorted(s for s in edited
                        if s in inputs and os.path.exists(os.path.join(dirs["instruction"], s + ".txt"))
-                       and _split_of(s, test_fraction) == split)
+                       and _split_of(s, test_fraction, validation_fraction) == split)
         if not stems:
             raise ValueError(f"data_dir: no complete (input, edited, instruction) triplets for split {split!r} "
                              f"in {root!r}")
