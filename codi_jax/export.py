@@ -83,6 +83,8 @@ def export(recipe, state, frozen: dict, path: str) -> None:
             "schedule": config.schedule.to_dict(), "image_size": int(config.data.image_size),
             "max_length": int(config.data.max_length), "default_sampler": list(recipe.default_sampler()),
             "guidance_scale": default_guidance(config)}
+    if config.task == "sr":  # what codi_jax.sample upsamples a low-resolution input by
+        meta["sr_scale"] = int(config.data.sr_scale)
     components, pipeline_class = recipe.save_components(path, ema, frozen_host, meta)
     index = {"_class_name": pipeline_class, "_codi_jax": meta, **components}
     with open(os.path.join(path, "model_index.json"), "w") as f:
@@ -246,9 +248,13 @@ def model_card(index: dict, config, *, step: int | None = None, metrics: str | N
                  "# cond: (N, C, H, W) float tensor in [-1, 1], C = the task's condition channels, as codi_jax builds it",
                  f"image = pipe('a prompt', image={cond}, {steps_kw}, guidance_scale={guidance:g}).images[0]"]
     body += ["```", ""]
-    if cls != "AutoencoderKL":
-        body += ["or in JAX: `python -m codi_jax.sample --model=PATH --cond=cond.png --prompt='a prompt' "
-             "--out=out.png`.", ""]
+    if cls == "StableDiffusionPipeline":
+        body += ["or in JAX: `python -m codi_jax.sample --model=PATH --prompt='a prompt' --out-dir=out` (one PNG per "
+                 "image; docs/sampling.md in the codi_jax repository).", ""]
+    elif cls != "AutoencoderKL":
+        body += ["or in JAX: `python -m codi_jax.sample --model=PATH --image=input.png --prompt='a prompt' "
+                 "--out-dir=out` (the input is the task's: a depth map, a low-resolution image, an image with "
+                 "`--mask`, or the image to edit; docs/sampling.md in the codi_jax repository).", ""]
     if spec.cond_form == "mu":
         body += ["Full CoDi mixes the conditional encoder's features into the UNet's skips, (1 - mu) h + mu h_eta "
                  f"(mu = {_mu_text(index)}). diffusers runs it exactly as two ControlNets: `controlnet` (the "

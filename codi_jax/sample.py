@@ -1,30 +1,45 @@
-"""Inference: condition images + prompts -> images in 1-4 steps, from an export folder or a run's workdir.
+"""Inference: prompts (and a condition: depth map, low-res image, photo + mask, image to edit) -> images, from an export
+folder, a run's workdir or any diffusers Stable Diffusion folder. One PNG per image in --out-dir.
 
-    python -m codi_jax.sample --model=runs/depth-tiny --cond=depth.png --prompt="a red sphere left of a blue box" \\
-        --steps=4 --out=out.png
+    python -m codi_jax.sample --model=runs/depth-tiny --image=depth.png --prompt="a red sphere" --out-dir=out
+    python -m codi_jax.sample --model=codi_jax/pretrained/scenes32 --prompt="a red sphere" --num-images=4 --out-dir=out
 
 Python:
     pipe = Pipeline.load("runs/depth-tiny")            # <workdir>/export or the export folder itself
     images = pipe(cond_images, prompts, steps=4)       # uint8 (N, H, W, 3)
 
 One jitted function per (method, steps, batch shape); the batch is split over all local devices ('data' axis).
+Nothing heavy is imported until it is needed, so that `--help` and a mistake on the command line answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
-from typing import Any, Callable, Sequence
+import re
+from typing import Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from codi_jax import diffusion, modes, weights
-from codi_jax.data import load_tokenizer
-from codi_jax.inference import generate, sample_latents  # noqa: F401 - sample_latents: part of this module's API
+# diffusion.METHODS, written out so that parsing the command line imports no JAX (tests/test_sample_cli.py checks).
+METHODS = ("ddim", "dpmpp_2m", "euler", "codi")
+FITS = ("crop", "pad", "resize")
+# data.tasks.COND_CHANNELS for the conditional tasks, for the same reason (also checked by the tests).
+TASK_CHANNELS = {"depth": 1, "sr": 3, "inpaint": 4, "edit": 3}
+# How far past its trained size a super-resolution model is run: a fully convolutional UNet runs at any multiple of
+# its downsampling, but its attention and receptive field are tuned to the trained size, and memory grows with area.
+SR_MAX_FACTOR = 2
+
+
+def __getattr__(name):
+    if name == "sample_latents":  # part of this module's API, from inference (which imports JAX)
+        from codi_jax.inference import sample_latents
+
+        return sample_latents
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _meta_from_scheduler(path: str) -> dict:
@@ -54,21 +69,70 @@ def export_folder(path: str) -> str:
     return path
 
 
-def condition_spec(path: str) -> tuple[int, int | None]:
-    """(channels, trained size or None) of the condition images the model at `path` takes, from its metadata alone,
-    so that a wrong condition is refused before the weights load (seconds for an SD1.5-size model)."""
+def _read_json(path: str, what: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{os.path.dirname(os.path.dirname(path))!r} holds no {what} ({path} is missing)")
+    with open(path) as f:
+        return json.load(f)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """What a model folder takes and makes, read from its JSON files alone (no weights, no JAX)."""
+    path: str  # the export folder
+    task: str  # 'depth', 'sr', 'inpaint', 'edit'; 't2i' for a text-to-image model
+    channels: int  # condition channels; 0 for text-to-image
+    size: int  # the trained (square) image size
+    multiple: int  # generated sizes are multiples of this: the VAE factor x the UNet's downsampling
+    sr_scale: int  # sr: output / input size (model_index's sr_scale; else the data config's default, 4)
+
+
+def model_spec(path: str, sr_scale: int | None = None) -> ModelSpec:
+    """The ModelSpec of an export, a run's workdir or a diffusers SD folder; ValueError/FileNotFoundError naming the
+    problem for anything else, so that a wrong model costs no weight loading."""
     path = export_folder(path)
-    with open(os.path.join(path, "model_index.json")) as f:
-        meta = json.load(f).get("_codi_jax", {})
-    if not modes.is_conditional(meta.get("mode")):
-        raise ValueError(f"{path!r} holds a text-to-image model ({meta.get('mode') or 'no codi_jax mode'}): it takes "
-                         "no condition image")
-    config_file = os.path.join(path, "conditional", "config.json")
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"{path!r} holds no exported conditional model (conditional/config.json is missing)")
-    with open(config_file) as f:
-        control = weights.conditional_config_from_json(json.load(f)).control
-    return int(control.conditioning_channels), int(meta.get("image_size", 0)) or None
+    index = _read_json(os.path.join(path, "model_index.json"), "model_index.json")
+    meta = index.get("_codi_jax", {})
+    mode = meta.get("mode")
+    if mode == "vae":
+        raise ValueError(f"{path!r} holds an autoencoder (mode 'vae'), not a model that makes images from prompts")
+    vae = _read_json(os.path.join(path, "vae", "config.json"), "VAE (vae/config.json)")
+    factor = 2 ** (len(vae.get("block_out_channels", (0, 0, 0, 0))) - 1)
+    conditional_file = os.path.join(path, "conditional", "config.json")
+    if meta.get("task", "t2i") != "t2i" or os.path.isfile(conditional_file):
+        config = _read_json(conditional_file, "exported conditional model (conditional/config.json)")
+        unet, channels = config["unet"], int(config["control"]["conditioning_channels"])
+        task = meta.get("task")
+        if task is None:  # an export that predates the task record: the channels tell, unless sr and edit tie
+            task = {c: t for t, c in TASK_CHANNELS.items() if c != 3}.get(channels)
+            if task is None:
+                raise ValueError(f"{path!r} records no task and takes {channels}-channel conditions (sr or edit); "
+                                 "add \"task\" to model_index.json's _codi_jax")
+        if TASK_CHANNELS.get(task) != channels:
+            raise ValueError(f"{path!r}: task {task!r} with {channels}-channel conditions is not a task sample knows "
+                             f"({TASK_CHANNELS})")
+    else:
+        if not os.path.isdir(os.path.join(path, "unet")):
+            raise ValueError(f"{path!r} holds a {mode!r} model, neither a conditional nor a text-to-image one")
+        unet, task, channels = _read_json(os.path.join(path, "unet", "config.json"), "UNet (unet/config.json)"), \
+            "t2i", 0
+        if "schedule" not in meta and not _meta_from_scheduler(path):
+            raise ValueError(f"{path!r} has neither codi_jax metadata nor a scheduler/scheduler_config.json with a "
+                             "beta schedule: its noise schedule is unknown")
+    multiple = factor * 2 ** (len(unet["block_out_channels"]) - 1)
+    sample = unet.get("sample_size") or 64
+    size = int(meta.get("image_size") or (sample if isinstance(sample, int) else sample[0]) * factor)
+    return ModelSpec(path=path, task=task, channels=channels, size=size, multiple=multiple,
+                     sr_scale=int(sr_scale or meta.get("sr_scale") or 4))
+
+
+def condition_spec(path: str) -> tuple[int, int | None]:
+    """(channels, trained size) of the condition images the conditional model at `path` takes, from its metadata
+    alone, so that a wrong condition is refused before the weights load (seconds for an SD1.5-size model)."""
+    spec = model_spec(path)
+    if spec.task == "t2i":
+        raise ValueError(f"{spec.path!r} holds a text-to-image model: it takes no condition image")
+    return spec.channels, spec.size
 
 
 def to_uint8(images) -> np.ndarray:
@@ -77,10 +141,13 @@ def to_uint8(images) -> np.ndarray:
 
 class Pipeline:
     """A trained conditional model with its VAE, text encoder and tokenizer, ready to sample; or a text-to-image one
-    (a 'pretrain' export, e.g. the teacher: evaluation's "ignores the condition" reference), whose condition images
-    only set the batch and image size."""
+    (a 'pretrain' export, e.g. the teacher: evaluation's "ignores the condition" reference, or any diffusers SD
+    folder), whose condition images only set the batch and image size."""
 
     def __init__(self, path: str, *, schedule: dict | None = None, prediction_type: str | None = None):
+        from codi_jax import diffusion, modes, weights
+        from codi_jax.data import load_tokenizer
+
         path = export_folder(path)
         with open(os.path.join(path, "model_index.json")) as f:
             self.meta = json.load(f).get("_codi_jax", {})
@@ -124,14 +191,21 @@ class Pipeline:
         does not record one, e.g. Stable Diffusion's own."""
         return float(self.meta.get("guidance_scale", 1.0))
 
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        factor = self.vae.config.downsample_factor
+        return height // factor, width // factor, self.vae.config.latent_channels
+
     def _fn(self, method: str, steps: int, guidance_scale: float, stochastic: bool = False):
+        import jax
+
+        from codi_jax.inference import generate
+
         key = (method, steps, guidance_scale, stochastic)
         if key not in self._compiled:
             codi_kwargs = {k: self.meta[k] for k in ("distill_steps", "timestep_scaling", "sigma_data")
                            if k in self.meta}
             if stochastic:
                 codi_kwargs["stochastic"] = True
-            factor = self.vae.config.downsample_factor
 
             def run(params, cond, ids, null_ids, rng, z_T):
                 text = self.text_encoder.apply({"params": params["text"]}, ids)
@@ -143,7 +217,7 @@ class Pipeline:
                     apply = lambda p, z, t, x: self.model.apply({"params": p}, z, t, x["text"])  # noqa: E731
                 decode = lambda lat: self.vae.apply({"params": params["vae"]}, lat / self.scale, method="decode")  # noqa
                 return generate(apply, params["model"], decode, text=text, text_null=text_null, cond=cond,
-                                latent_shape=(b, h // factor, w // factor, self.vae.config.latent_channels), rng=rng,
+                                latent_shape=(b, *self.latent_shape(h, w)), rng=rng,
                                 method=method, num_steps=steps, schedule=self.schedule,
                                 prediction_type=self.meta["prediction_type"], guidance_scale=guidance_scale,
                                 codi_kwargs=codi_kwargs, timestep_spacing=self.meta.get("timestep_spacing", "leading"),
@@ -155,6 +229,9 @@ class Pipeline:
     def autoencode(self, images) -> np.ndarray:
         """VAE encode (posterior mode) then decode: float (N, H, W, 3) in [-1, 1] -> uint8; the ceiling of any latent
         model's fidelity."""
+        import jax
+        import jax.numpy as jnp
+
         if not hasattr(self, "_autoencode"):
             def run(params, x):
                 posterior = self.vae.apply({"params": params}, x, method="encode")
@@ -192,6 +269,8 @@ class Pipeline:
                              f"got {cond.shape}")
         if len(prompts) != cond.shape[0]:
             raise ValueError(f"{len(prompts)} prompts for {cond.shape[0]} condition images")
+        import jax
+
         ids = self.tokenize(prompts)
         null = self.tokenize([""])
         mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), ("data",))
@@ -201,9 +280,7 @@ class Pipeline:
             cond = np.concatenate([cond, np.repeat(cond[-1:], pad, 0)])
             ids = np.concatenate([ids, np.repeat(ids[-1:], pad, 0)])
         sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-        factor = self.vae.config.downsample_factor
-        latent_shape = (cond.shape[0], cond.shape[1] // factor, cond.shape[2] // factor,
-                        self.vae.config.latent_channels)
+        latent_shape = (cond.shape[0], *self.latent_shape(cond.shape[1], cond.shape[2]))
         if latents is not None:
             latents = np.asarray(latents, np.float32)
             if latents.shape != (n,) + latent_shape[1:]:
@@ -220,39 +297,205 @@ class Pipeline:
         return to_uint8(out)
 
 
-# Image modes a condition of N channels may come in as it is; anything else is converted only when asked.
-_CONDITION_MODES = {1: ("L", "I;16", "I;16B", "I"), 3: ("RGB",), 4: ("RGBA",)}
+# ---- the user's inputs -> conditions, as training builds them ----------------------------------------------------
+
+@dataclasses.dataclass
+class Job:
+    """One input of a run: the condition at the size it is generated at, and the part of the output to keep."""
+    name: str  # output file stem (the input's, or the prompt's for text-to-image)
+    prompt: str
+    cond: np.ndarray | None  # (H, W, C) in [-1, 1]; H, W multiples of ModelSpec.multiple. None: text-to-image
+    box: tuple[int, int, int, int]  # (top, left, height, width) of the output that shows the input
+    note: str  # what was done to the input, for the summary line
 
 
-def load_condition(path: str, size: int | None, channels: int, *, convert: bool = False,
-                   resize: bool = False) -> np.ndarray:
-    """A condition image file -> float32 (H, W, channels) in [-1, 1], as the task builds it (depth: one grey channel,
-    near = bright; inpaint: RGBA, the alpha the hole mask). A mode or size the model was not trained on is an error
-    naming what the file is and what the model takes, unless convert / resize ask for the conversion."""
+def _open(path: str, what: str) -> Image.Image:
     try:
         image = Image.open(path)
-        image.load()
+        image.load()  # the full decode, so that a truncated file fails here
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files.
-        raise ValueError(f"cannot read condition image {path!r}: {e}") from e
-    accepted = _CONDITION_MODES[channels]
-    wrong_mode, wrong_size = image.mode not in accepted, bool(size) and image.size != (size, size)
-    # Both mismatches in the one line, so that a user fixes the file (or picks the flags) once.
-    needed = [flag for flag, wrong, asked in (("--convert", wrong_mode, convert), ("--resize", wrong_size, resize))
-              if wrong and not asked]
-    if needed:
-        wanted = f"{size}x{size}, " if size else ""
-        raise ValueError(
-            f"condition image {path!r} is {image.size[0]}x{image.size[1]}, {image.mode} ({len(image.getbands())} "
-            f"channel(s)); the model takes {wanted}{channels} channel(s) ({' or '.join(accepted)}): prepare it so, or "
-            f"pass {' '.join(needed)}")
-    if wrong_mode:
-        image = image.convert(accepted[0])
-    if wrong_size:
-        image = image.resize((size, size), Image.BICUBIC)
-    x = np.asarray(image, np.float32)
-    x = x / (65535.0 if image.mode.startswith("I") else 255.0) * 2.0 - 1.0
-    return x[..., None] if x.ndim == 2 else x
+        raise ValueError(f"cannot read {what} {path!r}: {e}") from e
+    return image
 
+
+def _alpha(image: Image.Image) -> np.ndarray | None:
+    """The image's alpha in [0, 1] (H, W), or None when it has none or is opaque everywhere."""
+    if image.mode not in ("RGBA", "LA", "PA", "RGBa", "La") and "transparency" not in image.info:
+        return None
+    alpha = np.asarray(image.convert("RGBA"), np.float32)[..., 3] / 255.0
+    return None if alpha.min() >= 1.0 else alpha
+
+
+def _describe(image: Image.Image) -> str:
+    return f"{image.size[0]}x{image.size[1]}, {image.mode} ({len(image.getbands())} channel(s))"
+
+
+def read_depth(path: str, *, kind: str = "disparity", convert: bool = False) -> Image.Image:
+    """A depth map file -> a float image (mode 'F') scaled to [0, 1] exactly as training reads prepare_depth's maps
+    (16-bit: / 65535, 8-bit: / 255). A colour or transparent file is refused unless `convert` (then its luminance):
+    a colourised depth visualisation is not a depth map. kind 'depth' (metric, larger = farther): zeros, the usual
+    'no reading', become the farthest value, so that they do not turn into the nearest after inversion."""
+    image = _open(path, "depth map")
+    if image.mode not in ("L", "I", "F") and not image.mode.startswith("I;16"):
+        rgba = np.asarray(image.convert("RGBA"))
+        grey = bool(np.all(rgba[..., 0] == rgba[..., 1]) and np.all(rgba[..., 1] == rgba[..., 2]))
+        if not convert and (not grey or _alpha(image) is not None):
+            problem = "is transparent in places" if grey else "has colour"
+            raise ValueError(f"depth map {path!r} is {_describe(image)} and {problem}: a depth map is one grey channel "
+                             "(an 8- or 16-bit PNG, near = bright, as prepare_depth writes it); prepare it so, or pass "
+                             "--convert to take its luminance")
+        image = image.convert("L")
+    values = np.asarray(image).astype(np.float32)
+    # The rule sources.load_disparity applies to the training set's maps.
+    values = values / (65535.0 if values.max() > 255 or image.mode.startswith("I") else 255.0)
+    if kind == "depth":
+        if not np.any(values > 0):
+            raise ValueError(f"depth map {path!r} is zero everywhere: no depth to condition on")
+        values = np.where(values > 0, values, values.max())
+    return Image.fromarray(values.astype(np.float32))
+
+
+def read_mask(path: str) -> Image.Image:
+    """A mask file (white = fill) -> a float image in [0, 1]."""
+    image = _open(path, "mask")
+    if image.mode.startswith("I"):
+        return Image.fromarray(np.asarray(image).astype(np.float32) / 65535.0)
+    if image.mode == "F":
+        return image
+    return Image.fromarray(np.asarray(image.convert("L"), np.float32) / 255.0)
+
+
+def fit(image: Image.Image, size: int, how: str, resample, pad_value: float | None = None
+        ) -> tuple[np.ndarray, tuple[int, int, int, int], str]:
+    """An image of any size -> (size, size) array, never a silent squash: 'crop' centre-crops the largest square and
+    resizes it (as training reads folder images), 'pad' resizes the long side to `size` and pads the short one
+    (mirrored content, or `pad_value`), 'resize' squashes. Returns (array, box of the input's content in it as
+    (top, left, height, width), a note saying what was done)."""
+    if how not in FITS:
+        raise ValueError(f"--fit must be one of {FITS}, got {how!r}")
+    w, h = image.size
+    full = (0, 0, size, size)
+    if (w, h) == (size, size):
+        return np.asarray(image), full, f"{w}x{h} as is"
+    if w == h or how == "resize":
+        note = f"{w}x{h} resized to {size}x{size}" if w == h else f"{w}x{h} squashed to {size}x{size} (--fit=resize)"
+        return np.asarray(image.resize((size, size), resample)), full, note
+    if how == "crop":
+        s = min(w, h)
+        left, top = (w - s) // 2, (h - s) // 2
+        note = f"{w}x{h} centre-cropped to {s}x{s}" + (f", resized to {size}x{size}" if s != size else "")
+        return np.asarray(image.crop((left, top, left + s, top + s)).resize((size, size), resample)), full, note
+    scale = size / max(w, h)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    arr = np.asarray(image.resize((nw, nh), resample))
+    top, left = (size - nh) // 2, (size - nw) // 2
+    widths = ((top, size - nh - top), (left, size - nw - left)) + ((0, 0),) * (arr.ndim - 2)
+    if pad_value is None:
+        arr = np.pad(arr, widths, mode="symmetric")
+    else:
+        arr = np.pad(arr, widths, mode="constant", constant_values=pad_value)
+    note = (f"{w}x{h} resized to {nw}x{nh}, padded to {size}x{size} (output cropped back to {nw}x{nh})"
+            if (nw, nh) != (w, h) else f"{w}x{h} padded to {size}x{size} (output cropped back)")
+    return arr, (top, left, nh, nw), note
+
+
+def _stem(path: str) -> str:
+    return os.path.splitext(os.path.basename(path))[0] or "image"
+
+
+def _slug(prompt: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", prompt).strip("_")[:40] or "image"
+
+
+def build_jobs(spec: ModelSpec, images: Sequence[str], prompts: Sequence[str], *, masks: Sequence[str] = (),
+               fit_how: str | None = None, depth_kind: str = "disparity", convert: bool = False) -> list[Job]:
+    """The run's inputs -> Jobs: each condition built by data.tasks' builders, the ones training uses, from the
+    user's file fitted to the model's size (sr: at sr_scale x its own size unless fit_how is given). Every problem
+    is a ValueError naming the file and the flag, raised before any model loads."""
+    from codi_jax.data import tasks  # imports JAX (through the data package): only once the arguments are known
+
+    if spec.task == "t2i":
+        return [Job(_slug(p), p, None, (0, 0, spec.size, spec.size), "") for p in prompts]
+    if len(masks) not in (0, 1, len(images)):
+        raise ValueError(f"{len(masks)} --mask files for {len(images)} --image files: give one, or one per image")
+    size, jobs = spec.size, []
+    for i, path in enumerate(images):
+        prompt = prompts[0] if len(prompts) == 1 else prompts[i]
+        how = fit_how or "crop"
+        if spec.task == "depth":
+            values, box, note = fit(read_depth(path, kind=depth_kind, convert=convert), size, how,
+                                    Image.Resampling.BILINEAR)
+            cond = tasks.depth_condition(values, depth_kind)
+            note += f", {depth_kind} ({'near' if depth_kind == 'disparity' else 'far'} = bright)"
+        elif spec.task == "sr":
+            cond, box, note = _sr_condition(tasks, spec, path, fit_how)
+        else:
+            image = _open(path, "image")
+            rgb = image.convert("RGB")
+            pixels, box, note = fit(rgb, size, how, Image.Resampling.BICUBIC)
+            if spec.task == "edit":
+                cond = tasks.to_signed(pixels)
+            else:
+                mask_path = masks[i if len(masks) > 1 else 0] if masks else None
+                hole, mask_note = _hole(tasks, path, image, mask_path, size, how)
+                cond, note = tasks.inpaint_condition(tasks.to_signed(pixels), hole), note + mask_note
+        jobs.append(Job(_stem(path), prompt, np.asarray(cond, np.float32), box, f"{os.path.basename(path)} {note}"))
+    return jobs
+
+
+def _hole(tasks, path: str, image: Image.Image, mask_path: str | None, size: int, how: str):
+    """The hole mask {0,1} (1 = fill) at the model's size, from --mask (white = fill) or the image's alpha (0 = fill),
+    fitted with the same geometry as the image; padding is never a hole."""
+    if mask_path is not None:
+        mask = read_mask(mask_path)
+        if mask.size != image.size:
+            raise ValueError(f"mask {mask_path!r} is {mask.size[0]}x{mask.size[1]} but its image {path!r} is "
+                             f"{image.size[0]}x{image.size[1]}: a mask must have its image's size")
+        convention, source = "white", os.path.basename(mask_path)
+    else:
+        alpha = _alpha(image)
+        if alpha is None:
+            raise ValueError(f"inpainting {path!r} needs a mask: pass --mask=mask.png (white = fill), or an RGBA image "
+                             "whose transparent pixels (alpha 0) mark the hole")
+        mask, convention, source = Image.fromarray(alpha), "alpha", "alpha"
+    values, _, _ = fit(mask, size, how, Image.Resampling.BILINEAR, pad_value=0.0 if convention == "white" else 1.0)
+    hole = tasks.hole_mask(values, convention)
+    if not hole.any():
+        raise ValueError(f"the mask of {path!r} ({source}) marks nothing to fill" +
+                         (f" once fitted with --fit={how} (try --fit=pad)" if mask.size != (size, size) else
+                          (": white marks the hole" if convention == "white" else ": alpha 0 marks the hole")))
+    return hole, f", mask: {source} ({'white' if convention == 'white' else 'alpha 0'} = fill, {hole.mean():.0%})"
+
+
+def _sr_condition(tasks, spec: ModelSpec, path: str, fit_how: str | None):
+    """A low-res image -> the sr condition: bicubic up by sr_scale, as training's last step. By default at sr_scale x
+    the image's own size (padded to the model's multiple, the output cropped back), up to SR_MAX_FACTOR x the trained
+    size; with fit_how, first fitted to the trained size / sr_scale (the output is then the trained size)."""
+    image = _open(path, "low-res image").convert("RGB")
+    r, w, h = spec.sr_scale, image.size[0], image.size[1]
+    if fit_how is not None:
+        if spec.size % r:
+            raise ValueError(f"--sr-scale={r} does not divide the model's size {spec.size}")
+        pixels, (top, left, bh, bw), note = fit(image, spec.size // r, fit_how, Image.Resampling.BICUBIC)
+        cond = tasks.sr_condition_from_lowres(np.asarray(pixels, np.float32) / 255.0, spec.size, spec.size)
+        return cond, (top * r, left * r, bh * r, bw * r), f"{note}, x{r} -> {spec.size}x{spec.size}"
+    height, width = r * h, r * w
+    if max(height, width) > SR_MAX_FACTOR * spec.size:
+        raise ValueError(f"low-res image {path!r} is {w}x{h}: x{r} makes {width}x{height}, more than "
+                         f"{SR_MAX_FACTOR} x the {spec.size} px the model was trained at; pass --fit=crop|pad|resize "
+                         f"to bring it to {spec.size // r}x{spec.size // r} (output {spec.size}x{spec.size}), or split "
+                         "it into tiles")
+    cond = tasks.sr_condition_from_lowres(np.asarray(image, np.float32) / 255.0, height, width)
+    m = spec.multiple
+    ph, pw = -height % m, -width % m
+    note = f"{w}x{h}, x{r} -> {width}x{height}"
+    if ph or pw:
+        cond = np.pad(cond, ((0, ph), (0, pw), (0, 0)), mode="symmetric")
+        note += f" (run at {width + pw}x{height + ph}, a multiple of {m}, output cropped back)"
+    return cond, (0, 0, height, width), note
+
+
+# ---- the command line --------------------------------------------------------------------------------------------
 
 class _Parser(argparse.ArgumentParser):
     """A mistake is one line: argparse's usage block before it would bury the line that names the problem."""
@@ -261,41 +504,183 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (--help lists the arguments)\n")
 
 
-def main(argv=None) -> int:
-    parser = _Parser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="workdir of a finished run, or its export/ folder")
-    parser.add_argument("--cond", required=True, nargs="+", help="condition image(s) (depth map, low-res image, ...)")
-    parser.add_argument("--prompt", required=True, nargs="+", help="one prompt, or one per condition image")
+_EPILOG = """inputs by task (the export's model_index.json says which task it was trained for):
+  text-to-image  --prompt only (a 'pretrain' export, the shipped codi_jax/pretrained/scenes32, any diffusers SD folder)
+  depth          --image=depth.png: a depth map, one grey channel, 8- or 16-bit, as prepare_depth writes it:
+                 disparity, near = bright (--depth-kind=depth for metric maps, larger = farther; 0 = no reading);
+                 normalised per image to [-1, 1] (min-max), as in training, so its scale does not matter
+  sr             --image=lowres.png of any size: upsampled (bicubic) by the model's sr_scale as in training; the
+                 output is sr_scale x the input's size (up to 2x the trained size; --fit brings it to the trained one)
+  inpaint        --image=photo.png --mask=mask.png (white = fill), or --image=photo.png with alpha 0 = fill
+  edit           --image=input.png --prompt="the instruction"
+Each output is <out-dir>/<input or prompt>_s<seed>.png, its noise drawn from <seed> alone (the same file whatever
+the batch); existing files are never overwritten unless --overwrite."""
+
+
+def _parser() -> _Parser:
+    parser = _Parser(prog="python -m codi_jax.sample", description=__doc__.split("\n\n")[0], epilog=_EPILOG,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="workdir of a finished run, its export/ folder, or any "
+                        "diffusers Stable Diffusion folder")
+    parser.add_argument("--image", "--cond", dest="image", nargs="+", default=[], metavar="FILE",
+                        help="input image(s): depth map, low-res image, photo to inpaint, image to edit")
+    parser.add_argument("--mask", nargs="+", default=[], metavar="FILE",
+                        help="inpaint: mask(s), white = fill (one, or one per --image)")
+    parser.add_argument("--prompt", required=True, nargs="+",
+                        help="one prompt, or one per --image (text-to-image: one image set per prompt)")
+    parser.add_argument("--num-images", type=_positive_int, default=1, help="images per input, seeds seed, seed+1, ...")
+    parser.add_argument("--out-dir", default=None, help="folder for the images, one PNG each (created if missing)")
+    parser.add_argument("--out", default=None, help="also (or only) write all the images side by side in one file")
+    parser.add_argument("--overwrite", action="store_true", help="replace output files that exist")
+    parser.add_argument("--fit", choices=FITS, default=None,
+                        help="an input of another size or aspect: crop (default: centre square, as training reads "
+                             "images), pad (whole input, output cropped back to its aspect) or resize (squash)")
+    parser.add_argument("--depth-kind", choices=("disparity", "depth"), default=None,
+                        help="depth: disparity (default, near = bright, as prepare_depth writes) or depth (metric, "
+                             "larger = farther)")
+    parser.add_argument("--convert", action="store_true",
+                        help="depth: take the luminance of a colour or transparent file")
+    parser.add_argument("--sr-scale", type=_positive_int, default=None,
+                        help="sr: the model's scale (default: the export's record, else 4)")
     parser.add_argument("--steps", type=_positive_int, default=None, help="sampling steps (default: the model's)")
-    parser.add_argument("--method", default=None, choices=diffusion.METHODS, help="default: the model's")
+    parser.add_argument("--method", default=None, choices=METHODS, help="default: the model's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--guidance", type=float, default=None,
                         help="classifier-free guidance scale (default: the model's own, 1 unless distilled with it)")
-    parser.add_argument("--out", required=True, help="output PNG (several images are written side by side)")
-    parser.add_argument("--resize", action="store_true", help="resize condition images to the model's trained size")
-    parser.add_argument("--convert", action="store_true",
-                        help="convert condition images to the model's channels (e.g. RGB to grey for depth)")
+    parser.add_argument("--batch-size", type=_positive_int, default=8, help="images per model call")
+    return parser
+
+
+def _check_flags(parser: _Parser, args, spec: ModelSpec) -> None:
+    """What the task makes of the flags, before any file is read."""
+    if spec.task == "t2i":
+        for flag, value in (("--image", args.image), ("--mask", args.mask), ("--fit", args.fit),
+                            ("--depth-kind", args.depth_kind), ("--sr-scale", args.sr_scale)):
+            if value:
+                parser.error(f"{flag}: {spec.path!r} holds a text-to-image model, which takes no input image; "
+                             "drop it, or pass a conditional model")
+        return
+    if not args.image:
+        parser.error(f"--image is required: {spec.path!r} is a {spec.task} model ({_INPUTS[spec.task]})")
+    if len(args.prompt) not in (1, len(args.image)):
+        parser.error(f"{len(args.prompt)} prompts for {len(args.image)} --image files: give one, or one per image")
+    for flag, value, task in (("--mask", args.mask, "inpaint"), ("--depth-kind", args.depth_kind, "depth"),
+                              ("--convert", args.convert, "depth"), ("--sr-scale", args.sr_scale, "sr")):
+        if value and spec.task != task:
+            parser.error(f"{flag} is for {task} models; {spec.path!r} is a {spec.task} model")
+
+
+_INPUTS = {"depth": "a depth map, near = bright", "sr": "a low-res image", "inpaint": "a photo, with --mask or alpha",
+           "edit": "the image to edit"}
+
+
+def _plan(jobs: list[Job], seeds: range, out_dir: str | None) -> list[tuple[Job, int, str | None]]:
+    """(job, seed, output path) per image; names made unique within the run."""
+    items, used = [], set()
+    for job in jobs:
+        stem = job.name
+        for k in range(2, len(jobs) + 2):
+            if stem not in used:
+                break
+            stem = f"{job.name}-{k}"
+        used.add(stem)
+        items += [(job, s, os.path.join(out_dir, f"{stem}_s{s}.png") if out_dir else None) for s in seeds]
+    return items
+
+
+def _save(image: np.ndarray, path: str) -> None:
+    """Written whole or not at all: a temporary file beside it, renamed into place."""
+    fmt = Image.registered_extensions()[os.path.splitext(path)[1].lower()]
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        Image.fromarray(image).save(tmp, format=fmt)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _generate(pipe: Pipeline, items, args) -> list[np.ndarray]:
+    """Every item's image, cropped to its box: items of one condition shape share a batch (one compile), the last
+    batch padded to the others' size; each image's noise comes from its own seed."""
+    import jax
+
+    outputs: list[np.ndarray | None] = [None] * len(items)
+    groups: dict[tuple, list[int]] = {}
+    for i, (job, _, _) in enumerate(items):
+        shape = job.cond.shape if job.cond is not None else (job.box[2], job.box[3], 3)
+        groups.setdefault(shape, []).append(i)
+    for shape, index in groups.items():
+        batch = min(args.batch_size, len(index))
+        latent_shape = pipe.latent_shape(shape[0], shape[1])
+        for start in range(0, len(index), batch):
+            chunk = index[start:start + batch]
+            chunk = chunk + [chunk[-1]] * (batch - len(chunk))
+            cond = np.stack([items[i][0].cond if items[i][0].cond is not None else np.zeros(shape, np.float32)
+                             for i in chunk])
+            latents = np.stack([np.asarray(jax.random.normal(jax.random.PRNGKey(items[i][1]), latent_shape))
+                                for i in chunk])
+            images = pipe(cond, [items[i][0].prompt for i in chunk], method=args.method, steps=args.steps,
+                          guidance_scale=args.guidance, latents=latents)
+            for i, image in zip(chunk, images):
+                top, left, h, w = items[i][0].box
+                outputs[i] = image[top:top + h, left:left + w]
+    return outputs
+
+
+def _grid(images: list[np.ndarray]) -> np.ndarray:
+    height = max(im.shape[0] for im in images)
+    return np.concatenate([np.pad(im, ((0, height - im.shape[0]), (0, 0), (0, 0))) for im in images], axis=1)
+
+
+def main(argv=None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     # Everything that can be wrong with the request is checked before the model loads and compiles, so that the
-    # mistake costs seconds, not a sampling run that then cannot save its image.
-    if len(args.prompt) not in (1, len(args.cond)):
-        parser.error(f"{len(args.prompt)} prompts for {len(args.cond)} condition images: give one, or one per image")
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_dir):
-        parser.error(f"--out={args.out}: the folder {out_dir!r} does not exist")
-    if os.path.splitext(args.out)[1].lower() not in Image.registered_extensions():
-        parser.error(f"--out={args.out}: not an image file name (e.g. out.png)")
+    # mistake costs seconds, not a sampling run that then cannot save its images.
+    if not args.out_dir and not args.out:
+        parser.error("say where the images go: --out-dir=DIR (one PNG per image) and/or --out=FILE (all side by side)")
+    if args.out:
+        out_parent = os.path.dirname(os.path.abspath(args.out))
+        if not os.path.isdir(out_parent):
+            parser.error(f"--out={args.out}: the folder {out_parent!r} does not exist")
+        if os.path.splitext(args.out)[1].lower() not in Image.registered_extensions():
+            parser.error(f"--out={args.out}: not an image file name (e.g. out.png)")
+    if args.out_dir and os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        parser.error(f"--out-dir={args.out_dir} is a file, not a folder")
     try:
-        channels, size = condition_spec(args.model)
-        cond = np.stack([load_condition(p, size, channels, convert=args.convert, resize=args.resize)
-                         for p in args.cond])
+        spec = model_spec(args.model, args.sr_scale)
+        _check_flags(parser, args, spec)
+        jobs = build_jobs(spec, args.image, args.prompt, masks=args.mask, fit_how=args.fit,
+                          depth_kind=args.depth_kind or "disparity", convert=args.convert)
+    except (ValueError, FileNotFoundError) as e:
+        parser.exit(2, f"error: {e}\n")
+    items = _plan(jobs, range(args.seed, args.seed + args.num_images), args.out_dir)
+    targets = [p for _, _, p in items if p] + ([args.out] if args.out else [])
+    existing = [p for p in targets if os.path.exists(p)]
+    if existing and not args.overwrite:
+        more = f" and {len(existing) - 1} more output file(s) already exist" if len(existing) > 1 else " already exists"
+        parser.exit(2, f"error: {existing[0]!r}{more}: nothing is overwritten unless --overwrite; or pass another "
+                    "--out-dir/--out or --seed\n")
+    try:
         pipe = Pipeline.load(args.model)
     except (ValueError, FileNotFoundError) as e:
         parser.exit(2, f"error: {e}\n")
-    prompts = args.prompt * len(args.cond) if len(args.prompt) == 1 else args.prompt
-    images = pipe(cond, prompts, method=args.method, steps=args.steps, seed=args.seed, guidance_scale=args.guidance)
-    Image.fromarray(np.concatenate(list(images), axis=1)).save(args.out)
-    print(f"wrote {args.out} ({len(images)} images)")
+    images = _generate(pipe, items, args)
+    if args.out_dir:
+        os.makedirs(args.out_dir, exist_ok=True)
+        for (_, _, path), image in zip(items, images):
+            _save(image, path)
+    if args.out:
+        _save(_grid(images), args.out)
+    method, steps = args.method or pipe.default_sampler()[0], args.steps or pipe.default_sampler()[1]
+    guidance = pipe.default_guidance() if args.guidance is None else args.guidance
+    where = [f"{args.out_dir}/ ({os.path.basename(items[0][2])}{', ...' if len(items) > 1 else ''})"] \
+        if args.out_dir else []
+    where += [f"{args.out} (side by side)"] if args.out else []
+    notes = "; ".join(job.note for job in jobs if job.note)
+    print(f"wrote {len(images)} image(s) to {' and '.join(where)}: {spec.task}, {method} sampler, {steps} "
+          f"step{'s' if steps > 1 else ''}, guidance {guidance:g}" + (f"; inputs: {notes}" if notes else ""))
     return 0
 
 

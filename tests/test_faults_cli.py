@@ -1,7 +1,7 @@
 """Command-line mistakes end in one line naming the problem, before any work, and create nothing: a misspelt
 --config.key (with the nearest field), a missing config file, an unknown variant, a bad config value; evaluate on a
-workdir that does not exist or holds another task's model; sample's step count and a condition image of the wrong
-mode or size (converted or resized only when asked)."""
+workdir that does not exist or holds another task's model; sample's step count and a depth map in colour or with
+transparency (converted only when asked)."""
 
 import json
 import os
@@ -106,32 +106,32 @@ def test_evaluate_lets_through_an_export_that_records_no_task(tmp_path):
         evaluate._check_tasks(tiny_config("sr"), {"codi": str(export)})
 
 
-def test_sample_condition_mode_and_size_only_converted_when_asked(tmp_path):
+def test_sample_depth_map_mode_converted_only_when_asked(tmp_path):
     rgba = tmp_path / "odd.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (23, 17, 4), np.uint8), "RGBA").save(rgba)
-    with pytest.raises(ValueError, match=r"odd.png' is 17x23, RGBA \(4 channel\(s\)\); the model takes 32x32, 1 "
-                                         r"channel\(s\) \(L or .*: prepare it so, or pass --convert --resize$"):
-        sample.load_condition(str(rgba), 32, 1)
-    with pytest.raises(ValueError, match=r"odd.png' is 17x23, RGBA .* pass --resize$"):
-        sample.load_condition(str(rgba), 32, 1, convert=True)
-    with pytest.raises(ValueError, match=r"odd.png' is 17x23, RGBA .* pass --convert$"):
-        sample.load_condition(str(rgba), 32, 1, resize=True)
-    x = sample.load_condition(str(rgba), 32, 1, convert=True, resize=True)
-    assert x.shape == (32, 32, 1) and -1 <= x.min() and x.max() <= 1
+    with pytest.raises(ValueError, match=r"odd.png' is 17x23, RGBA \(4 channel\(s\)\) and has colour: a depth map "
+                                         r"is one grey channel .*; prepare it so, or pass --convert to take its "
+                                         r"luminance$"):
+        sample.read_depth(str(rgba))
+    x = np.asarray(sample.read_depth(str(rgba), convert=True))
+    assert x.shape == (23, 17) and 0 <= x.min() and x.max() <= 1  # any size: --fit makes it the model's
     grey = tmp_path / "depth.png"
     Image.fromarray(np.full((32, 32), 255, np.uint8)).save(grey)
-    assert np.all(sample.load_condition(str(grey), 32, 1) == 1.0)  # accepted as it is: no conversion
+    assert np.all(np.asarray(sample.read_depth(str(grey))) == 1.0)  # accepted as it is: no conversion
 
 
 def test_sample_cli_steps_and_condition(tmp_path, capsys):
     export = _depth_export(tmp_path)
+    os.makedirs(os.path.join(export, "vae"))
+    with open(os.path.join(export, "vae", "config.json"), "w") as f:
+        json.dump({"block_out_channels": [16, 32, 64]}, f)
     assert sample.condition_spec(str(tmp_path)) == (1, 32)
     rgba = tmp_path / "odd.png"
     Image.fromarray(np.zeros((23, 17, 4), np.uint8), "RGBA").save(rgba)
     out = _run("codi_jax.sample", f"--model={tmp_path}", f"--cond={rgba}", "--prompt=a red sphere",
                f"--out={tmp_path / 'o.png'}")
     assert out.returncode == 2
-    assert "odd.png' is 17x23, RGBA (4 channel(s)); the model takes 32x32, 1 channel(s)" in _one_line(out, "odd.png")
+    assert "odd.png' is 17x23, RGBA (4 channel(s)) and is transparent in places" in _one_line(out, "odd.png")
     assert not (tmp_path / "o.png").exists()
     with pytest.raises(SystemExit) as exit_:  # argparse: refused before the model is read at all
         sample.main([f"--model={export}", f"--cond={rgba}", "--prompt=a", "--out=o.png", "--steps=0"])
