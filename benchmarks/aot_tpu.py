@@ -44,7 +44,10 @@ sys.path.insert(0, REPO)  # run as a script from a checkout without installing t
 # Slice name -> (libtpu topology name in chips per axis, wrap-around links). With chip_config_name='megacore' a v4 chip
 # is one JAX device with its two TensorCores and 32 GiB HBM, as on a real v4 VM, so v4-N has N/2 devices (without it
 # libtpu describes each TensorCore as a device). Only a full 4x4x4 cube has wrap-around (torus) links.
-TOPOLOGIES = {"v4-8": ("v4:2x2x1", False), "v4-32": ("v4:2x2x4", False), "v4-128": ("v4:4x4x4", True)}
+# v5p-1chip: ONE v5p chip (95 GiB HBM), not a slice one can order (v5p-8 is the smallest): the single-accelerator plan
+# of benchmarks/aot_gpu.py, a chip with more memory than an 80 GB GPU so that the compiler's figures are not squeezed.
+TOPOLOGIES = {"v4-8": ("v4:2x2x1", False), "v4-32": ("v4:2x2x4", False), "v4-128": ("v4:4x4x4", True),
+              "v5p-1chip": ("v5p:1x1x1", False)}
 GIB = 1 << 30
 V4_PEAK_BF16_FLOPS = 275e12  # per chip (both TensorCores), Google's published v4 figure
 STEP_ESTIMATE_MFU = 0.4
@@ -81,9 +84,12 @@ class Planner:
         self.config, self.compiler_options = config, compiler_options
         self.lower_only = lower_only
         name, wrap = topology
+        # A host holds at most 2x2x1 chips; a smaller topology is one host of its own size.
+        chips = tuple(int(n) for n in name.split(":")[1].split("x"))
         self.devices = topologies.get_topology_desc(
-            platform="tpu", topology_name=name, chip_config_name="megacore", chips_per_host_bounds=(2, 2, 1),
-            num_slices=1, wrap=(wrap,) * 3).devices
+            platform="tpu", topology_name=name, chip_config_name="megacore",
+            chips_per_host_bounds=tuple(min(c, h) for c, h in zip(chips, (2, 2, 1))), num_slices=1,
+            wrap=(wrap,) * 3).devices
         # lower_only: the whole step on one CPU device, whose lowering has an XLA cost analysis (the compile-only TPU
         # client's has none); its FLOPs are the global step's, divided over the slice's devices.
         self.slice_mesh = parallel.make_mesh(config.mesh.to_dict(), self.devices)
@@ -476,6 +482,8 @@ def main() -> None:
         # With --stage=buffers this planner only lowers (FLOPs, and the row's metadata); the children compile.
         planner = Planner(config, TOPOLOGIES[name], options, lower_only=args.stage != "full")
         out["config"]["latent_size"] = planner.recipe.latent_size
+        # The caption length may be the teacher's, filled in by the recipe (config.resolve_for_plan): record it after.
+        out["config"]["max_length"] = int(config.data.max_length)
         row = {
             "slice": name,
             "config_overrides": overrides,

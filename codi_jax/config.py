@@ -59,7 +59,8 @@ def base(task: str) -> ml_collections.ConfigDict:
 
     # Mesh axis name -> size; -1 fills with the remaining devices. FSDP over the whole slice: replicated, the SD1.5
     # CoDi state (fp32 params + AdamW moments + EMA of 1.2 B parameters) alone is ~19 GB per chip; sharded 16 ways
-    # the step at batch 256 was compiled for a v4-32 at 31.2 GiB of HBM per chip (benchmarks/aot_tpu.py).
+    # the step at batch 256 was compiled for a v4-32 at 15.9 GiB of HBM per chip with code, with the online PF-ODE
+    # (benchmarks/aot_tpu.py; the teacher's PF-ODE, today's default, keeps a frozen UNet more).
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
     # Logical axis -> mesh axes; empty means codi_jax.parallel.DEFAULT_RULES.
     c.logical_axis_rules = ()
@@ -210,6 +211,16 @@ def tiny(c: ml_collections.ConfigDict) -> None:
         c.ema_decay = 0.999
 
 
+def gpu(c: ml_collections.ConfigDict) -> None:
+    """One 80 GB GPU at SD1.5 scale: batch 64, no accumulation, remat, bfloat16 compute (57.6 GiB planned, the TPU
+    compiler's plan for one v5p chip: benchmarks/results/aot_gpu.md); run with XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
+    (launch/gpu_local.sh sets it)."""
+    c.batch_size = 64
+    c.optimizer.grad_accum_steps = 1
+    c.remat = True
+    c.dtype = "bfloat16"
+
+
 def scratch(c: ml_collections.ConfigDict) -> None:
     """The from-scratch route of the embedded default: VAE, then the text-to-image teacher, then the main mode, each a
     stage of the same run (<workdir>/vae, <workdir>/pretrain), instead of the shipped pretrained teacher."""
@@ -252,6 +263,8 @@ def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> None:
             tiny(c)
         elif token == "scratch":
             scratch(c)
+        elif token == "gpu":
+            gpu(c)
         elif token == "full":
             pass
         elif token == "pe":
@@ -268,7 +281,7 @@ def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> None:
                 raise ValueError(f"unknown config variant key {key!r}{_within(token, arg)} (known: mode=, steps=, batch=)")
         else:
             raise ValueError(f"unknown config variant {token!r}{_within(token, arg)} "
-                             "(known: tiny, scratch, full, pe, mode=, steps=, batch=)")
+                             "(known: tiny, scratch, gpu, full, pe, mode=, steps=, batch=)")
 
 
 def finalize(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

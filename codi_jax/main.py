@@ -1,6 +1,9 @@
 """Entry point: python -m codi_jax.main --config=configs/depth.py[:variant] --workdir=DIR [--config.key=value ...]
 
 Flags, multi-host initialisation, then train.train_and_evaluate. The run always resumes from --workdir.
+`--check` parses and validates the config exactly as a run does, prints `config ok: ...` and exits (launch/ runs it
+on the launching machine before it creates or starts anything); `--help` lists the variants, modes, tasks and the
+most-used config fields.
 
 JAX, TensorFlow and the trainer are imported inside main(), after the config has been checked: a mistake is one line
 and status 2 before any runtime starts (on a pod every host would otherwise wait on the others first), and the
@@ -21,7 +24,23 @@ from codi_jax import cli
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Task config file, e.g. configs/depth.py:tiny", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run folder (local or gs://): checkpoints, TensorBoard events, exports")
+flags.DEFINE_bool("check", False, "Only check the config: parse and validate it as a run would, print 'config ok: "
+                  "...' and exit 0 (or the one-line error, status 2). Starts no device and reads no teacher or data "
+                  "folder, so it runs on a machine without the workers' paths (launch/ runs it before anything)")
 flags.mark_flags_as_required(["config", "workdir"])
+
+_HELP = ("--help", "-help", "-h", "-?", "--helpshort")
+
+
+def flags_parser(argv):
+    """--help answers at once, from the source (no JAX); everything else is cli.flags_parser's."""
+    if any(arg in _HELP for arg in argv[1:]):
+        try:
+            print(cli.main_help(FLAGS), flush=True)
+        except BrokenPipeError:  # `--help | head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(0)
+    return cli.flags_parser(argv)
 
 
 def _multihost_environment() -> dict | None:
@@ -77,6 +96,12 @@ def main(argv):
     # mistake in the config is one line and status 2, before the distributed runtime, TensorFlow or any device starts
     # (on a pod every host would otherwise wait on the others first).
     config = cli.config(FLAGS)
+    # The teacher's fields (image size, tokenizer, prediction type, schedule) and what a run cannot go without;
+    # --check reads no folder, since the launching machine may not see the workers' paths.
+    config = cli.resolve(config, check_paths=not FLAGS.check)
+    if FLAGS.check:
+        print(cli.summary(config), flush=True)
+        return
     initialize_distributed()
     import jax  # only now: see the module docstring
 
@@ -106,4 +131,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=cli.flags_parser)
+    app.run(main, flags_parser=flags_parser)

@@ -1,10 +1,13 @@
 """Real-world x4 super-resolution: the condition is a Real-ESRGAN-degraded image resized back (paper 5, DF2K).
 
-    python -m codi_jax.main --config=configs/sr.py --workdir=gs://bucket/sr          # SD1.5 scale, full CoDi
-    python -m codi_jax.main --config=configs/sr.py:pe --workdir=gs://bucket/sr-pe    # PE-CoDi (frozen UNet)
+    # SD1.5 scale, full CoDi: the teacher folder gives image size, tokenizer, prediction type and schedule
+    python -m codi_jax.main --config=configs/sr.py --workdir=gs://bucket/sr \\
+        --config.teacher=/data/stable-diffusion-v1-5 --config.data.dataset=folder --config.data.data_dir=/data/images
+    # PE-CoDi (frozen UNet); ':gpu' sizes a run for one 80 GB GPU (launch/gpu_local.sh)
+    python -m codi_jax.main --config=configs/sr.py:pe --workdir=gs://bucket/sr-pe --config.teacher=... [data flags]
     python -m codi_jax.main --config=configs/sr.py:tiny --workdir=runs/sr-tiny       # the whole pipeline on a CPU
 
-Variants (comma-separated after the colon): tiny, pe, mode=<vae|pretrain|finetune|codi|pe_codi|cm|gd>, steps=N, batch=N.
+Variants (comma-separated after the colon): tiny, gpu, pe, mode=<vae|pretrain|finetune|codi|pe_codi|cm|gd>, steps=N, batch=N.
 """
 
 from codi_jax import config as common

@@ -40,6 +40,9 @@ JAX_EXTRA|str|cuda12|GPU only: jax extra to install (cuda12, cuda13)
 PIP_EXTRA|str||extra pip requirements, space separated
 CONFIG|str||config file, optionally with :variant (configs/depth.py or configs/depth.py:tiny)
 WORKDIR|str||training workdir; gs://... for TPU (must outlive the VMs)
+MAIN_ARGS|str||flags for codi_jax.main, space separated (e.g. --config.teacher=/data/sd15); those after -- follow them
+CHECK|bool|1|check the config on this machine first (python -m codi_jax.main --check), before anything is created or started
+LOCAL_PYTHON|str|python3|Python of this machine with requirements.txt installed, for the config check
 TRAIN_ENV|str||extra environment for the trainer: KEY=VALUE entries separated by ';' (values may hold spaces)
 LOG_DIR|str|codi_jax_run|directory for train.log/status/pid on each worker, relative to home
 WORKER|str|0|worker whose log is streamed
@@ -56,6 +59,7 @@ KEEP|bool|0|supervisor: keep the TPU after the job finished
 STOP_TIMEOUT|int|120|seconds a stopped trainer gets to checkpoint before SIGKILL
 SIMULATE_STATES|str||dry-run: comma separated TPU states the polls see, e.g. ACTIVE,SUSPENDED,ACTIVE
 INSTALL|bool|1|GPU: pip install before running
+GPU_RECIPE|bool|1|gpu_local.sh: pass the single-GPU recipe (80 GB, SD1.5 scale) unless the config is :tiny
 GPUS_PER_NODE|int|8|SLURM: GPUs per node when SLURM does not say
 DRY_RUN|bool|0|print the commands (prefixed 'DRYRUN: ') instead of running them"
 
@@ -158,7 +162,7 @@ parse_args() {
     case $arg in
       --)
         EXTRA_ARGS=("$@")
-        return 0
+        break
         ;;
       -h | --help)
         usage
@@ -192,6 +196,15 @@ parse_args() {
       *) die "unexpected argument '$arg' (settings are --key=value; arguments for codi_jax.main go after --)" ;;
     esac
   done
+  # MAIN_ARGS (an env file's way to pass main's flags) come first, so flags after -- win over them; not twice when a
+  # parent script (the supervisor) already passes them after --.
+  if [[ -n $OPT_MAIN_ARGS ]]; then
+    local -a main_args
+    read -r -a main_args <<<"$OPT_MAIN_ARGS"
+    if [[ ${EXTRA_ARGS[*]+"${EXTRA_ARGS[*]:0:${#main_args[@]}}"} != "${main_args[*]}" ]]; then
+      EXTRA_ARGS=("${main_args[@]}" ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"})
+    fi
+  fi
 }
 
 require() {
@@ -477,6 +490,12 @@ tpu_install() {
   tpu_ssh all "$fetch && rm -rf $(quote "$dir") && mv $(quote "$dir.new") $(quote "$dir") && cd $(quote "$dir") && $install"
 }
 
+# The folder the config path is relative to on this machine: the local checkout that travels (REPO), or this one when
+# REPO is a git URL.
+local_config_dir() {
+  if ! is_git_url "$OPT_REPO" && [[ -d $OPT_REPO ]]; then (cd "$OPT_REPO" && pwd); else printf '%s' "$REPO_ROOT"; fi
+}
+
 # The config as the workers see it. A config file inside REPO travels with the code; one from
 # elsewhere is copied next to it (as _launch_config_<name>) on every worker.
 resolve_config() {
@@ -514,6 +533,7 @@ tpu_start() {
   check_tpu_workdir
   train_env_entries
   resolve_config
+  check_config "$OPT_LOCAL_PYTHON" "$(local_config_dir)"
   if [[ -n $CONFIG_UPLOAD ]]; then
     tpu_scp "$CONFIG_UPLOAD" "$OPT_REMOTE_DIR/${REMOTE_CONFIG%%:*}"
   fi
@@ -577,6 +597,45 @@ tpu_job_status() {
 # Stops the trainer on every worker (SIGTERM, so it can checkpoint; SIGKILL after --stop-timeout).
 tpu_stop() {
   tpu_ssh all "cd $(quote "$OPT_REMOTE_DIR") && $(quote_args bash launch/worker_train.sh stop "--log-dir=$OPT_LOG_DIR" "--stop-timeout=$OPT_STOP_TIMEOUT")"
+}
+
+# --- the config, checked on this machine first ---------------------------------------------
+
+# check_config PYTHON DIR [soft]: `PYTHON -m codi_jax.main --check` in DIR with the launch's config, workdir and main
+# flags, so that a config a run would refuse (no teacher, no dataset, a misspelt field, a bad value) stops the launch
+# in one line here, before a TPU is created, software installed or a job started. It runs for real in dry-run too (it
+# only reads). Paths inside the config are not opened: they are the workers'. Returns 0 when the config is fine or the
+# check is off (--no-check); dies with main's line when it is not. Without the requirements in PYTHON it dies with how
+# to install them, or with `soft` returns 3 (gpu_local.sh then checks after its install).
+check_config() {
+  local py=$1 dir=$2 mode=${3:-} out status=0 line
+  if [[ $OPT_CHECK != 1 ]]; then
+    log "config not checked here (--no-check)"
+    return 0
+  fi
+  require CONFIG
+  local file=${OPT_CONFIG%%:*} config=$OPT_CONFIG
+  if [[ $file != /* && ! -f $dir/$file ]]; then
+    if [[ ! -f $file ]]; then
+      log "warning: $file is not in $dir, so the config is checked on the workers only (when the run starts)"
+      return 0
+    fi
+    config=$(cd "$(dirname "$file")" && pwd)/$(basename "$file")${OPT_CONFIG:${#file}}  # a file outside the repo
+  fi
+  out=$(cd "$dir" && TF_CPP_MIN_LOG_LEVEL=3 JAX_PLATFORMS=cpu "$py" -m codi_jax.main --check "--config=$config" \
+    "--workdir=${OPT_WORKDIR:-not-given}" ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"} 2>&1) || status=$?
+  if ((status == 0)); then
+    log "${out##*$'\n'}"
+    return 0
+  fi
+  if [[ $status == 127 || $out == *"No module named"* || $out == *"ModuleNotFoundError"* ]]; then
+    [[ $mode == soft ]] && return 3
+    die "cannot check the config here: '$py' lacks codi_jax's requirements (pip install -r requirements.txt, or --local-python=PYTHON), or skip the check with --no-check"
+  fi
+  # main's one line ("error: config.teacher: ..."), as this script's error.
+  line=$(printf '%s\n' "$out" | grep '^error: ' | tail -n 1)
+  [[ -n $line ]] || die "config check failed (python -m codi_jax.main --check, status $status): $out"
+  die "${line#error: }"
 }
 
 # --- Python environment (TPU workers and GPU hosts) ---------------------------------------

@@ -94,8 +94,15 @@ def repo(tmp_path):
 
 
 def run_args(repo, *more):
+    # The stand-in repo's config is no config: the local check (tested below, with the real configs) is off here.
     return [*SCOPE, "--accelerator=v4-32", f"--repo={repo}", "--config=configs/depth.py",
-            "--workdir=gs://bucket/depth", "--dry-run", *more]
+            "--workdir=gs://bucket/depth", "--no-check", "--dry-run", *more]
+
+
+# What an SD-scale run needs besides the config file: a teacher and a dataset, at paths of the workers (absent here).
+RUN_FLAGS = ["--config.teacher=/nonexistent/stable-diffusion-v1-5", "--config.data.dataset=folder",
+             "--config.data.data_dir=/nonexistent/images"]
+LOCAL_PY = f"--local-python={sys.executable}"
 
 
 # --- create / delete -------------------------------------------------------------------------
@@ -188,9 +195,11 @@ def test_process_environment_is_not_read(home):
 
 
 def test_example_env_file_parses(home):
-    proc = launch("create.sh", f"--env-file={LAUNCH / 'example.env'}", "--dry-run", home=home)
+    # Its config (with MAIN_ARGS: a teacher and a dataset) passes the local check, then the TPU is created.
+    proc = launch("create.sh", f"--env-file={LAUNCH / 'example.env'}", LOCAL_PY, "--dry-run", home=home)
     create = commands(proc)[0]
     assert flag(create, "accelerator-type") == "v4-32" and "--spot" in create
+    assert "config ok: task depth, mode codi, teacher /data/stable-diffusion-v1-5, dataset folder" in proc.stderr
 
 
 # --- install / start / logs ------------------------------------------------------------------
@@ -494,24 +503,54 @@ def test_supervisor_never_takes_a_preempted_exit_0_for_the_end(home, repo, tmp_p
 # --- GPU and SLURM ---------------------------------------------------------------------------
 
 
-def test_gpu_local_installs_cuda_jax_and_runs_main(home):
+def gpu_recipe():
+    """The single-GPU recipe as benchmarks/aot_gpu.py wrote it from the compiled plan."""
+    plan = json.loads((ROOT / "benchmarks" / "results" / "aot_gpu.json").read_text())
+    assert plan["recipe"] is not None and plan["recipe"]["from_trial"]["batch"] == plan["recipe"]["config_overrides"][
+        "batch_size"]
+    return plan["recipe"]["flags"], [f"{k}={v}" for k, v in plan["recipe"]["environment"].items()]
+
+
+def test_gpu_local_installs_cuda_jax_and_runs_the_recipe(home):
     proc = launch("gpu_local.sh", "--config=configs/depth.py", "--workdir=runs/depth", f"--python={sys.executable}",
-                  "--dry-run", "--", "--config.seed=1", home=home)
+                  LOCAL_PY, "--dry-run", "--", *RUN_FLAGS, "--config.seed=1", home=home)
     venv, pip, smi, check, main = commands(proc)
     py = f"{home}/codi_jax_venv/bin/python"
     assert venv == [sys.executable, "-m", "venv", f"{home}/codi_jax_venv"]
     assert pip[:4] == [py, "-m", "pip", "install"] and "jax[cuda12]==0.10.2" in pip and "requirements.txt" in pip
     assert smi == ["nvidia-smi", "-L"] and "gpu" in check[-1]
-    assert main == ["env", "PYTHONUNBUFFERED=1", py, "-m", "codi_jax.main", "--config=configs/depth.py",
-                    "--workdir=runs/depth", "--config.seed=1"]
-    proc = launch("gpu_local.sh", "--config=c.py", "--workdir=w", "--venv=", "--no-install",
+    # The recipe of the compiled plan, exactly, before the user's flags (which win over it).
+    flags, env = gpu_recipe()
+    assert main == ["env", "PYTHONUNBUFFERED=1", *env, py, "-m", "codi_jax.main", "--config=configs/depth.py",
+                    "--workdir=runs/depth", *flags, *RUN_FLAGS, "--config.seed=1"]
+    # The config was checked with those flags, before the venv was made.
+    assert "config ok: task depth, mode codi, teacher /nonexistent/stable-diffusion-v1-5" in proc.stderr
+    assert f"batch {dict(f[len('--config.'):].split('=') for f in flags)['batch_size']}" in proc.stderr
+    # :tiny is not SD scale: no recipe; --no-check and a bare environment.
+    proc = launch("gpu_local.sh", "--config=c.py:tiny", "--workdir=w", "--venv=", "--no-install", "--no-check",
                   f"--python={sys.executable}", "--dry-run", home=home)
-    assert [c[0] for c in commands(proc)] == ["nvidia-smi", sys.executable, "env"]
+    cmds = commands(proc)
+    assert [c[0] for c in cmds] == ["nvidia-smi", sys.executable, "env"]
+    assert cmds[-1] == ["env", "PYTHONUNBUFFERED=1", sys.executable, "-m", "codi_jax.main", "--config=c.py:tiny",
+                        "--workdir=w"]
+
+
+def test_gpu_recipe_fits_the_plan():
+    """The recipe is the plan's pick: its compiled buffers, with code generation's growth, under the 80 GiB budget."""
+    plan = json.loads((ROOT / "benchmarks" / "results" / "aot_gpu.json").read_text())
+    chosen = plan["recipe"]["from_trial"]
+    (trial,) = [t for t in plan["trials"] if (t["batch"], t["grad_accum_steps"]) == (chosen["batch"],
+                                                                                  chosen["grad_accum_steps"])]
+    assert trial["fits_budget"] and trial["planned_gib"] <= plan["budget_gib"] < plan["gpu_gib"] <= 80
+    assert trial["planned_gib"] >= trial["total_bytes"] / 2**30  # the margin is added, never taken off
+    assert all(t["batch"] <= chosen["batch"] for t in plan["trials"] if t["fits_budget"])
+    assert plan["topology"] == "v5p-1chip" and "not the GPU compiler's" in plan["what"]
+    assert plan["commit"] and plan["command"].startswith("python benchmarks/aot_gpu.py")
 
 
 def test_slurm_srun_line(home):
     proc = launch("slurm_multinode.sbatch", "--config=configs/depth.py", "--workdir=/shared/runs/depth",
-                  "--python=python3", "--dry-run", "--", "--config.seed=2", home=home,
+                  "--python=python3", "--no-check", "--dry-run", "--", "--config.seed=2", home=home,
                   extra_env={"SLURM_GPUS_ON_NODE": "4"})
     (srun,) = commands(proc)
     assert srun == ["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "env", "PYTHONUNBUFFERED=1",
@@ -524,6 +563,58 @@ def test_slurm_srun_line(home):
 def test_slurm_outside_a_job_fails_clearly(home):
     proc = launch("slurm_multinode.sbatch", "--config=c.py", "--workdir=/w", home=home, expect_ok=False)
     assert proc.returncode != 0 and "not inside a SLURM job" in proc.stderr
+
+
+# --- the config, checked on this machine before anything happens -----------------------------
+
+
+@pytest.mark.parametrize("script,args", [
+    ("create.sh", [*SCOPE, "--accelerator=v4-32", "--config=configs/depth.py", "--workdir=gs://b/w"]),
+    ("start.sh", [*SCOPE, "--accelerator=v4-32", f"--repo={ROOT}", "--config=configs/depth.py", "--workdir=gs://b/w"]),
+    ("gpu_local.sh", ["--config=configs/depth.py", "--workdir=runs/depth", f"--python={sys.executable}"]),
+    ("slurm_multinode.sbatch", ["--config=configs/depth.py", "--workdir=/shared/w", f"--python={sys.executable}"]),
+])
+def test_a_config_without_teacher_stops_the_launch(home, script, args):
+    # The data are given, the teacher is not: the run would refuse, so nothing is created, installed or started.
+    proc = launch(script, *args, LOCAL_PY, "--dry-run", "--", *RUN_FLAGS[1:], home=home, expect_ok=False,
+                  extra_env={"SLURM_GPUS_ON_NODE": "4"})
+    assert proc.returncode != 0
+    (line,) = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert line.startswith(f"{script}: error: config.teacher: ") and "--config.teacher=" in line, proc.stderr
+    assert commands(proc) == []  # no gcloud, ssh, venv, pip, nvidia-smi or srun
+
+
+def test_a_config_error_from_the_env_file_stops_create(home, tmp_path):
+    env_file = tmp_path / "my.env"
+    env_file.write_text((LAUNCH / "example.env").read_text() + "MAIN_ARGS=--config.mode=codii\n")
+    proc = launch("create.sh", f"--env-file={env_file}", LOCAL_PY, "--dry-run", home=home, expect_ok=False)
+    assert proc.returncode != 0 and "create.sh: error: config.mode: 'codii' is not one of" in proc.stderr
+    assert commands(proc) == []
+
+
+def test_a_good_config_goes_through_with_the_main_args(home, tmp_path):
+    # The teacher and data from the env file's MAIN_ARGS, checked here, reach main on the workers before the flags
+    # after -- (which win); a supervisor passing them on after -- does not double them.
+    env_file = tmp_path / "my.env"
+    env_file.write_text("PROJECT=p\nZONE=us-central2-b\nNAME=codi-v4\nACCELERATOR=v4-32\nCONFIG=configs/depth.py\n"
+                        "WORKDIR=gs://b/w\nMAIN_ARGS=" + " ".join(RUN_FLAGS) + "\n")
+    proc = launch("start.sh", f"--env-file={env_file}", f"--repo={ROOT}", LOCAL_PY, "--dry-run", "--",
+                  "--config.batch_size=64", home=home)
+    (ssh,) = commands(proc)
+    start = remote(ssh)
+    assert start[start.index("--") + 1:] == [*RUN_FLAGS, "--config.batch_size=64"]
+    assert "config ok: task depth, mode codi, teacher /nonexistent/stable-diffusion-v1-5, dataset folder " \
+           "/nonexistent/images, image size from the teacher" in proc.stderr and "batch 64" in proc.stderr
+    again = launch("start.sh", f"--env-file={env_file}", f"--repo={ROOT}", "--no-check", "--dry-run", "--",
+                   *RUN_FLAGS, "--config.batch_size=64", home=home)
+    assert commands(again) == [ssh]
+
+
+def test_without_the_requirements_here_the_launch_says_how(home):
+    proc = launch("start.sh", *SCOPE, "--accelerator=v4-8", f"--repo={ROOT}", "--config=configs/depth.py",
+                  "--workdir=gs://b/w", "--local-python=/nonexistent/python3", "--dry-run", home=home, expect_ok=False)
+    assert proc.returncode != 0 and commands(proc) == []
+    assert "pip install -r requirements.txt" in proc.stderr and "--no-check" in proc.stderr
 
 
 # --- the trainer on a worker, for real -------------------------------------------------------
@@ -632,7 +723,7 @@ def test_env_file_errors_name_the_line(home, tmp_path):
 
 def test_single_host_allows_a_local_workdir_with_a_warning(home, repo):
     proc = launch("start.sh", *SCOPE, "--accelerator=v4-8", f"--repo={repo}", "--config=configs/depth.py",
-                  "--workdir=runs/x", "--dry-run", home=home)
+                  "--workdir=runs/x", "--no-check", "--dry-run", home=home)
     assert "lost when the TPU is deleted" in proc.stderr and len(commands(proc)) == 1
 
 
@@ -673,6 +764,6 @@ def test_readme_commands_run_in_dry_run(home, tmp_path):
     for cmd in cmds:
         argv = shlex.split(cmd.replace("--env-file=my.env", f"--env-file={my_env}"))
         rest = argv.index("--") if "--" in argv else len(argv)
-        argv[rest:rest] = ["--dry-run"] + ([f"--python={sys.executable}"] if "gpu_local" in argv[1] else [])
+        argv[rest:rest] = ["--dry-run", LOCAL_PY] + ([f"--python={sys.executable}"] if "gpu_local" in argv[1] else [])
         proc = launch(argv[1].removeprefix("launch/"), *argv[2:], home=home)
         assert commands(proc), cmd
