@@ -30,7 +30,8 @@ DAMAGED = ".damaged-"  # <step>.damaged-<n>: a quarantined step folder
 
 
 # A refusal about the workdir or a checkpoint path (EX_CONFIG): restarting the same command cannot help, so
-# supervisors (launch/supervise.sh) stop instead of retrying.
+# supervisors (launch/supervise.sh) stop instead of retrying; except while another job's live lease holds the workdir
+# (codi_jax.lease), which a supervisor waits out.
 EXIT_REFUSED = 78
 
 

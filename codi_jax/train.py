@@ -2,11 +2,13 @@
 
 Read top to bottom: config -> mesh -> recipe (what trains, what is frozen) -> shardings from abstract values ->
 start-up (workdir checkpoint > init_from > teacher import > scratch) -> an ahead-of-time compiled, donated train step ->
-the loop (logging, sample grids, checkpoints, preemption) -> export of the EMA weights.
+the loop (logging, sample grids, checkpoints, preemption) -> export of the EMA weights. All of it under the workdir's
+lease (workdir_lease): one job writes a workdir at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -28,11 +30,12 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 
-from codi_jax import checkpoint, evaluate, modes, parallel, recipes
+from codi_jax import checkpoint, evaluate, lease, modes, parallel, recipes
 from codi_jax import config as common
 from codi_jax import data as data_lib
 from codi_jax import export as export_lib
 from codi_jax.data import pipeline
+from codi_jax.models import controlnet as cn_lib
 
 
 @flax.struct.dataclass
@@ -265,6 +268,7 @@ class _Preemption:
         logging.error("SIGTERM: no training step finished within %.0f s (the run was starting up, compiling or waiting for data); "
                       "exiting with status %d and no new checkpoint; %s", self._grace_s, EXIT_NO_PROGRESS,
                       "no checkpoint had been written" if step is None else f"checkpoint {step} is the latest and intact")
+        lease.release_all()  # os._exit skips every `finally`: the next start need not wait for the lease to go stale
         logging.flush()
         os._exit(EXIT_NO_PROGRESS)
 
@@ -479,6 +483,18 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.sharding
                  checkpointer=checkpointer, start_step=start, compile_info=info, traces=traces)
 
 
+def _settled_model(config: ml_collections.ConfigDict) -> dict:
+    """config.model as JSON, with the fields the recipe derives set as it will set them: the run saved its config after
+    the recipe had settled it, while the workdir check runs before the recipe. config.init_controlnet's hint net
+    replaces model.hint_channels (recipes.ConditionalRecipe), read from the ControlNet's config.json alone."""
+    model = json.loads(json.dumps(config.model.to_dict()))
+    if config.init_controlnet:
+        _, controlnet = recipes.controlnet_source(config.init_controlnet, config.task)
+        hint = cn_lib.ControlNetConfig.from_diffusers(controlnet).conditioning_embedding_out_channels
+        model["hint_channels"] = [int(c) for c in hint]
+    return model
+
+
 def _check_workdir(config: ml_collections.ConfigDict, checkpointer: checkpoint.Checkpointer) -> None:
     """One line (checkpoint.CheckpointError) before any work, for a workdir this config cannot go on with: another
     mode or task saved there, a checkpoint past total_steps, only damaged checkpoints left, or a missing init_from."""
@@ -502,7 +518,7 @@ def _check_workdir(config: ml_collections.ConfigDict, checkpointer: checkpoint.C
                 "config")
         # The model's settings (its shape, what trains, what it predicts), from the saved config alone: refused before
         # a teacher is loaded. Keys one side lacks (a config from an older version) are not compared.
-        ours = json.loads(json.dumps(config.model.to_dict()))
+        ours = _settled_model(config)
         saved_model = saved_config.get("model") or {}
         differ = sorted(k for k in ours.keys() & saved_model.keys() if ours[k] != saved_model[k])
         if differ:
@@ -524,8 +540,57 @@ def _check_workdir(config: ml_collections.ConfigDict, checkpointer: checkpoint.C
             f"config.init_from={config.init_from!r} does not exist (it is only read, never created)")
 
 
+@contextlib.contextmanager
+def workdir_lease(workdir: str):
+    """Holds the workdir's lease (codi_jax.lease) for the block: one job per workdir. Process 0 takes it; the others
+    follow its verdict, so that a refusal ends every process in the same line's status instead of leaving them in a
+    collective. A no-op inside a lease this job already holds on the workdir or a folder above it."""
+    if lease.covering(workdir) is not None:
+        yield
+        return
+    refused = None
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(lease.hold(workdir, take=jax.process_index() == 0))
+        except checkpoint.CheckpointError as e:
+            refused = e
+        _everywhere_or_raise(refused, f"{workdir}: process 0 refused the workdir (its log says why: another job holds "
+                                      "its lease)")
+        yield
+
+
+def _everywhere_or_raise(error: checkpoint.CheckpointError | None, elsewhere: str) -> None:
+    """Raises `error` here, or `elsewhere` on the processes where it did not occur, if it occurred on any process."""
+    if jax.process_count() > 1:
+        anywhere = bool(multihost_utils.process_allgather(np.asarray(error is not None)).any())
+        if anywhere and error is None:
+            raise checkpoint.CheckpointError(elsewhere)
+    if error is not None:
+        raise error
+
+
+def _check_lease(workdir: str) -> None:
+    """Before a write that another job must not meet (a checkpoint, the export): stops, writing nothing, if this job
+    lost the workdir's lease to another (it was stalled past its heartbeat timeout and a restart took over)."""
+    held = lease.covering(workdir)
+    error = None
+    if held is not None and held.taken:
+        try:
+            held.verify()
+        except checkpoint.CheckpointError as e:
+            error = e
+    _everywhere_or_raise(error, f"{workdir}: process 0 found that this job lost the workdir's lease to another job "
+                                "(its log says which): stopped without writing")
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> Setup:
-    """Trains config.mode in workdir until config.total_steps; resumes from workdir by itself."""
+    """Trains config.mode in workdir until config.total_steps; resumes from workdir by itself. Holds the workdir's
+    lease meanwhile (see workdir_lease): a second job on the same workdir refuses instead of writing over this one."""
+    with workdir_lease(workdir):
+        return _train(config, workdir)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> Setup:
     # SIGTERM is honoured from here on: during start-up (teacher load, restore, the ahead-of-time compile) it is
     # noted, and the watchdog bounds the wait for the first step's checkpoint by preemption_grace_s.
     checkpointer = _open_checkpointer(config, workdir)
@@ -576,6 +641,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Setup:
                 preemption.disarm()
             if step % config.checkpoint_every == 0 or step == config.total_steps or stop:
                 _check_finite(jax.device_get(metrics), step, checkpointer)
+                _check_lease(workdir)
                 checkpointer.save(step, state, data_iter, _config_json(config))
             if stop:
                 logging.warning("stopping at step %d after the preemption checkpoint", step)
@@ -590,6 +656,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Setup:
         checkpointer.close()
         preemption.restore()
     if step >= config.total_steps:
+        _check_lease(workdir)
         recipe.after_training(state.ema_params, data_iter)
         export_lib.export(recipe, state, frozen, os.path.join(workdir, "export"))
     s.state = state
@@ -689,7 +756,13 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, label: str = "") 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> bool:
     """Runs the prerequisite stages (embedded default: VAE, then the text-to-image teacher), the main mode, and
-    optionally the evaluation, each resuming where it stopped. False when a preemption stopped it early."""
+    optionally the evaluation, each resuming where it stopped. False when a preemption stopped it early. The
+    workdir's lease is taken first, before anything is written there or a teacher loads, and held throughout."""
+    with workdir_lease(workdir):
+        return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> bool:
     for stage in config.stages:
         stage_cfg = common.stage_config(config, stage)
         # '@stage' names are relative to the top workdir, not to the stage's own folder.

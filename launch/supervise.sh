@@ -12,6 +12,11 @@
 #   trainer failed anywhere      -> stop it on all workers, back off, re-install, restart on the
 #   (exit N, SIGTERM, died)         same TPU; exit 2 (config error), 65 (no readable data) or 78 (the
 #                                   workdir or a checkpoint refused: another mode, all damaged, ...): stop, give up
+#   exit 78 while another job    -> the trainer refused to write over a live job in the workdir (a hung
+#   holds the workdir's lease       trainer a restart did not reach, a second supervisor): wait, reading
+#                                   <workdir>/lease.json every poll, until that job's lease is gone or
+#                                   stale (its heartbeat older than its timeout), then start again; the
+#                                   wait counts as no recovery
 #   trainer exited 0 everywhere  -> one more poll to make sure the TPU is not going away (a
 #                                   preempted trainer checkpoints and may exit 0 too), then delete
 #                                   the TPU (unless --keep) and exit 0
@@ -55,6 +60,7 @@ step() {
 }
 
 failures=0  # recoveries in a row
+lease_wait=0  # the trainer refused a workdir that another job's live lease holds: wait it out before starting
 started=0   # a job was started (or adopted) on the current TPU
 seen=0      # the TPU was seen or made by this supervisor (so no job of ours can be on it)
 job_start=0
@@ -71,6 +77,28 @@ failure() {
   ((delay <= OPT_BACKOFF_MAX)) || delay=$OPT_BACKOFF_MAX
   BACKOFF=$delay
   log "recovery $failures/$OPT_MAX_RETRIES: $1; back-off ${delay}s"
+}
+
+# A field of <workdir>/lease.json (codi_jax/lease.py writes one key per line): a string, or a number's integer part.
+lease_field() {
+  printf '%s\n' "$2" | sed -n -e "s/^ *\"$1\": *\"\([^\"]*\)\".*/\1/p" -e "s/^ *\"$1\": *\([0-9]*\).*/\1/p" | head -n 1
+}
+
+# Succeeds while a live job holds the workdir's lease (its heartbeat no older than the holder's own timeout, the rule
+# the trainer applies) and sets LEASE_HOLDER to a description; fails when there is none, it does not read, or it is
+# stale (a starting trainer takes a stale lease over by itself). Hosts' clocks must roughly agree, as for the trainer.
+lease_live() {
+  local text heartbeat timeout age
+  LEASE_HOLDER=""
+  dry && return 1
+  text=$(gcloud storage cat "$OPT_WORKDIR/lease.json" 2>/dev/null) || return 1
+  heartbeat=$(lease_field heartbeat "$text")
+  timeout=$(lease_field stale_after_s "$text")
+  [[ $heartbeat =~ ^[0-9]+$ && $timeout =~ ^[0-9]+$ ]] || return 1
+  age=$(($(date +%s) - heartbeat))
+  ((age >= 0)) || age=0
+  ((age <= timeout)) || return 1
+  LEASE_HOLDER="host $(lease_field host "$text"), pid $(lease_field pid "$text"), heartbeat ${age}s ago, stale after ${timeout}s"
 }
 
 deploy() {
@@ -113,6 +141,14 @@ while true; do
             continue
           fi
         fi
+        if ((lease_wait)); then
+          if lease_live; then
+            pause "$OPT_POLL_SECONDS"
+            continue
+          fi
+          log "the lease on $OPT_WORKDIR is gone or stale: starting the trainer again"
+          lease_wait=0
+        fi
         deploy
       else
         tpu_job_status
@@ -137,11 +173,22 @@ while true; do
             exit 0
             ;;
           unknown) log "not every worker answered; polling again" ;;
-          "exit 2" | "exit 65" | "exit 78")
-            # A usage error (2), a data source with nothing readable (65) or a workdir/checkpoint refusal (78): every
-            # restart would end the same way.
+          "exit 78")
+            if lease_live; then
+              # Not this run's fault: another job writes there, and a start before it ends would be refused again.
+              step stop.sh || log "stop failed; the restart will find out"
+              log "$OPT_WORKDIR is in use by another job ($LEASE_HOLDER): the trainer refused to write over it; waiting until that job ends or its lease goes stale"
+              lease_wait=1
+              started=0
+            else
+              step stop.sh || log "stop failed"
+              die "trainer: $JOB: a refused workdir or checkpoint (78: another mode, all damaged, ...), which a restart cannot fix; see train.log under $OPT_LOG_DIR on the workers; $OPT_NAME is left up for that (launch/delete.sh removes it)"
+            fi
+            ;;
+          "exit 2" | "exit 65")
+            # A usage error (2) or a data source with nothing readable (65): every restart would end the same way.
             step stop.sh || log "stop failed"
-            die "trainer: $JOB: a config error (2), unreadable data (65) or a refused workdir or checkpoint (78), which a restart cannot fix; see train.log under $OPT_LOG_DIR on the workers; $OPT_NAME is left up for that (launch/delete.sh removes it)"
+            die "trainer: $JOB: a config error (2) or unreadable data (65), which a restart cannot fix; see train.log under $OPT_LOG_DIR on the workers; $OPT_NAME is left up for that (launch/delete.sh removes it)"
             ;;
           *)
             failure "trainer: $JOB"

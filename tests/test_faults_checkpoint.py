@@ -67,6 +67,7 @@ def _refusal(teacher, cache, workdir, *extra, **kw):
     assert out.returncode == checkpoint.EXIT_REFUSED, out.stderr[-3000:]
     assert "Traceback" not in out.stderr
     assert _steps(workdir) == ["2", "3", "4"]
+    assert not os.path.exists(workdir / "lease.json")  # a refused run lets go of the workdir (codi_jax.lease)
     return out, out.stderr.rstrip().splitlines()[-1]
 
 

@@ -219,3 +219,28 @@ def test_init_from_together_is_refused(folders):
     with pytest.raises(ValueError) as e:
         config_lib.finalize(c)
     _one_line(e, "config.init_controlnet", "init_from")
+
+
+
+def test_resume_keeps_the_controlnets_hint_net(case, tmp_path):
+    """The recipe replaces model.hint_channels with the ControlNet's hint net and the run saves the config it settled;
+    the restart's config still has the default at the workdir check, before any recipe. The restart must go on (the
+    same model), while one whose hint net genuinely differs is still refused."""
+    from codi_jax import checkpoint, train
+
+    settled, recipe, *_ = case  # recipes.make has settled this config, as in train.setup before the first save
+    assert tuple(settled.model.hint_channels) == HINT
+    saver = checkpoint.Checkpointer(str(tmp_path), async_save=False)
+    saver.save(1, {"w": np.zeros(2, np.float32)}, config=train._config_json(settled))  # what train() saves
+    saver.close()
+    restart = depth_config(settled.teacher, settled.init_controlnet, mode=settled.mode)  # the same command again
+    assert tuple(restart.model.hint_channels) != HINT  # the default: the recipe has not run yet
+    ckpt = checkpoint.Checkpointer(str(tmp_path))
+    train._check_workdir(restart, ckpt)  # no refusal
+    ckpt.close()
+    # Without the ControlNet the config's own hint net (16, 32, 32) is another model: refused, in one line.
+    other = tiny_config("depth", settled.teacher, mode=settled.mode)
+    ckpt = checkpoint.Checkpointer(str(tmp_path))
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        train._check_workdir(other, ckpt)
+    _one_line(e, "other model settings", "model.hint_channels=[8, 16, 16] there, [16, 32, 32] here")
