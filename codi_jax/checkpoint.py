@@ -163,7 +163,17 @@ class Checkpointer:
                 logging.warning("checkpoint %d was written by %s processes, this run has %d: the data pipeline starts "
                                 "afresh (same seed) instead of at the saved position", step,
                                 saved.get("process_count", "?"), jax.process_count())
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # noqa: BLE001 - grain and Orbax raise many types; the state-only retry decides
+            if "data" not in items:
+                raise
+            # A data position saved for another source (an image added to the folder, a validation slice carved
+            # from train) does not fit this pipeline: grain refuses it. The train state is what must not be lost, so
+            # it is read alone; only if that fails too is the step damaged.
+            restored = self.manager.restore(step, args=ocp.args.Composite(state=items["state"]))
+            logging.warning("checkpoint %d: its data position does not fit this data pipeline (%s): the data "
+                            "pipeline starts afresh (same seed) instead of at the saved position", step, _one_line(e))
         logging.info("restored checkpoint %d from %s", step, self.directory)
         return restored["state"]
 

@@ -164,6 +164,47 @@ def test_interrupted_checkpoint_write_leaves_older_one_restorable(tmp_path):
 
 
 
+def test_data_position_for_other_data_restarts_the_pipeline_and_keeps_the_state(tmp_path, caplog):
+    """An image added to a folder dataset changes the source's size, and grain refuses the saved data position: the
+    train state still restores (the step is not set aside as damaged) and the data pipeline starts afresh."""
+    from PIL import Image
+
+    from codi_jax import checkpoint
+    from codi_jax import data as data_lib
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+
+    def add(i):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"img{i:02d}.png")
+
+    for i in range(6):
+        add(i)
+    cfg = data_lib.default_config()
+    cfg.dataset, cfg.data_dir, cfg.image_size, cfg.task = "folder", str(folder), 16, "t2i"
+    cfg.folder_test_fraction = cfg.folder_validation_fraction = 0.0
+
+    def loader():
+        return iter(data_lib.make_train_loader(cfg, global_batch_size=2, seed=0, process_index=0, process_count=1))
+
+    it = loader()
+    next(it)
+    state = {"params": {"w": np.arange(6, dtype=np.float32)}, "step": np.int32(1)}
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "run"), keep=3, async_save=False)
+    ckpt.save(1, state, it)
+    ckpt.close()
+    add(6)
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "run"), keep=3)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    with caplog.at_level("WARNING"):
+        step, restored = ckpt.restore_readable(abstract, loader())
+    assert step == 1 and not ckpt.quarantined()
+    np.testing.assert_array_equal(np.asarray(restored["params"]["w"]), np.arange(6))
+    assert "data position does not fit" in caplog.text
+    ckpt.close()
+
+
 def test_relative_workdir_checkpoints(tmp_path, monkeypatch):
     """`--workdir=runs/x` (as in the README): Orbax's OCDBT writer rejects relative paths in the middle of a save."""
     import jax.numpy as jnp
