@@ -102,6 +102,14 @@ def main(argv):
     if FLAGS.check:
         print(cli.summary(config), flush=True)
         return
+    if config.run_eval:  # the evaluation's refusals now, not after hours of training
+        from codi_jax import evaluate  # imports JAX, starts no device
+
+        try:
+            evaluate.check_held_out(config)
+            evaluate.check_readers(config)
+        except evaluate.EvalConfigError as e:
+            cli.fail(str(e))
     initialize_distributed()
     import jax  # only now: see the module docstring
 

@@ -141,3 +141,15 @@ def test_a_run_reads_the_teacher_before_any_device():
     assert report["rc"] == 2, err
     assert err.strip().startswith("error: config.teacher: '/nonexistent/stable-diffusion-v1-5'"), err
     assert "codi_jax.train" not in report["heavy"] and not report["backends"]
+
+
+def test_an_evaluation_that_cannot_run_is_refused_before_training(tmp_path):
+    # run_eval with a held-out set too small for eval.num_examples: the refusal comes before any training (it used to
+    # come after it), in one line with status 2, and the workdir is not created.
+    workdir = tmp_path / "run"
+    report, out, err = run_main("--config=configs/depth.py:tiny", f"--workdir={workdir}",
+                                "--config.eval.num_examples=1500")
+    assert report["rc"] == 2, err
+    assert err.strip().startswith("error: eval.num_examples=1500 with eval.noise_floor=True needs 3000 held-out "
+                                  "records, and the test split (eval.split) has 2000"), err
+    assert "codi_jax.train" not in report["heavy"] and not report["backends"] and not workdir.exists()
