@@ -25,13 +25,18 @@ def fail(message: str) -> None:
     raise SystemExit(USAGE_ERROR)
 
 
-def _config_arg(argv) -> str | None:
+def flag_value(argv, name: str) -> str | None:
+    """The value of --name=value or --name value in argv, or None."""
     for i, arg in enumerate(argv):
-        if arg.startswith("--config="):
-            return arg[len("--config="):]
-        if arg == "--config" and i + 1 < len(argv):
+        if arg.startswith(f"--{name}="):
+            return arg[len(name) + 3:]
+        if arg == f"--{name}" and i + 1 < len(argv):
             return argv[i + 1]
     return None
+
+
+def _config_arg(argv) -> str | None:
+    return flag_value(argv, "config")
 
 
 def _overrides(argv) -> list[tuple[str, str]]:
@@ -94,19 +99,28 @@ def _explain_override(argv) -> str | None:
     except Exception:  # noqa: BLE001 - then the override is not the problem; the caller reports the original error
         return None
     for key, value in _overrides(argv):
-        node, walked = base, []
-        for part in key.split("."):
-            fields = list(node.keys()) if hasattr(node, "keys") else None
-            if fields is None:
-                return (f"--config.{key}={value}: config.{'.'.join(walked)} is a "
-                        f"{type(node).__name__}, it has no field {part!r}")
-            if part not in fields:
-                near = difflib.get_close_matches(part, fields, n=1)
-                where = f"config.{'.'.join(walked)}" if walked else "the config"
-                hint = (f"; did you mean {'.'.join(walked + near)!r}?" if near
-                        else f" (fields: {', '.join(sorted(fields))})")
-                return f"--config.{key}={value}: {where} has no field {part!r}{hint}"
-            node, walked = node[part], walked + [part]
+        problem = override_problem(base, key, value)
+        if problem:
+            return problem
+    return None
+
+
+def override_problem(config, key: str, value: str, root: str = "the config") -> str | None:
+    """Which part of --config.key=value names no field of `config`, with the nearest field at that level; None if
+    the key exists."""
+    node, walked = config, []
+    for part in key.split("."):
+        fields = list(node.keys()) if hasattr(node, "keys") else None
+        if fields is None:
+            return (f"--config.{key}={value}: config.{'.'.join(walked)} is a "
+                    f"{type(node).__name__}, it has no field {part!r}")
+        if part not in fields:
+            near = difflib.get_close_matches(part, fields, n=1)
+            where = f"config.{'.'.join(walked)}" if walked else root
+            hint = (f"; did you mean {'.'.join(walked + near)!r}?" if near
+                    else f" (fields: {', '.join(sorted(fields))})")
+            return f"--config.{key}={value}: {where} has no field {part!r}{hint}"
+        node, walked = node[part], walked + [part]
     return None
 
 

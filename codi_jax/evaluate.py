@@ -28,7 +28,6 @@ against the number of steps (as the paper's Figures 2 and 7) and a sample grid (
 from __future__ import annotations
 
 import copy
-import difflib
 import json
 import logging as std_logging
 import os
@@ -591,37 +590,10 @@ def _update_model_cards(report: dict, methods: dict[str, str]) -> None:
             logging.warning("%s has no codi_jax model card: its metrics are only in the eval report", path)
 
 
-def _flag_value(argv, name: str) -> str | None:
-    for i, arg in enumerate(argv):
-        if arg.startswith(f"--{name}="):
-            return arg.split("=", 1)[1]
-        if arg == f"--{name}" and i + 1 < len(argv):
-            return argv[i + 1]
-    return None
-
-
-def _override_problem(config, key: str, value: str) -> str | None:
-    """Which --config.key=value names no field of the saved config, with the nearest field (as cli does for a
-    config file)."""
-    node, walked = config, []
-    for part in key.split("."):
-        fields = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else None
-        if fields is None:
-            return (f"--config.{key}={value}: config.{'.'.join(walked)} is a {type(node).__name__}, it has no field "
-                    f"{part!r}")
-        if part not in fields:
-            near = difflib.get_close_matches(part, fields, n=1)
-            where = f"config.{'.'.join(walked)}" if walked else "the saved config"
-            hint = f"; did you mean {'.'.join(walked + near)!r}?" if near else f" (fields: {', '.join(sorted(fields))})"
-            return f"--config.{key}={value}: {where} has no field {part!r}{hint}"
-        node, walked = node[part], walked + [part]
-    return None
-
-
 def flags_parser(argv):
     """cli.flags_parser, after defining --config: a config file when one is given; otherwise the workdir's saved
     config, against which the --config.key=value flags are then read (their types and typos are its own)."""
-    workdir = _flag_value(argv, "workdir")
+    workdir = cli.flag_value(argv, "workdir")
     asks_help = any(a.split("=")[0] in ("--help", "-h", "--helpfull", "--helpshort", "-?") for a in argv)
     if cli._config_arg(argv) is None and workdir and not asks_help:
         if not os.path.isdir(workdir):
@@ -635,7 +607,7 @@ def flags_parser(argv):
             cli.fail(str(_config_needed(workdir)))
         saved = saved[0]  # unfinalized: a saved field this version refuses can still be set right by a flag
         for key, value in cli._overrides(argv):
-            problem = _override_problem(saved, key, value)
+            problem = cli.override_problem(saved, key, value, root="the saved config")
             if problem:
                 cli.fail(problem)
         config_flags.DEFINE_config_dict("config", saved, "The run's config: by default the one saved in --workdir",

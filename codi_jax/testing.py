@@ -107,3 +107,23 @@ def make_torchvision_importable() -> None:
 
 
 _KEEP_ALIVE: list = []
+
+
+def metadata_export(workdir: str, *, task: str = "depth", image_size: int = 32) -> str:
+    """<workdir>/export as training writes it for a tiny one-channel conditional model, less the weights: what
+    evaluate and sample read before loading any (the model index's metadata, the conditional model's config, DONE),
+    in the real format. Returns the export folder."""
+    from codi_jax.models.conditional import ConditionalConfig
+    from codi_jax.models.controlnet import ControlNetConfig
+
+    path = os.path.join(workdir, "export")
+    os.makedirs(os.path.join(path, "conditional"))
+    unet_cfg = unet.UNetConfig.preset("tiny")
+    config = ConditionalConfig(unet=unet_cfg, control=ControlNetConfig.from_unet(unet_cfg, conditioning_channels=1))
+    with open(os.path.join(path, "conditional", "config.json"), "w") as f:
+        json.dump(weights.config_to_json(config), f)
+    with open(os.path.join(path, "model_index.json"), "w") as f:
+        json.dump({"_codi_jax": {"mode": "codi", "task": task, "image_size": image_size,
+                                 "default_sampler": ["codi", 4]}}, f)
+    open(os.path.join(path, "DONE"), "w").close()
+    return path

@@ -3,7 +3,6 @@ flags typed on top; --config is needed only where nothing was saved. An evaluati
 held-out split too small for eval.num_examples and its noise floor, a metric reader trained for another image size)
 is refused in one line naming what to change, before anything is sampled or written."""
 
-import json
 import os
 import subprocess
 import sys
@@ -11,33 +10,13 @@ import sys
 import numpy as np
 import pytest
 
-from codi_jax import checkpoint, evaluate
+from codi_jax import checkpoint, cli, evaluate
 from codi_jax.metrics import MetricUnavailable, depth
-from codi_jax.testing import tiny_config
+from codi_jax.testing import metadata_export, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What the run below was trained with, none of it the tiny config's own (32 px, 2000 test scenes, 1000 examples).
 SAVED = {"data.image_size": 64, "data.scenes_num_test": 1234, "eval.num_examples": 3000}
-
-
-def _depth_export(workdir) -> None:
-    """<workdir>/export as training writes it (index metadata, conditional config, DONE), less the weights: all that
-    evaluate reads before the checks under test."""
-    from codi_jax import weights
-    from codi_jax.models.conditional import ConditionalConfig
-    from codi_jax.models.controlnet import ControlNetConfig
-    from codi_jax.models.unet import UNetConfig
-
-    path = os.path.join(workdir, "export")
-    os.makedirs(os.path.join(path, "conditional"))
-    unet = UNetConfig.preset("tiny")
-    config = ConditionalConfig(unet=unet, control=ControlNetConfig.from_unet(unet, conditioning_channels=1))
-    with open(os.path.join(path, "conditional", "config.json"), "w") as f:
-        json.dump(weights.config_to_json(config), f)
-    with open(os.path.join(path, "model_index.json"), "w") as f:
-        json.dump({"_codi_jax": {"mode": "codi", "task": "depth", "image_size": 64, "default_sampler": ["codi", 4]}},
-                  f)
-    open(os.path.join(path, "DONE"), "w").close()
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +28,7 @@ def run_dir(tmp_path_factory):
     ckpt = checkpoint.Checkpointer(str(workdir), async_save=False)
     ckpt.save(5, {"x": np.zeros(2, np.float32)}, config=_config_json(tiny_config("depth", **SAVED)))
     ckpt.close()
-    _depth_export(str(workdir))
+    metadata_export(str(workdir), image_size=64)
     return str(workdir)
 
 
@@ -106,7 +85,7 @@ def test_a_config_saved_by_another_version(run_dir):
 
 
 def test_without_a_saved_config_the_config_file_is_needed(tmp_path):
-    _depth_export(str(tmp_path))  # exports only: no checkpoints/
+    metadata_export(str(tmp_path), image_size=64)  # exports only: no checkpoints/
     with pytest.raises(evaluate.EvalConfigError, match="--config is needed: .* has no saved config"):
         evaluate.config_for(str(tmp_path))
     file_config = tiny_config("depth")
@@ -140,9 +119,9 @@ def test_cli_flags_override_the_saved_config(run_dir):
         "--config.eval.num_examples=700, or a larger validation split (data.scenes_num_validation)")
     # A misspelt flag is read against the saved config's fields (the command line checks them all this way first).
     saved = evaluate._saved_run(run_dir)[0]
-    assert evaluate._override_problem(saved, "eval.num_exampls", "8") == (
+    assert cli.override_problem(saved, "eval.num_exampls", "8", root="the saved config") == (
         "--config.eval.num_exampls=8: config.eval has no field 'num_exampls'; did you mean 'eval.num_examples'?")
-    assert evaluate._override_problem(saved, "eval.num_examples", "8") is None
+    assert cli.override_problem(saved, "eval.num_examples", "8", root="the saved config") is None
 
 
 def test_cli_refuses_a_depth_estimator_of_another_size(run_dir):

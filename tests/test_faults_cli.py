@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from codi_jax import evaluate, sample
+from codi_jax.testing import metadata_export
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,28 +66,8 @@ def test_evaluate_missing_workdir_creates_nothing(tmp_path):
     assert not workdir.exists()
 
 
-def _depth_export(workdir, task="depth") -> str:
-    """<workdir>/export as training writes it for a 32x32, one-channel depth model, less the weights: everything the
-    checks below read (the model index's metadata, the conditional model's config, DONE), in the real format."""
-    from codi_jax import weights
-    from codi_jax.models.conditional import ConditionalConfig
-    from codi_jax.models.controlnet import ControlNetConfig
-    from codi_jax.models.unet import UNetConfig
-
-    path = os.path.join(workdir, "export")
-    os.makedirs(os.path.join(path, "conditional"))
-    unet = UNetConfig.preset("tiny")
-    config = ConditionalConfig(unet=unet, control=ControlNetConfig.from_unet(unet, conditioning_channels=1))
-    with open(os.path.join(path, "conditional", "config.json"), "w") as f:
-        json.dump(weights.config_to_json(config), f)
-    with open(os.path.join(path, "model_index.json"), "w") as f:
-        json.dump({"_codi_jax": {"mode": "codi", "task": task, "image_size": 32, "default_sampler": ["codi", 4]}}, f)
-    open(os.path.join(path, "DONE"), "w").close()
-    return path
-
-
 def test_evaluate_another_tasks_config_names_both_tasks(tmp_path):
-    _depth_export(tmp_path)
+    metadata_export(str(tmp_path))
     out = _run("codi_jax.evaluate", "--config=configs/sr.py:tiny", f"--workdir={tmp_path}")
     assert out.returncode == 1
     line = _one_line(out, "task 'depth'")
@@ -121,7 +102,7 @@ def test_sample_depth_map_mode_converted_only_when_asked(tmp_path):
 
 
 def test_sample_cli_steps_and_condition(tmp_path, capsys):
-    export = _depth_export(tmp_path)
+    export = metadata_export(str(tmp_path))
     os.makedirs(os.path.join(export, "vae"))
     with open(os.path.join(export, "vae", "config.json"), "w") as f:
         json.dump({"block_out_channels": [16, 32, 64]}, f)
