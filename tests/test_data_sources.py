@@ -150,11 +150,13 @@ def test_folder_fractions_are_config_fields(tmp_path):
 def test_folder_split_folders_with_and_without_validation(tmp_path):
     _touch(tmp_path, [f"train/{n}" for n in NAMES[:300]] + [f"test/t{i}.png" for i in range(5)])
     train = set(sources.FolderSource(str(tmp_path), split="train", image_size=16).files)
-    val = set(sources.FolderSource(str(tmp_path), split="validation", image_size=16).files)
     test = set(sources.FolderSource(str(tmp_path), split="test", image_size=16).files)
     assert test == {f"test/t{i}.png" for i in range(5)}
-    # No validation/ folder: a stable 5 % of train/ is held out for it.
-    assert val and not val & train and val | train == {f"train/{n}" for n in NAMES[:300]} and len(val) < 30
+    # No validation/ folder: train/ is used whole (a run on it trains on what it did before), and validation is
+    # refused in one line saying what to add.
+    assert train == {f"train/{n}" for n in NAMES[:300]}
+    with pytest.raises(ValueError, match="no validation/ folder: add one"):
+        sources.FolderSource(str(tmp_path), split="validation", image_size=16)
     _touch(tmp_path, [f"validation/v{i}.png" for i in range(3)])
     assert set(sources.FolderSource(str(tmp_path), split="validation", image_size=16).files) == \
         {f"validation/v{i}.png" for i in range(3)}

@@ -10,6 +10,9 @@ DEFERRED = {
     "codi_jax.config": "configs are parsed (and their mistakes reported) before JAX starts",
     "codi_jax.main": "JAX and the trainer start only after the config is checked",
     "codi_jax.data.tokenizer": "the scene module is heavier than the tokenizer",
+    "codi_jax.cli": "main --help answers at once, without the modules that import JAX",
+    "codi_jax.sample": "sample --help and its input checks answer before JAX (and the model) load",
+    "codi_jax.teacher": "a teacher folder is read before JAX starts; the builtin tokenizer is built only when named",
 }
 
 

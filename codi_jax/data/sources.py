@@ -177,8 +177,8 @@ def _list_images(root: str, exclude: tuple[str, ...] = ()) -> list[str]:
 class FolderSource:
     """Images under a folder (recursive), captions from same-stem .txt files or an imagefolder-style metadata.jsonl.
 
-    Splits: `root/train` and `root/test` when both exist (and `root/validation` when present, else validation is a
-    stable `validation_fraction` hash split of `root/train`); otherwise a stable hash split of the relative paths,
+    Splits: `root/train` and `root/test` when both exist (and `root/validation` when present; without it there is no
+    validation split); otherwise a stable hash split of the relative paths,
     `test_fraction` for test and `validation_fraction` for validation (see _split_of).
     Unreadable or truncated images are skipped and counted (see SKIPPED); with validate=True every file is decoded once
     here so the count is exact before training starts.
@@ -191,13 +191,13 @@ class FolderSource:
             raise ValueError(f"data_dir: {root!r} is not a folder")
         # Paths are kept relative to root, so depth maps live at root/depth/<same relative path> in both layouts.
         if has_split_folders(root):
-            # Without root/validation, validation is carved out of root/train by the stable hash.
-            carve = split != "test" and not os.path.isdir(os.path.join(root, "validation"))
-            folder = "train" if carve else split
-            files = [os.path.join(folder, f) for f in _list_images(os.path.join(root, folder), (DEPTH_DIR,))]
-            if carve:
-                files = [f for f in files if _split_of(f, 0.0, validation_fraction) == split]
-            meta_dirs = ["", folder]
+            # The user's own split folders are taken as they are: train/ is never shrunk to make a validation split
+            # (that would change what an existing run trains on); validation is root/validation, if there is one.
+            if split == "validation" and not os.path.isdir(os.path.join(root, "validation")):
+                raise ValueError(f"data_dir: {root!r} has train/ and test/ folders but no validation/ folder: add one "
+                                 "to evaluate on validation (your train/ is used as it is)")
+            files = [os.path.join(split, f) for f in _list_images(os.path.join(root, split), (DEPTH_DIR,))]
+            meta_dirs = ["", split]
         else:
             files = [f for f in _list_images(root, (DEPTH_DIR,))
                      if _split_of(f, test_fraction, validation_fraction) == split]
