@@ -19,7 +19,7 @@ import numpy as np
 from codi_jax import config as config_lib
 from codi_jax import export, recipes, weights
 from codi_jax.data import load_tokenizer
-from codi_jax.models import clip, unet, vae
+from codi_jax.models import clip, conditional, controlnet, unet, vae
 
 
 def make_random_pipeline(path: str, *, max_length: int = 32, seed: int = 0, tokenizer: str = "builtin:scenes",
@@ -113,13 +113,11 @@ def metadata_export(workdir: str, *, task: str = "depth", image_size: int = 32) 
     """<workdir>/export as training writes it for a tiny one-channel conditional model, less the weights: what
     evaluate and sample read before loading any (the model index's metadata, the conditional model's config, DONE),
     in the real format. Returns the export folder."""
-    from codi_jax.models.conditional import ConditionalConfig
-    from codi_jax.models.controlnet import ControlNetConfig
-
     path = os.path.join(workdir, "export")
     os.makedirs(os.path.join(path, "conditional"))
     unet_cfg = unet.UNetConfig.preset("tiny")
-    config = ConditionalConfig(unet=unet_cfg, control=ControlNetConfig.from_unet(unet_cfg, conditioning_channels=1))
+    config = conditional.ConditionalConfig(
+        unet=unet_cfg, control=controlnet.ControlNetConfig.from_unet(unet_cfg, conditioning_channels=1))
     with open(os.path.join(path, "conditional", "config.json"), "w") as f:
         json.dump(weights.config_to_json(config), f)
     with open(os.path.join(path, "model_index.json"), "w") as f:
