@@ -22,8 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import rehearsal_assets as assets  # noqa: E402 - the test folder is not a package
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# One worker builds the user's teacher and runs main once for all four tests (the fixture is per worker).
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("dress_rehearsal")]
+pytestmark = pytest.mark.slow
 
 # Only what a CPU run needs: nothing here names a setting the teacher defines.
 CPU = ["--config.total_steps=2", "--config.batch_size=2", "--config.checkpoint_every=2", "--config.log_every=1",
