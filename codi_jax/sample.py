@@ -24,6 +24,9 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+# JSON only: a teacher folder's scheduler is read before JAX loads (--help and input checks answer at once).
+from codi_jax import teacher as teacher_lib
+
 # diffusion.METHODS, written out so that parsing the command line imports no JAX (tests/test_sample_cli.py checks).
 METHODS = ("ddim", "dpmpp_2m", "euler", "codi")
 FITS = ("crop", "pad", "resize")
@@ -43,20 +46,13 @@ def __getattr__(name):
 
 
 def _meta_from_scheduler(path: str) -> dict:
-    """schedule and prediction_type from a diffusers pipeline's scheduler/scheduler_config.json (any SD folder)."""
-    config_file = os.path.join(path, "scheduler", "scheduler_config.json")
-    if not os.path.isfile(config_file):
+    """schedule and prediction_type from a diffusers pipeline's scheduler/scheduler_config.json (any SD folder); {}
+    without one, or with a schedule codi_jax does not implement."""
+    try:
+        found = teacher_lib.scheduler(path)
+    except ValueError:
         return {}
-    with open(config_file) as f:
-        c = json.load(f)
-    kinds = {"scaled_linear": "scaled_linear", "linear": "linear", "squaredcos_cap_v2": "cosine"}
-    if c.get("beta_schedule", "scaled_linear") not in kinds or c.get("trained_betas"):
-        return {}
-    return {"schedule": {"kind": kinds[c.get("beta_schedule", "scaled_linear")],
-                         "beta_start": float(c.get("beta_start", 0.00085)),
-                         "beta_end": float(c.get("beta_end", 0.012)),
-                         "num_train_timesteps": int(c.get("num_train_timesteps", 1000))},
-            "prediction_type": c.get("prediction_type", "epsilon")}
+    return {} if found is None else {"schedule": found[0], "prediction_type": found[1]}
 
 
 def export_folder(path: str) -> str:

@@ -100,23 +100,32 @@ def read(path: str, *, text_encoder_from: str = "") -> Defined:
         if "max_length" not in values and text.get("max_position_embeddings"):
             values["max_length"] = int(text["max_position_embeddings"])
             sources["max_length"] = f"text encoder max_position_embeddings {values['max_length']}"
+    sched = scheduler(path)
+    if sched is not None:
+        values["schedule"], values["prediction_type"] = sched
+        sources["schedule"] = sources["prediction_type"] = "scheduler/scheduler_config.json"
+    return Defined(**values, sources=sources)
+
+
+def scheduler(path: str) -> tuple[dict, str] | None:
+    """(noise schedule as codi_jax.diffusion.make_schedule takes it, prediction type) of a pipeline folder's
+    scheduler/scheduler_config.json, with diffusers' own defaults for keys it leaves out; None without one. A schedule
+    codi_jax does not implement (an explicit beta table, another beta_schedule) is a ValueError naming it."""
     sched_file = os.path.join(path, "scheduler", "scheduler_config.json")
     sched = _json(sched_file)
-    if sched is not None:
-        if sched.get("trained_betas"):
-            raise ValueError(f"{sched_file}: trained_betas (an explicit beta table) is not supported; set "
-                             "config.schedule.* to a beta_schedule codi_jax implements")
-        kind = sched.get("beta_schedule", "scaled_linear")
-        if kind not in BETA_SCHEDULES:
-            raise ValueError(f"{sched_file}: beta_schedule {kind!r} is not one codi_jax implements "
-                             f"({', '.join(BETA_SCHEDULES)})")
-        values["schedule"] = {"kind": BETA_SCHEDULES[kind], "beta_start": float(sched.get("beta_start", 0.0001)),
-                              "beta_end": float(sched.get("beta_end", 0.02)),
-                              "num_train_timesteps": int(sched.get("num_train_timesteps", 1000))}
-        sources["schedule"] = "scheduler/scheduler_config.json"
-        values["prediction_type"] = sched.get("prediction_type", "epsilon")
-        sources["prediction_type"] = "scheduler/scheduler_config.json"
-    return Defined(**values, sources=sources)
+    if sched is None:
+        return None
+    if sched.get("trained_betas"):
+        raise ValueError(f"{sched_file}: trained_betas (an explicit beta table) is not supported; set "
+                         "config.schedule.* to a beta_schedule codi_jax implements")
+    kind = sched.get("beta_schedule", "linear")
+    if kind not in BETA_SCHEDULES:
+        raise ValueError(f"{sched_file}: beta_schedule {kind!r} is not one codi_jax implements "
+                         f"({', '.join(BETA_SCHEDULES)})")
+    return ({"kind": BETA_SCHEDULES[kind], "beta_start": float(sched.get("beta_start", 0.0001)),
+             "beta_end": float(sched.get("beta_end", 0.02)),
+             "num_train_timesteps": int(sched.get("num_train_timesteps", 1000))},
+            sched.get("prediction_type", "epsilon"))
 
 
 def tokenizer_vocab_size(spec: str) -> int | None:
