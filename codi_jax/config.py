@@ -350,6 +350,12 @@ def resolve(c: ml_collections.ConfigDict, *, check_paths: bool = True) -> ml_col
             defined = teacher_lib.read(root, text_encoder_from=text_from)
         except (FileNotFoundError, ValueError) as e:
             fail("teacher", f"{c.teacher!r}: {e}")
+    if c.init_controlnet:
+        # The ControlNet's own hint net replaces model.hint_channels: set here, so that the config every later step
+        # reads (the workdir check, the saved config, the recipe) is the model that will be built.
+        hint = teacher_lib.controlnet_hint_channels(c.init_controlnet)
+        if hint is not None:
+            c.model.hint_channels = hint
     where = f"teacher {c.teacher}"
     no_teacher = "no teacher" if not c.teacher else f"{c.teacher} does not define it"
     unset = _unset(c)

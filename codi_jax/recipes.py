@@ -433,10 +433,9 @@ class ConditionalRecipe(TextToImageRecipe):
 
             control_cfg = cn_lib.ControlNetConfig.from_diffusers(self.controlnet[1], dtype=self.unet.config.dtype,
                                                                  remat=self.unet.config.remat)
-            hint = tuple(control_cfg.conditioning_embedding_out_channels)
-            logging.info("hint net from the ControlNet %s: conditioning_embedding_out_channels=%s replaces "
-                         "config.model.hint_channels=%s", self.controlnet[0], hint, tuple(config.model.hint_channels))
-            config.model.hint_channels = hint
+            # config.resolve already set model.hint_channels to this hint net (it is the one in the saved config).
+            logging.info("hint net from the ControlNet %s: conditioning_embedding_out_channels=%s", self.controlnet[0],
+                         tuple(control_cfg.conditioning_embedding_out_channels))
         hint = tuple(config.model.hint_channels)
         if 2 ** (len(hint) - 1) * self.latent_size != self.image_size:
             raise ValueError(

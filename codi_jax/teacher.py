@@ -128,6 +128,17 @@ def scheduler(path: str) -> tuple[dict, str] | None:
             sched.get("prediction_type", "epsilon"))
 
 
+def controlnet_hint_channels(path: str) -> tuple[int, ...] | None:
+    """conditioning_embedding_out_channels (the hint net) of a diffusers ControlNet folder, or of a pipeline's
+    controlnet/, from its config.json (diffusers' default when it leaves the key out); None when neither holds a
+    config (recipes.controlnet_source then says what is wrong with the folder)."""
+    for folder in (path, os.path.join(path, "controlnet")):
+        found = _json(os.path.join(folder, "config.json"))
+        if found is not None:
+            return tuple(int(c) for c in found.get("conditioning_embedding_out_channels", (16, 32, 96, 256)))
+    return None
+
+
 def tokenizer_vocab_size(spec: str) -> int | None:
     """Ids a tokenizer can emit (its largest id + 1), from its files; None when the folder holds none we read."""
     if spec.startswith("builtin:"):

@@ -35,7 +35,6 @@ from codi_jax import config as common
 from codi_jax import data as data_lib
 from codi_jax import export as export_lib
 from codi_jax.data import pipeline
-from codi_jax.models import controlnet as cn_lib
 
 
 @flax.struct.dataclass
@@ -483,21 +482,12 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.sharding
                  checkpointer=checkpointer, start_step=start, compile_info=info, traces=traces)
 
 
-def _settled_model(config: ml_collections.ConfigDict) -> dict:
-    """config.model as JSON, with the fields the recipe derives set as it will set them: the run saved its config after
-    the recipe had settled it, while the workdir check runs before the recipe. config.init_controlnet's hint net
-    replaces model.hint_channels (recipes.ConditionalRecipe), read from the ControlNet's config.json alone."""
-    model = json.loads(json.dumps(config.model.to_dict()))
-    if config.init_controlnet:
-        _, controlnet = recipes.controlnet_source(config.init_controlnet, config.task)
-        hint = cn_lib.ControlNetConfig.from_diffusers(controlnet).conditioning_embedding_out_channels
-        model["hint_channels"] = [int(c) for c in hint]
-    return model
-
-
 def _check_workdir(config: ml_collections.ConfigDict, checkpointer: checkpoint.Checkpointer) -> None:
     """One line (checkpoint.CheckpointError) before any work, for a workdir this config cannot go on with: another
     mode or task saved there, a checkpoint past total_steps, only damaged checkpoints left, or a missing init_from."""
+    # Compared as the run will build it (main resolved it already; API callers may not have): what the teacher folder
+    # and init_controlnet define (its hint net replaces model.hint_channels) is filled in first.
+    common.resolve(config)
     steps = checkpointer.all_steps()
     where = checkpointer.directory
     if not steps and checkpointer.quarantined():
@@ -518,7 +508,7 @@ def _check_workdir(config: ml_collections.ConfigDict, checkpointer: checkpoint.C
                 "config")
         # The model's settings (its shape, what trains, what it predicts), from the saved config alone: refused before
         # a teacher is loaded. Keys one side lacks (a config from an older version) are not compared.
-        ours = _settled_model(config)
+        ours = json.loads(json.dumps(config.model.to_dict()))
         saved_model = saved_config.get("model") or {}
         differ = sorted(k for k in ours.keys() & saved_model.keys() if ours[k] != saved_model[k])
         if differ:
