@@ -1,11 +1,14 @@
-"""The paper's Table 2 and Figure 7 ablations in miniature, on the embedded depth task.
+"""The paper's Table 2, Table 3 and Figure 7 ablations in miniature, on a task's tiny config (depth by default).
 
-    python benchmarks/table2.py --workdir=runs/table2 [--steps=1000] [--examples=1000] [--eval-steps=1,2,4,8] \
-        [--teacher=builtin:scenes32] [--methods=finetune,codi,...] [--train-only] [--results=table2]
+    python benchmarks/table2.py --workdir=runs/table2 [--task=depth|sr|...] [--steps=1000] [--examples=1000] \
+        [--eval-steps=1,2,4,8] [--split=test|validation] [--teacher=builtin:scenes32] [--methods=finetune,codi,...] \
+        [--train-only] [--results=table2]
 
 One shared text-to-image teacher (default: the pretrained pipeline shipped in the package, as the embedded default
 uses), then, each in <workdir>/<method>:
   finetune   conditional fine-tuning of the adapted model (ControlNet form, UNet trained) -> DDIM 4/50, DPM-Solver++ 4
+  finetune_frozen / cm_frozen   the same with the UNet frozen (ControlNet proper: Table 3's "ControlNet only"), and
+             CM-II (frozen) distilled from it
   cm         CM-II: consistency distillation of the fine-tuned model (frozen teacher, DDIM PF-ODE, x-space, EMA target)
   gd         GD-II: guided/progressive distillation of the fine-tuned model into 4 steps
   pe_codi    PE-CoDi: frozen UNet, conditional encoder + zero convs trained with the CoDi objective
@@ -36,7 +39,9 @@ sys.path.insert(0, REPO)
 
 METHODS = {
     "finetune": {"mode": "finetune"},
+    "finetune_frozen": {"mode": "finetune", "model.freeze_unet": True},
     "cm": {"mode": "cm", "init_from": "@finetune"},
+    "cm_frozen": {"mode": "cm_frozen", "init_from": "@finetune_frozen"},
     "gd": {"mode": "gd", "init_from": "@finetune"},
     "pe_codi": {"mode": "pe_codi"},
     "codi": {"mode": "codi"},
@@ -51,20 +56,33 @@ METHODS = {
 }
 
 
-def method_config(base_arg: str, name: str, workdir: str, steps: int, teacher: str = "builtin:scenes32"):
-    """configs/depth.py:<base_arg> for one method: no stages, no evaluation, `steps` steps from `teacher`; cm and gd
+def method_config(base_arg: str, name: str, workdir: str, steps: int, teacher: str = "builtin:scenes32",
+                  task: str = "depth"):
+    """configs/<task>.py:<base_arg> for one method: no stages, no evaluation, `steps` steps from `teacher`; cm and gd
     start from the finetune run in the same workdir ('@finetune': a codi_jax workdir, not its export)."""
     from codi_jax.testing import tiny_config
 
     assert base_arg == "tiny", "the miniature Table 2 runs the tiny config"
     overrides = {k: os.path.join(workdir, v[1:]) if k == "init_from" else v for k, v in METHODS[name].items()}
-    return tiny_config("depth", teacher, total_steps=steps, **overrides)
+    return tiny_config(task, teacher, total_steps=steps, **overrides)
+
+
+def _git(*args) -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "-C", REPO, *args], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True)
+    parser.add_argument("--task", default="depth", help="the task (configs/<task>.py:tiny)")
     parser.add_argument("--steps", type=int, default=1000, help="training steps of each method")
+    parser.add_argument("--split", default="test", choices=("test", "validation"),
+                        help="held-out split scored: validation to choose settings, test for reported numbers")
     parser.add_argument("--teacher", default="builtin:scenes32", help="text-to-image pipeline folder (diffusers layout)")
     parser.add_argument("--examples", type=int, default=1000, help="held-out examples for the evaluation")
     parser.add_argument("--methods", default=",".join(METHODS), help="subset, comma-separated")
@@ -89,19 +107,23 @@ def main(argv=None) -> int:
         method_dir = os.path.join(workdir, name)
         ran = not export.is_finished(os.path.join(method_dir, "export"))  # time only what trains in this call
         t0 = time.time()
-        if not train.run_stage(method_config("tiny", name, workdir, args.steps, args.teacher), method_dir, name):
+        if not train.run_stage(method_config("tiny", name, workdir, args.steps, args.teacher, args.task), method_dir,
+                               name):
             return 75  # stopped by SIGTERM after a checkpoint: rerun to resume
         if ran:
             timings[name] = time.time() - t0
     if args.train_only:
         return 0
 
-    eval_cfg = method_config("tiny", "codi", workdir, args.steps, args.teacher)
+    eval_cfg = method_config("tiny", "codi", workdir, args.steps, args.teacher, args.task)
     eval_cfg.eval.num_examples = args.examples
+    eval_cfg.eval.split = args.split
     eval_cfg.eval.steps = tuple(int(x) for x in args.eval_steps.split(","))
     report = evaluate.run(eval_cfg, workdir)
     report["meta"]["train_seconds"] = timings
     report["meta"]["machine"] = f"{os.cpu_count()} CPU cores"
+    report["meta"]["commit"] = _git("rev-parse", "HEAD")
+    report["meta"]["uncommitted_changes"] = bool(_git("status", "--porcelain", "--untracked-files=no"))
     report["meta"]["command"] = " ".join(["python benchmarks/table2.py"] + (argv or sys.argv[1:]))
     os.makedirs(os.path.join(REPO, "benchmarks", "results"), exist_ok=True)
     with open(os.path.join(REPO, "benchmarks", "results", f"{args.results}.json"), "w") as f:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import ml_collections
 
-from codi_jax import modes
+from codi_jax import modes, tasks
 
-TASKS = ("depth", "sr", "inpaint", "edit", "t2i")
+TASKS = tasks.TASKS
 # Stable Diffusion 1.x/2.x's noise schedule: the default when there is no teacher to read one from.
 SD_SCHEDULE = {"kind": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000}
 # What `resolve` may take from the teacher folder; config.derived.<name> says where each value came from.
@@ -41,8 +41,9 @@ def _data_defaults() -> ml_collections.ConfigDict:
 def base(task: str) -> ml_collections.ConfigDict:
     """The SD1.5-scale defaults (TPU pod), for a conditional task."""
     c = ml_collections.ConfigDict()
+    spec = tasks.get(task)
     c.task = task
-    c.mode = "codi" if task != "t2i" else "pretrain"
+    c.mode = spec.default_mode  # codi for a conditional task, pretrain for t2i
     c.seed = 0
     c.batch_size = 256  # global, over all hosts
     c.total_steps = 100_000
@@ -158,6 +159,7 @@ def base(task: str) -> ml_collections.ConfigDict:
     c.stage_steps = ml_collections.ConfigDict({"vae": 0, "pretrain": 0})
     c.stage_learning_rate = ml_collections.ConfigDict({"vae": 0.0, "pretrain": 0.0})
     c.run_eval = False  # run codi_jax.evaluate after training, in the same command
+    c.update_from_flattened_dict(dict(spec.defaults))  # the task's own (codi_jax/tasks/<task>.py)
     return c
 
 
@@ -196,7 +198,7 @@ def tiny(c: ml_collections.ConfigDict) -> None:
     # The text-to-image teacher (and its VAE and text encoder) is the small pretrained pipeline shipped in the package
     # (codi_jax/pretrained/scenes32, trained with configs/vae.py:tiny and configs/pretrain.py:tiny): it comes in
     # through config.teacher, the same door Stable Diffusion does. The variant 'scratch' trains both first instead.
-    if c.task != "t2i":
+    if tasks.get(c.task).conditional:
         c.teacher = "builtin:scenes32"
         c.run_eval = True
     c.stage_steps = ml_collections.ConfigDict({"vae": 6000, "pretrain": 20000})  # the shipped teacher's
@@ -209,6 +211,7 @@ def tiny(c: ml_collections.ConfigDict) -> None:
         c.total_steps = int(c.stage_steps[c.mode])
         c.optimizer.learning_rate = float(c.stage_learning_rate[c.mode])
         c.ema_decay = 0.999
+    c.update_from_flattened_dict(dict(tasks.get(c.task).tiny_defaults))  # the task's own, at this scale
 
 
 def gpu(c: ml_collections.ConfigDict) -> None:
@@ -224,7 +227,7 @@ def gpu(c: ml_collections.ConfigDict) -> None:
 def scratch(c: ml_collections.ConfigDict) -> None:
     """The from-scratch route of the embedded default: VAE, then the text-to-image teacher, then the main mode, each a
     stage of the same run (<workdir>/vae, <workdir>/pretrain), instead of the shipped pretrained teacher."""
-    if c.task == "t2i":
+    if not tasks.get(c.task).conditional:
         raise ValueError("the 'scratch' variant is for a conditional task (it trains the VAE and teacher first)")
     c.stages = ("vae", "pretrain")
     c.vae_from = "@vae"
@@ -237,8 +240,8 @@ def stage_config(c: ml_collections.ConfigDict, stage: str) -> ml_collections.Con
         raise ValueError(f"config.stages: unknown stage {stage!r} (known: vae, pretrain)")
     s = ml_collections.ConfigDict(c.to_dict())
     s.mode = stage
-    s.data.task = "t2i"
-    s.task = "t2i"
+    s.data.task = tasks.TEXT_TO_IMAGE
+    s.task = tasks.TEXT_TO_IMAGE
     s.stages = ()
     s.run_eval = False
     s.init_from = ""
@@ -443,8 +446,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         fail("mode", f"{c.mode!r} is not one of {tuple(modes.TABLE)}")
     if c.task not in TASKS:
         fail("task", f"{c.task!r} is not one of {TASKS}")
-    if modes.TABLE[c.mode].conditional and c.task == "t2i":
-        fail("mode", f"{c.mode!r} needs a conditional task, not t2i")
+    if modes.TABLE[c.mode].conditional and not tasks.get(c.task).conditional:
+        fail("mode", f"{c.mode!r} needs a conditional task (one of {tasks.CONDITIONAL}), not {c.task}")
     for field in ("batch_size", "total_steps", "checkpoint_every", "log_every", "keep_checkpoints"):
         if int(c[field]) <= 0:
             fail(field, f"must be positive, got {c[field]}")

@@ -42,22 +42,22 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from PIL import Image
 
-from codi_jax import checkpoint, cli, modes, recipes
+from codi_jax import checkpoint, cli, modes, recipes, tasks
 from codi_jax import config as config_lib
 from codi_jax import data as data_lib
 from codi_jax import export as export_lib
 from codi_jax.data import pipeline
-from codi_jax.data.tasks import condition_rgb
-from codi_jax.metrics import MetricUnavailable, dense, depth, fid, image, lpips, stats
+from codi_jax.metrics import MetricUnavailable, dense, fid, image, lpips, stats
 from codi_jax.metrics import captions as caption_metric
 from codi_jax.metrics import clip_score as clip_lib
 from codi_jax.models.dense_unet import DenseUNetConfig
 from codi_jax.sample import Pipeline, to_uint8
 
-LOWER_IS_BETTER = {"fid": True, "kid": True, "depth_rmse": True, "depth_si_rmse": True, "depth_delta1": False,
+# Every task's metrics (the task table's), then those of any task, in the report's column order.
+LOWER_IS_BETTER = {"fid": True, "kid": True, **tasks.lower_is_better(),
                    "caption_colour_recall": False, "caption_colour_exact": False, "caption_relation": False,
-                   "caption_order": False,
-                   "lpips": True, "psnr": False, "ssim": False, "psnr_known": False, "clip_score": False}
+                   "caption_order": False, "lpips": True, "psnr": False, "ssim": False, "clip_score": False}
+with_ci = stats.with_ci
 GROUND_TRUTH, VAE_CEILING, TEACHER = "ground truth", "ground truth via VAE", "teacher (text only)"
 
 
@@ -229,11 +229,10 @@ def check_held_out(config) -> None:
 
 
 def _readers(config) -> dict[str, tuple[str, Path, str]]:
-    """The image readers of this evaluation: {config.eval field: (what, folder, the command that trains one)}."""
-    out = {}
-    if config.task == "depth":
-        out["depth_estimator"] = ("depth estimator", Path(config.eval.depth_estimator or depth.DEFAULT_PATH),
-                                  "python -m codi_jax.metrics.train_depth")
+    """The image readers of this evaluation: {config.eval field: (what, folder, the command that trains one)}: the
+    task's (the task table's), and the colour segmenter of caption following."""
+    out = {r.field: (r.what, Path(config.eval[r.field] or r.default_path()), r.command)
+           for r in tasks.get(config.task).readers}
     if _reads_captions(config):
         out["segmenter"] = ("colour segmenter", Path(config.eval.segmenter or caption_metric.DEFAULT_PATH),
                             "python -m codi_jax.metrics.train_segmenter")
@@ -241,8 +240,9 @@ def _readers(config) -> dict[str, tuple[str, Path, str]]:
 
 
 def _reads_captions(config) -> bool:
-    # Caption following reads the scene grammar's captions: procedural scenes, and not edit's instructions.
-    return config.data.dataset == "scenes" and config.task != "edit"
+    # Caption following reads the scene grammar's captions: procedural scenes, and a task whose caption describes the
+    # target (not edit's instructions).
+    return config.data.dataset == "scenes" and tasks.get(config.task).reads_captions
 
 
 def _reader_misfit(config, field: str, size: int | None) -> str | None:
@@ -273,32 +273,20 @@ def samplers_for(mode: str, steps: tuple[int, ...], teacher_steps: int) -> list[
     return modes.get(mode).eval_rows(steps, teacher_steps)
 
 
-def with_ci(values: dict[str, np.ndarray], prefix: str = "", seed: int = 0) -> dict[str, Any]:
-    """{prefix + name: mean, prefix + name + '_ci': bootstrap 95 % interval} of per-example values; a metric with no
-    values (no scored relation in a small set) is left out, one with a single value has no interval."""
-    out = {}
-    for name, v in values.items():
-        if len(v) < 2:
-            if len(v):
-                out[f"{prefix}{name}"] = float(v[0])
-            continue
-        mean, low, high = stats.bootstrap_ci(v, seed=seed)
-        out[f"{prefix}{name}"] = float(mean)
-        out[f"{prefix}{name}_ci"] = [float(low), float(high)]
-    return out
-
-
 class Scorer:
     """Loads each metric network once; absent weights make that metric unavailable with a reason.
 
-    real_uint8 / cond are the held-out ground truth and conditions that every row is scored against."""
+    real_uint8 / cond are the held-out ground truth and conditions that every row is scored against; extras what the
+    task's metrics need beside them (held_out's batches: sr's low-resolution inputs)."""
 
-    def __init__(self, config, real_uint8: np.ndarray, captions: list[str], cond: np.ndarray | None = None):
+    def __init__(self, config, real_uint8: np.ndarray, captions: list[str], cond: np.ndarray | None = None,
+                 extras: dict[str, np.ndarray] | None = None):
         self.unavailable: dict[str, str] = {}
         self.real = real_uint8
         self.captions = captions
         self.cond = cond
-        self.task = config.task
+        self.extras = dict(extras or {})
+        self.task = tasks.get(config.task)
         self.seed = int(config.eval.seed)
         try:
             self.inception = fid.load_inception(config.eval.inception or None)
@@ -306,12 +294,12 @@ class Scorer:
         except (MetricUnavailable, FileNotFoundError) as e:
             self.inception = None
             self.unavailable["fid"] = self.unavailable["kid"] = str(e)
-        self.depth = None
-        if config.task == "depth":
+        self.readers: dict[str, Any] = {}  # config.eval field -> the task's loaded reader
+        for reader in self.task.readers:
             try:
-                self.depth = self._reader(config, "depth_estimator", depth.load_depth_estimator)
+                self.readers[reader.field] = self._reader(config, reader.field, reader.load)
             except (MetricUnavailable, FileNotFoundError) as e:
-                for m in ("depth_rmse", "depth_si_rmse", "depth_delta1"):
+                for m in reader.metrics:
                     self.unavailable[m] = str(e)
         self.segmenter = None
         if _reads_captions(config):
@@ -353,11 +341,10 @@ class Scorer:
         return {"fid": fid.fid_from_features(self.real_features, features), "kid": kid.kid,
                 "kid_ci": [kid.low, kid.high]}
 
-    def controllability(self, images_uint8: np.ndarray) -> dict[str, Any]:
-        """Depth error between the estimator's reading of each image and its conditioning map (mean and interval)."""
-        if self.depth is None or self.cond is None:
-            return {}
-        return with_ci(depth.depth_errors(depth.predict(self.depth, images_uint8), self.cond), "depth_", self.seed)
+    def task_metrics(self, images_uint8: np.ndarray) -> dict[str, Any]:
+        """The task's own metrics (the task table's: depth error for depth, PSNR/SSIM on Y and LR consistency for sr,
+        the known region's PSNR for inpaint), with intervals where per-image."""
+        return {} if self.task.metrics is None else self.task.metrics(self, images_uint8)
 
     def caption_following(self, images_uint8: np.ndarray) -> dict[str, Any]:
         """Are the caption's objects there in the caption's colours and left/right places (codi_jax.metrics.captions)?"""
@@ -367,15 +354,10 @@ class Scorer:
         return with_ci(caption_metric.caption_following(labels, self.captions), "caption_", self.seed)
 
     def pixels(self, fake_uint8: np.ndarray) -> dict[str, Any]:
-        """Agreement with the ground truth image: PSNR, SSIM, LPIPS, CLIP score; for inpainting also the PSNR of the
-        known region (outside the mask), which must come back unchanged."""
+        """Agreement with the ground truth image: PSNR, SSIM (whole image, RGB), LPIPS, CLIP score."""
         real = self.real.astype(np.float32) / 255.0
         fake = fake_uint8.astype(np.float32) / 255.0
         out = {"psnr": float(np.mean(image.psnr(fake, real))), "ssim": float(np.mean(image.ssim(fake, real)))}
-        if self.task == "inpaint" and self.cond is not None:
-            known = (self.cond[..., 3:4] < 0).astype(np.float32)  # mask channel: 1 = hole, -1 = known
-            mse = np.sum(known * (fake - real) ** 2, axis=(1, 2, 3)) / np.maximum(3 * known.sum(axis=(1, 2, 3)), 1)
-            out["psnr_known"] = float(np.mean(10.0 * np.log10(1.0 / np.maximum(mse, 1e-10))))
         if self.lpips is not None:
             out["lpips"] = float(np.mean(lpips.lpips_distance(self.lpips, fake_uint8, self.real)))
         if self.clip is not None:
@@ -384,7 +366,7 @@ class Scorer:
         return out
 
     def __call__(self, fake_uint8: np.ndarray) -> dict[str, Any]:
-        return {**self.pixels(fake_uint8), **self.distribution(fake_uint8), **self.controllability(fake_uint8),
+        return {**self.pixels(fake_uint8), **self.distribution(fake_uint8), **self.task_metrics(fake_uint8),
                 **self.caption_following(fake_uint8)}
 
 
@@ -392,7 +374,7 @@ def _grid(columns: list[np.ndarray], n: int, zoom: int = 1) -> np.ndarray:
     """Rows = examples, columns = condition | methods | ground truth (uint8), each tile enlarged `zoom` times
     (nearest neighbour, so 32 px scenes stay readable) with a 1-pixel white gutter between columns."""
     def rgb(x):
-        x = condition_rgb(x)
+        x = tasks.condition_rgb(x)
         return np.pad(x.repeat(zoom, 0).repeat(zoom, 1), ((0, 1), (0, 1), (0, 0)), constant_values=255)
 
     rows = [np.concatenate([rgb(c[i]) for c in columns], axis=1) for i in range(n)]
@@ -417,7 +399,8 @@ def _plots(report: dict, out_dir: str) -> list[str]:
     import matplotlib.pyplot as plt
 
     metrics = sorted({m for _, _, r in _rows(report) for m in r if m in LOWER_IS_BETTER})
-    references = (GROUND_TRUTH, VAE_CEILING, TEACHER)
+    references = {GROUND_TRUTH: "k", VAE_CEILING: "tab:gray", TEACHER: "tab:red"}
+    references.update({name: "tab:olive" for name, rows in report.items() if name != "meta" and "-" in rows})
     paths = []
     for metric in metrics:
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
@@ -427,8 +410,7 @@ def _plots(report: dict, out_dir: str) -> list[str]:
             if name in references:
                 for r in rows.values():
                     if metric in r:
-                        ax.axhline(r[metric], ls="--", lw=1, color={GROUND_TRUTH: "k", VAE_CEILING: "tab:gray",
-                                                                    TEACHER: "tab:red"}[name], label=name)
+                        ax.axhline(r[metric], ls="--", lw=1, color=references[name], label=name)
                 continue
             pts = sorted((int(s), r[metric], r.get(metric + "_ci")) for s, r in rows.items() if metric in r)
             if not pts:
@@ -476,13 +458,20 @@ def markdown(report: dict) -> str:
 def held_out(config, num_examples: int):
     """The evaluation's held-out set, from config.eval.split: (batches, real images uint8, conditions or None,
     captions), the same examples and per-batch noise seeds for every caller, so rows scored on it compare with the
-    evaluation's (of the same split) to the digit."""
+    evaluation's (of the same split) to the digit. The batches also hold what the task's metrics need beside the
+    condition (batch_extras)."""
     batches = data_lib.make_eval_batches(config.data, batch_size=int(config.eval.batch_size),
                                          num_examples=num_examples, seed=int(config.eval.seed),
-                                         split=config.eval.split)
+                                         split=config.eval.split, extras=True)
     real = np.concatenate([to_uint8(b["image"]) for b in batches])
     cond = np.concatenate([b["cond"] for b in batches]) if "cond" in batches[0] else None
     return batches, real, cond, [c for b in batches for c in b["caption"]]
+
+
+def batch_extras(batches) -> dict[str, np.ndarray]:
+    """What the task's metrics need beside the condition (sr: 'lowres'), over all held-out batches."""
+    keys = [k for k in batches[0] if k not in ("image", "caption", "input_ids", "cond")]
+    return {k: np.concatenate([b[k] for b in batches]) for k in keys}
 
 
 def sample_rows(pipe, label_prefix: str, samplers, batches, config, scorer, report: dict, grid: dict) -> None:
@@ -523,13 +512,13 @@ def run(config, workdir: str, steps: tuple[int, ...] | None = None) -> dict:
     n_eval, bs, seed = int(config.eval.num_examples), int(config.eval.batch_size), int(config.eval.seed)
     batches, real, cond, captions = held_out(config, n_eval)
     t0 = time.time()
-    scorer = Scorer(config, real, captions, cond)
+    scorer = Scorer(config, real, captions, cond, batch_extras(batches))
     report: dict[str, Any] = {}
     grid: dict[str, dict[int, np.ndarray]] = {}
 
     # Reference rows first: what the metrics read at their floor and ceiling, and for a model that ignores the
     # condition.
-    truth = {**scorer.controllability(real), **scorer.caption_following(real)}
+    truth = {**scorer.task_metrics(real), **scorer.caption_following(real)}
     if config.eval.noise_floor:
         reference = data_lib.make_eval_batches(config.data, batch_size=bs, num_examples=n_eval, seed=seed,
                                                offset=n_eval, split=config.eval.split)
@@ -539,6 +528,10 @@ def run(config, workdir: str, steps: tuple[int, ...] | None = None) -> dict:
     main = next(iter(pipes.values()))
     recon = np.concatenate([main.autoencode(b["image"]) for b in batches])
     report[VAE_CEILING] = {"-": scorer(recon)}
+    if cond is not None and tasks.get(config.task).references is not None:  # the task's (sr: bicubic upsampling)
+        for label, images in tasks.get(config.task).references(real, cond, scorer.extras).items():
+            report[label] = {"-": scorer(images)}
+            grid.setdefault(label, {})[0] = images[:8]
     teacher = recipes.resolve(config.teacher, workdir) if config.eval.teacher_steps else ""
     if teacher:
         pipe = Pipeline.load(teacher, schedule=config.schedule.to_dict(), prediction_type=config.model.prediction_type)
@@ -553,7 +546,7 @@ def run(config, workdir: str, steps: tuple[int, ...] | None = None) -> dict:
     for label, by_steps in grid.items():
         n = 4 if 4 in by_steps else max(by_steps)
         columns.append(by_steps[n])
-        names.append(f"{label} @ {n}")
+        names.append(f"{label} @ {n}" if n else label)  # 0: a reference row's images (sr: bicubic)
     columns.append(real[:8])
     names.append("ground truth")
     report["meta"] = {

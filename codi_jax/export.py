@@ -33,7 +33,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from codi_jax import modes
+from codi_jax import modes, tasks
 from codi_jax import weights
 from codi_jax.diffusion import objectives, schedules
 from codi_jax.models import conditional as cond_lib
@@ -83,8 +83,9 @@ def export(recipe, state, frozen: dict, path: str) -> None:
             "schedule": config.schedule.to_dict(), "image_size": int(config.data.image_size),
             "max_length": int(config.data.max_length), "default_sampler": list(recipe.default_sampler()),
             "guidance_scale": default_guidance(config)}
-    if config.task == "sr":  # what codi_jax.sample upsamples a low-resolution input by
-        meta["sr_scale"] = int(config.data.sr_scale)
+    task = tasks.get(config.task)
+    if task.export_meta is not None:  # what codi_jax.sample needs beyond the model (sr: the upsampling factor)
+        meta.update(task.export_meta(config))
     components, pipeline_class = recipe.save_components(path, ema, frozen_host, meta)
     index = {"_class_name": pipeline_class, "_codi_jax": meta, **components}
     with open(os.path.join(path, "model_index.json"), "w") as f:
@@ -191,8 +192,6 @@ def diffusers_controlnets(cfg, params: dict) -> list[tuple[Any, dict]]:
 
 # ---- model card ----------------------------------------------------------------------------------------------------
 
-_TASK_TAGS = {"depth": "depth-to-image", "sr": "super-resolution", "inpaint": "inpainting", "edit": "image-editing",
-              "t2i": "text-to-image"}
 METRICS_BEGIN, METRICS_END = "<!-- codi_jax:metrics -->", "<!-- /codi_jax:metrics -->"
 
 
@@ -207,7 +206,8 @@ def model_card(index: dict, config, *, step: int | None = None, metrics: str | N
     meta = index["_codi_jax"]
     mode, task = meta["mode"], meta["task"]
     cls = index["_class_name"]
-    tags = ["codi_jax", "diffusers", "jax", _TASK_TAGS.get(task, task)]
+    task_tag = tasks.get(task).tag if task in tasks.TABLE else task
+    tags = ["codi_jax", "diffusers", "jax", task_tag]
     spec = modes.get(mode)
     if spec.consistency:
         tags += ["consistency-distillation", "few-step"]
@@ -217,11 +217,11 @@ def model_card(index: dict, config, *, step: int | None = None, metrics: str | N
     header = ["---", "library_name: diffusers", "tags:"] + [f"- {t}" for t in tags]
     if base:
         header.append(f"base_model: {json.dumps(str(base))}")
-    header += [f"pipeline_tag: {'text-to-image' if task in ('t2i', 'depth') else 'image-to-image'}",
+    header += [f"pipeline_tag: {tasks.get(task).pipeline_tag if task in tasks.TABLE else 'image-to-image'}",
                f"task: {task}", f"pipeline_class: {cls}", "---", ""]
     sampler, steps = meta["default_sampler"]
     guidance = float(meta.get("guidance_scale", 1.0))
-    body = [f"# codi_jax {mode} model ({_TASK_TAGS.get(task, task)})", "",
+    body = [f"# codi_jax {mode} model ({task_tag})", "",
             f"Trained by codi_jax in mode `{mode}` for task `{task}`"
             + (f", {step} steps" if step is not None else "") + f", from `{base or 'scratch'}`. "
             f"Evaluated with the `{sampler}` sampler, {steps} steps, classifier-free guidance {guidance:g}; "

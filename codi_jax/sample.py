@@ -24,17 +24,16 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-# JSON only: a teacher folder's scheduler is read before JAX loads (--help and input checks answer at once).
+# JSON only: a teacher folder's scheduler is read before JAX loads (--help and input checks answer at once); the task
+# table and its input readers are numpy and PIL.
+from codi_jax import tasks
 from codi_jax import teacher as teacher_lib
+from codi_jax.tasks.inputs import FITS, read_depth  # noqa: F401 - read_depth is part of this module's API
 
 # diffusion.METHODS, written out so that parsing the command line imports no JAX (tests/test_sample_cli.py checks).
 METHODS = ("ddim", "dpmpp_2m", "euler", "codi")
-FITS = ("crop", "pad", "resize")
-# data.tasks.COND_CHANNELS for the conditional tasks, for the same reason (also checked by the tests).
-TASK_CHANNELS = {"depth": 1, "sr": 3, "inpaint": 4, "edit": 3}
-# How far past its trained size a super-resolution model is run: a fully convolutional UNet runs at any multiple of
-# its downsampling, but its attention and receptive field are tuned to the trained size, and memory grows with area.
-SR_MAX_FACTOR = 2
+# The conditional tasks' condition channels (the task table's).
+TASK_CHANNELS = {name: t.channels for name, t in tasks.TABLE.items() if t.conditional}
 
 
 def __getattr__(name):
@@ -76,7 +75,7 @@ def _read_json(path: str, what: str) -> dict:
 class ModelSpec:
     """What a model folder takes and makes, read from its JSON files alone (no weights, no JAX)."""
     path: str  # the export folder
-    task: str  # 'depth', 'sr', 'inpaint', 'edit'; 't2i' for a text-to-image model
+    task: str  # a task of the task table (codi_jax/tasks); 't2i' for a text-to-image model
     channels: int  # condition channels; 0 for text-to-image
     size: int  # the trained (square) image size
     multiple: int  # generated sizes are multiples of this: the VAE factor x the UNet's downsampling
@@ -95,7 +94,8 @@ def model_spec(path: str, sr_scale: int | None = None) -> ModelSpec:
     vae = _read_json(os.path.join(path, "vae", "config.json"), "VAE (vae/config.json)")
     factor = 2 ** (len(vae.get("block_out_channels", (0, 0, 0, 0))) - 1)
     conditional_file = os.path.join(path, "conditional", "config.json")
-    if meta.get("task", "t2i") != "t2i" or os.path.isfile(conditional_file):
+    recorded = meta.get("task")
+    if (recorded in tasks.TABLE and tasks.get(recorded).conditional) or os.path.isfile(conditional_file):
         config = _read_json(conditional_file, "exported conditional model (conditional/config.json)")
         unet, channels = config["unet"], int(config["control"]["conditioning_channels"])
         task = meta.get("task")
@@ -111,7 +111,7 @@ def model_spec(path: str, sr_scale: int | None = None) -> ModelSpec:
         if not os.path.isdir(os.path.join(path, "unet")):
             raise ValueError(f"{path!r} holds a {mode!r} model, neither a conditional nor a text-to-image one")
         unet, task, channels = _read_json(os.path.join(path, "unet", "config.json"), "UNet (unet/config.json)"), \
-            "t2i", 0
+            tasks.TEXT_TO_IMAGE, 0
         if "schedule" not in meta and not _meta_from_scheduler(path):
             raise ValueError(f"{path!r} has neither codi_jax metadata nor a scheduler/scheduler_config.json with a "
                              "beta schedule: its noise schedule is unknown")
@@ -126,7 +126,7 @@ def condition_spec(path: str) -> tuple[int, int | None]:
     """(channels, trained size) of the condition images the conditional model at `path` takes, from its metadata
     alone, so that a wrong condition is refused before the weights load (seconds for an SD1.5-size model)."""
     spec = model_spec(path)
-    if spec.task == "t2i":
+    if not tasks.get(spec.task).conditional:
         raise ValueError(f"{spec.path!r} holds a text-to-image model: it takes no condition image")
     return spec.channels, spec.size
 
@@ -305,96 +305,6 @@ class Job:
     note: str  # what was done to the input, for the summary line
 
 
-def _open(path: str, what: str) -> Image.Image:
-    try:
-        image = Image.open(path)
-        image.load()  # the full decode, so that a truncated file fails here
-    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files.
-        raise ValueError(f"cannot read {what} {path!r}: {e}") from e
-    return image
-
-
-def _alpha(image: Image.Image) -> np.ndarray | None:
-    """The image's alpha in [0, 1] (H, W), or None when it has none or is opaque everywhere."""
-    if image.mode not in ("RGBA", "LA", "PA", "RGBa", "La") and "transparency" not in image.info:
-        return None
-    alpha = np.asarray(image.convert("RGBA"), np.float32)[..., 3] / 255.0
-    return None if alpha.min() >= 1.0 else alpha
-
-
-def _describe(image: Image.Image) -> str:
-    return f"{image.size[0]}x{image.size[1]}, {image.mode} ({len(image.getbands())} channel(s))"
-
-
-def read_depth(path: str, *, kind: str = "disparity", convert: bool = False) -> Image.Image:
-    """A depth map file -> a float image (mode 'F') scaled to [0, 1] exactly as training reads prepare_depth's maps
-    (16-bit: / 65535, 8-bit: / 255). A colour or transparent file is refused unless `convert` (then its luminance):
-    a colourised depth visualisation is not a depth map. kind 'depth' (metric, larger = farther): zeros, the usual
-    'no reading', become the farthest value, so that they do not turn into the nearest after inversion."""
-    image = _open(path, "depth map")
-    if image.mode not in ("L", "I", "F") and not image.mode.startswith("I;16"):
-        rgba = np.asarray(image.convert("RGBA"))
-        grey = bool(np.all(rgba[..., 0] == rgba[..., 1]) and np.all(rgba[..., 1] == rgba[..., 2]))
-        if not convert and (not grey or _alpha(image) is not None):
-            problem = "is transparent in places" if grey else "has colour"
-            raise ValueError(f"depth map {path!r} is {_describe(image)} and {problem}: a depth map is one grey channel "
-                             "(an 8- or 16-bit PNG, near = bright, as prepare_depth writes it); prepare it so, or pass "
-                             "--convert to take its luminance")
-        image = image.convert("L")
-    values = np.asarray(image).astype(np.float32)
-    # The rule sources.load_disparity applies to the training set's maps.
-    values = values / (65535.0 if values.max() > 255 or image.mode.startswith("I") else 255.0)
-    if kind == "depth":
-        if not np.any(values > 0):
-            raise ValueError(f"depth map {path!r} is zero everywhere: no depth to condition on")
-        values = np.where(values > 0, values, values.max())
-    return Image.fromarray(values.astype(np.float32))
-
-
-def read_mask(path: str) -> Image.Image:
-    """A mask file (white = fill) -> a float image in [0, 1]."""
-    image = _open(path, "mask")
-    if image.mode.startswith("I"):
-        return Image.fromarray(np.asarray(image).astype(np.float32) / 65535.0)
-    if image.mode == "F":
-        return image
-    return Image.fromarray(np.asarray(image.convert("L"), np.float32) / 255.0)
-
-
-def fit(image: Image.Image, size: int, how: str, resample, pad_value: float | None = None
-        ) -> tuple[np.ndarray, tuple[int, int, int, int], str]:
-    """An image of any size -> (size, size) array, never a silent squash: 'crop' centre-crops the largest square and
-    resizes it (as training reads folder images), 'pad' resizes the long side to `size` and pads the short one
-    (mirrored content, or `pad_value`), 'resize' squashes. Returns (array, box of the input's content in it as
-    (top, left, height, width), a note saying what was done)."""
-    if how not in FITS:
-        raise ValueError(f"--fit must be one of {FITS}, got {how!r}")
-    w, h = image.size
-    full = (0, 0, size, size)
-    if (w, h) == (size, size):
-        return np.asarray(image), full, f"{w}x{h} as is"
-    if w == h or how == "resize":
-        note = f"{w}x{h} resized to {size}x{size}" if w == h else f"{w}x{h} squashed to {size}x{size} (--fit=resize)"
-        return np.asarray(image.resize((size, size), resample)), full, note
-    if how == "crop":
-        s = min(w, h)
-        left, top = (w - s) // 2, (h - s) // 2
-        note = f"{w}x{h} centre-cropped to {s}x{s}" + (f", resized to {size}x{size}" if s != size else "")
-        return np.asarray(image.crop((left, top, left + s, top + s)).resize((size, size), resample)), full, note
-    scale = size / max(w, h)
-    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-    arr = np.asarray(image.resize((nw, nh), resample))
-    top, left = (size - nh) // 2, (size - nw) // 2
-    widths = ((top, size - nh - top), (left, size - nw - left)) + ((0, 0),) * (arr.ndim - 2)
-    if pad_value is None:
-        arr = np.pad(arr, widths, mode="symmetric")
-    else:
-        arr = np.pad(arr, widths, mode="constant", constant_values=pad_value)
-    note = (f"{w}x{h} resized to {nw}x{nh}, padded to {size}x{size} (output cropped back to {nw}x{nh})"
-            if (nw, nh) != (w, h) else f"{w}x{h} padded to {size}x{size} (output cropped back)")
-    return arr, (top, left, nh, nw), note
-
-
 def _stem(path: str) -> str:
     return os.path.splitext(os.path.basename(path))[0] or "image"
 
@@ -405,90 +315,23 @@ def _slug(prompt: str) -> str:
 
 def build_jobs(spec: ModelSpec, images: Sequence[str], prompts: Sequence[str], *, masks: Sequence[str] = (),
                fit_how: str | None = None, depth_kind: str = "disparity", convert: bool = False) -> list[Job]:
-    """The run's inputs -> Jobs: each condition built by data.tasks' builders, the ones training uses, from the
-    user's file fitted to the model's size (sr: at sr_scale x its own size unless fit_how is given). Every problem
-    is a ValueError naming the file and the flag, raised before any model loads."""
-    from codi_jax.data import tasks  # imports JAX (through the data package): only once the arguments are known
-
-    if spec.task == "t2i":
+    """The run's inputs -> Jobs: each condition built by the task's builder (the task table's, the one training uses),
+    from the user's file fitted to the model's size (sr: at sr_scale x its own size unless fit_how is given). Every
+    problem is a ValueError naming the file and the flag, raised before any model loads."""
+    task = tasks.get(spec.task)
+    if not task.conditional:
         return [Job(_slug(p), p, None, (0, 0, spec.size, spec.size), "") for p in prompts]
     if len(masks) not in (0, 1, len(images)):
         raise ValueError(f"{len(masks)} --mask files for {len(images)} --image files: give one, or one per image")
-    size, jobs = spec.size, []
+    jobs = []
     for i, path in enumerate(images):
         prompt = prompts[0] if len(prompts) == 1 else prompts[i]
-        how = fit_how or "crop"
-        if spec.task == "depth":
-            values, box, note = fit(read_depth(path, kind=depth_kind, convert=convert), size, how,
-                                    Image.Resampling.BILINEAR)
-            cond = tasks.depth_condition(values, depth_kind)
-            note += f", {depth_kind} ({'near' if depth_kind == 'disparity' else 'far'} = bright)"
-        elif spec.task == "sr":
-            cond, box, note = _sr_condition(tasks, spec, path, fit_how)
-        else:
-            image = _open(path, "image")
-            rgb = image.convert("RGB")
-            pixels, box, note = fit(rgb, size, how, Image.Resampling.BICUBIC)
-            if spec.task == "edit":
-                cond = tasks.to_signed(pixels)
-            else:
-                mask_path = masks[i if len(masks) > 1 else 0] if masks else None
-                hole, mask_note = _hole(tasks, path, image, mask_path, size, how)
-                cond, note = tasks.inpaint_condition(tasks.to_signed(pixels), hole), note + mask_note
+        item = tasks.SampleInput(path=path, size=spec.size, multiple=spec.multiple, sr_scale=spec.sr_scale,
+                                 fit_how=fit_how, mask=masks[i if len(masks) > 1 else 0] if masks else None,
+                                 depth_kind=depth_kind, convert=convert)
+        cond, box, note = task.sample_condition(item)
         jobs.append(Job(_stem(path), prompt, np.asarray(cond, np.float32), box, f"{os.path.basename(path)} {note}"))
     return jobs
-
-
-def _hole(tasks, path: str, image: Image.Image, mask_path: str | None, size: int, how: str):
-    """The hole mask {0,1} (1 = fill) at the model's size, from --mask (white = fill) or the image's alpha (0 = fill),
-    fitted with the same geometry as the image; padding is never a hole."""
-    if mask_path is not None:
-        mask = read_mask(mask_path)
-        if mask.size != image.size:
-            raise ValueError(f"mask {mask_path!r} is {mask.size[0]}x{mask.size[1]} but its image {path!r} is "
-                             f"{image.size[0]}x{image.size[1]}: a mask must have its image's size")
-        convention, source = "white", os.path.basename(mask_path)
-    else:
-        alpha = _alpha(image)
-        if alpha is None:
-            raise ValueError(f"inpainting {path!r} needs a mask: pass --mask=mask.png (white = fill), or an RGBA image "
-                             "whose transparent pixels (alpha 0) mark the hole")
-        mask, convention, source = Image.fromarray(alpha), "alpha", "alpha"
-    values, _, _ = fit(mask, size, how, Image.Resampling.BILINEAR, pad_value=0.0 if convention == "white" else 1.0)
-    hole = tasks.hole_mask(values, convention)
-    if not hole.any():
-        raise ValueError(f"the mask of {path!r} ({source}) marks nothing to fill" +
-                         (f" once fitted with --fit={how} (try --fit=pad)" if mask.size != (size, size) else
-                          (": white marks the hole" if convention == "white" else ": alpha 0 marks the hole")))
-    return hole, f", mask: {source} ({'white' if convention == 'white' else 'alpha 0'} = fill, {hole.mean():.0%})"
-
-
-def _sr_condition(tasks, spec: ModelSpec, path: str, fit_how: str | None):
-    """A low-res image -> the sr condition: bicubic up by sr_scale, as training's last step. By default at sr_scale x
-    the image's own size (padded to the model's multiple, the output cropped back), up to SR_MAX_FACTOR x the trained
-    size; with fit_how, first fitted to the trained size / sr_scale (the output is then the trained size)."""
-    image = _open(path, "low-res image").convert("RGB")
-    r, w, h = spec.sr_scale, image.size[0], image.size[1]
-    if fit_how is not None:
-        if spec.size % r:
-            raise ValueError(f"--sr-scale={r} does not divide the model's size {spec.size}")
-        pixels, (top, left, bh, bw), note = fit(image, spec.size // r, fit_how, Image.Resampling.BICUBIC)
-        cond = tasks.sr_condition_from_lowres(np.asarray(pixels, np.float32) / 255.0, spec.size, spec.size)
-        return cond, (top * r, left * r, bh * r, bw * r), f"{note}, x{r} -> {spec.size}x{spec.size}"
-    height, width = r * h, r * w
-    if max(height, width) > SR_MAX_FACTOR * spec.size:
-        raise ValueError(f"low-res image {path!r} is {w}x{h}: x{r} makes {width}x{height}, more than "
-                         f"{SR_MAX_FACTOR} x the {spec.size} px the model was trained at; pass --fit=crop|pad|resize "
-                         f"to bring it to {spec.size // r}x{spec.size // r} (output {spec.size}x{spec.size}), or split "
-                         "it into tiles")
-    cond = tasks.sr_condition_from_lowres(np.asarray(image, np.float32) / 255.0, height, width)
-    m = spec.multiple
-    ph, pw = -height % m, -width % m
-    note = f"{w}x{h}, x{r} -> {width}x{height}"
-    if ph or pw:
-        cond = np.pad(cond, ((0, ph), (0, pw), (0, 0)), mode="symmetric")
-        note += f" (run at {width + pw}x{height + ph}, a multiple of {m}, output cropped back)"
-    return cond, (0, 0, height, width), note
 
 
 # ---- the command line --------------------------------------------------------------------------------------------
@@ -500,21 +343,19 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (--help lists the arguments)\n")
 
 
-_EPILOG = """inputs by task (the export's model_index.json says which task it was trained for):
-  text-to-image  --prompt only (a 'pretrain' export, the shipped codi_jax/pretrained/scenes32, any diffusers SD folder)
-  depth          --image=depth.png: a depth map, one grey channel, 8- or 16-bit, as prepare_depth writes it:
-                 disparity, near = bright (--depth-kind=depth for metric maps, larger = farther; 0 = no reading);
-                 normalised per image to [-1, 1] (min-max), as in training, so its scale does not matter
-  sr             --image=lowres.png of any size: upsampled (bicubic) by the model's sr_scale as in training; the
-                 output is sr_scale x the input's size (up to 2x the trained size; --fit brings it to the trained one)
-  inpaint        --image=photo.png --mask=mask.png (white = fill), or --image=photo.png with alpha 0 = fill
-  edit           --image=input.png --prompt="the instruction"
-Each output is <out-dir>/<input or prompt>_s<seed>.png, its noise drawn from <seed> alone (the same file whatever
-the batch); existing files are never overwritten unless --overwrite."""
+def _epilog() -> str:
+    lines = ["inputs by task (the export's model_index.json says which task it was trained for):"]
+    for name, task in sorted(tasks.TABLE.items(), key=lambda kv: kv[1].conditional):
+        label = "text-to-image" if not task.conditional else name
+        for j, line in enumerate(task.sample_help.splitlines()):
+            lines.append(f"  {label if j == 0 else '':<14} {line}")
+    lines += ["Each output is <out-dir>/<input or prompt>_s<seed>.png, its noise drawn from <seed> alone (the same file "
+              "whatever", "the batch); existing files are never overwritten unless --overwrite."]
+    return "\n".join(lines)
 
 
 def _parser() -> _Parser:
-    parser = _Parser(prog="python -m codi_jax.sample", description=__doc__.split("\n\n")[0], epilog=_EPILOG,
+    parser = _Parser(prog="python -m codi_jax.sample", description=__doc__.split("\n\n")[0], epilog=_epilog(),
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="workdir of a finished run, its export/ folder, or any "
                         "diffusers Stable Diffusion folder")
@@ -547,27 +388,30 @@ def _parser() -> _Parser:
     return parser
 
 
+def _task_flags(args) -> dict[str, tuple[str, object]]:
+    """flag -> (the task it is for, its value) for every task-only flag of the task table."""
+    values = {"--mask": args.mask, "--depth-kind": args.depth_kind, "--convert": args.convert,
+              "--sr-scale": args.sr_scale}
+    return {flag: (name, values[flag]) for name, t in tasks.TABLE.items() for flag in t.sample_flags}
+
+
 def _check_flags(parser: _Parser, args, spec: ModelSpec) -> None:
     """What the task makes of the flags, before any file is read."""
-    if spec.task == "t2i":
-        for flag, value in (("--image", args.image), ("--mask", args.mask), ("--fit", args.fit),
-                            ("--depth-kind", args.depth_kind), ("--sr-scale", args.sr_scale)):
+    task = tasks.get(spec.task)
+    if not task.conditional:
+        given = [("--image", args.image), ("--fit", args.fit)] + [(f, v) for f, (_, v) in _task_flags(args).items()]
+        for flag, value in given:
             if value:
                 parser.error(f"{flag}: {spec.path!r} holds a text-to-image model, which takes no input image; "
                              "drop it, or pass a conditional model")
         return
     if not args.image:
-        parser.error(f"--image is required: {spec.path!r} is a {spec.task} model ({_INPUTS[spec.task]})")
+        parser.error(f"--image is required: {spec.path!r} is a {spec.task} model ({task.sample_input})")
     if len(args.prompt) not in (1, len(args.image)):
         parser.error(f"{len(args.prompt)} prompts for {len(args.image)} --image files: give one, or one per image")
-    for flag, value, task in (("--mask", args.mask, "inpaint"), ("--depth-kind", args.depth_kind, "depth"),
-                              ("--convert", args.convert, "depth"), ("--sr-scale", args.sr_scale, "sr")):
-        if value and spec.task != task:
-            parser.error(f"{flag} is for {task} models; {spec.path!r} is a {spec.task} model")
-
-
-_INPUTS = {"depth": "a depth map, near = bright", "sr": "a low-res image", "inpaint": "a photo, with --mask or alpha",
-           "edit": "the image to edit"}
+    for flag, (owner, value) in _task_flags(args).items():
+        if value and flag not in task.sample_flags:
+            parser.error(f"{flag} is for {owner} models; {spec.path!r} is a {spec.task} model")
 
 
 def _plan(jobs: list[Job], seeds: range, out_dir: str | None) -> list[tuple[Job, int, str | None]]:

@@ -30,7 +30,7 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 
-from codi_jax import checkpoint, evaluate, lease, modes, parallel, recipes
+from codi_jax import checkpoint, evaluate, lease, modes, parallel, recipes, tasks
 from codi_jax import config as common
 from codi_jax import data as data_lib
 from codi_jax import export as export_lib
@@ -696,7 +696,7 @@ def _make_sampler(recipe: recipes.Recipe, frozen: dict, config, mesh):
         images = np.asarray(multihost_utils.process_allgather(fn(state.ema_params, frozen, batch), tiled=True))
         rows = [images, host["image"]]
         if "cond" in host:
-            rows.insert(0, data_lib.tasks.condition_rgb(host["cond"]))
+            rows.insert(0, tasks.condition_rgb(host["cond"]))
         grid = np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)
         return ((grid[None] + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
 

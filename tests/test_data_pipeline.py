@@ -9,7 +9,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from codi_jax import data
-from codi_jax.data import tasks
+from codi_jax import tasks
 
 
 def _cfg(**kw):

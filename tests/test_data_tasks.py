@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from codi_jax.data import degradations, masks, scenes, tasks, tokenizer
+from codi_jax import tasks
+from codi_jax.data import degradations, masks, scenes, tokenizer
+from codi_jax.tasks import depth as depth_task
+from codi_jax.tasks import inpaint as inpaint_task
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +31,7 @@ def test_condition_shape_and_range(record, task, channels):
 
 
 def test_depth_condition_is_disparity_near_bright(record):
-    c = tasks.disparity_condition(record)[..., 0]
+    c = depth_task.disparity_condition(record)[..., 0]
     near, far = np.unravel_index(record["depth"].argmin(), c.shape), np.unravel_index(record["depth"].argmax(), c.shape)
     assert c[near] == pytest.approx(1.0) and c[far] == pytest.approx(-1.0)
     # Monotone: ordering of disparity is the reverse ordering of depth.
@@ -39,7 +42,7 @@ def test_depth_condition_is_disparity_near_bright(record):
 def test_inpaint_condition_hides_the_holes(record):
     image = tasks.to_signed(record["image"])
     mask = masks.random_mask(np.random.default_rng(1), 32, 32, 0.3)
-    c = tasks.inpaint_condition(image, mask)
+    c = inpaint_task.inpaint_condition(image, mask)
     assert np.all(c[mask > 0, :3] == 0) and np.allclose(c[mask == 0, :3], image[mask == 0])
     assert set(np.unique(c[..., 3])) == {-1.0, 1.0}
 
@@ -96,6 +99,37 @@ def test_degradation_is_deterministic_and_x4():
     a = degradations.degrade(img, np.random.default_rng(5))
     b = degradations.degrade(img, np.random.default_rng(5))
     assert a.shape == (8, 8, 3) and np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("scale", [2, 8])
+def test_degradation_second_stage_follows_the_scale(scale, monkeypatch):
+    """basicsr resizes the second stage relative to ori_size / scale: at x2 and x8 as at x4, not a fixed /4."""
+    img = scenes.render_example(0, 0, "train", 32)["image"].astype(np.float32) / 255
+    sizes = []
+    real_resize = degradations.resize
+    monkeypatch.setattr(degradations, "resize", lambda x, h, w, mode="bicubic": sizes.append((h, w)) or
+                        real_resize(x, h, w, mode))
+    lo, hi = degradations.DegradationConfig().resize_range2
+    for seed in range(6):
+        sizes.clear()
+        out = degradations.degrade(img, np.random.default_rng(seed), scale)
+        assert out.shape == (32 // scale, 32 // scale, 3)
+        second = sizes[1][0]  # resizes: first stage, second stage, final
+        assert max(1, int(32 / scale * lo)) <= second <= int(32 / scale * hi)
+
+
+def test_bicubic_degradation_is_a_plain_downsampling():
+    img = scenes.render_example(0, 0, "train", 32)["image"].astype(np.float32) / 255
+    rng = np.random.default_rng(3)
+    state = rng.bit_generator.state
+    low = degradations.degrade(img, rng, 4, kind="bicubic")
+    assert rng.bit_generator.state == state  # draws nothing: every epoch sees the same input
+    assert np.allclose(low, np.clip(degradations.resize(img, 8, 8, "bicubic"), 0, 1))
+    with pytest.raises(ValueError, match="sr degradation must be one of"):
+        degradations.degrade(img, rng, 4, kind="jpeg")
+    ex = tasks.make_example("sr", {"image": (img * 255).astype(np.uint8)}, rng,
+                            options=tasks.Options(sr_scale=4, sr_degradation="bicubic"), extras=True)
+    assert ex["lowres"].shape == (8, 8, 3) and ex["cond"].shape == (32, 32, 3)
 
 
 def test_kernels_are_normalised():

@@ -13,6 +13,9 @@ DEFERRED = {
     "codi_jax.cli": "main --help answers at once, without the modules that import JAX",
     "codi_jax.sample": "sample --help and its input checks answer before JAX (and the model) load",
     "codi_jax.teacher": "a teacher folder is read before JAX starts; the builtin tokenizer is built only when named",
+    "codi_jax.data": "the task table imports data.degradations and data.masks without JAX; the pipeline loads on use",
+    "codi_jax.tasks.depth": "the task table is read before JAX starts; its metric loads the estimator when called",
+    "codi_jax.tasks.sr": "the task table is read before JAX starts; its metric imports JAX when called",
 }
 
 

@@ -42,7 +42,7 @@ def test_help_imports_no_jax():
     code = ("import runpy, sys, json\nsys.argv = ['codi_jax.sample', '--help']\n"
             "try:\n    runpy.run_module('codi_jax.sample', run_name='__main__')\nexcept SystemExit as e:\n"
             "    assert e.code == 0, e.code\n"
-            "heavy = ('jax', 'flax', 'transformers', 'torch', 'grain', 'tensorflow', 'codi_jax.data', "
+            "heavy = ('jax', 'flax', 'transformers', 'torch', 'grain', 'tensorflow', 'codi_jax.data.pipeline', "
             "'codi_jax.inference', 'codi_jax.weights')\n"
             "print(json.dumps([m for m in heavy if m in sys.modules]))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
@@ -54,11 +54,10 @@ def test_help_imports_no_jax():
 
 def test_tables_written_out_agree_with_their_sources():
     from codi_jax import diffusion
-    from codi_jax.data import tasks
+    from codi_jax import tasks
 
     assert sample.METHODS == tuple(diffusion.METHODS)
-    assert sample.TASK_CHANNELS == {t: c for t, c in tasks.COND_CHANNELS.items() if c}
-    assert tasks.DEPTH_KINDS == ("disparity", "depth")
+    assert tasks.depth.KINDS == ("disparity", "depth")
 
 
 def test_model_spec_of_every_kind_of_folder(exports, tmp_path):
@@ -84,7 +83,8 @@ def test_model_spec_of_every_kind_of_folder(exports, tmp_path):
 def test_inpaint_mask_conventions_build_trainings_condition(tmp_path):
     """White = fill (--mask) and alpha 0 = fill (RGBA --image) give exactly make_example's condition for that mask:
     hole mid-grey (0) in the image channels, mask channel +1 in the hole."""
-    from codi_jax.data import masks, tasks
+    from codi_jax import tasks
+    from codi_jax.data import masks
 
     img = np.random.default_rng(3).integers(0, 256, (32, 32, 3), np.uint8)
     train = tasks.make_example("inpaint", {"image": img}, np.random.default_rng(5), mask_fraction=0.3)["cond"]
@@ -120,7 +120,8 @@ def test_depth_maps_normalised_as_in_training(tmp_path):
     """A prepare_depth map (16-bit, or 8-bit), of another size: the condition equals the training pipeline's
     (sources.load_disparity then tasks' disparity_condition) on the same file; a metric map (--depth-kind=depth)
     lands on the same scale and orientation (near = bright) as the disparity map of the same scene."""
-    from codi_jax.data import prepare_depth, sources, tasks
+    from codi_jax.data import prepare_depth, sources
+    from codi_jax.tasks import depth as depth_task
 
     yy, xx = np.mgrid[0:40, 0:56]
     metric = 1.0 + 3.0 * yy / 40 + 0.1 * np.sin(xx / 5.0)  # metres: the bottom rows are far
@@ -128,7 +129,7 @@ def test_depth_maps_normalised_as_in_training(tmp_path):
     Image.fromarray(disparity16).save(tmp_path / "d16.png")
     Image.fromarray((disparity16 >> 8).astype(np.uint8)).save(tmp_path / "d8.png")
     for name in ("d16.png", "d8.png"):
-        train = tasks.disparity_condition({"disparity": sources.load_disparity(str(tmp_path / name), 32)})
+        train = depth_task.disparity_condition({"disparity": sources.load_disparity(str(tmp_path / name), 32)})
         (job,) = sample.build_jobs(_spec("depth"), [str(tmp_path / name)], ["a"])
         assert job.cond.shape == (32, 32, 1) and np.array_equal(job.cond, train), name
         assert job.cond[0].mean() > 0.5 > -0.5 > job.cond[-1].mean()  # near (top) is bright
@@ -141,7 +142,7 @@ def test_depth_maps_normalised_as_in_training(tmp_path):
     (from_metric,) = sample.build_jobs(_spec("depth"), [str(tmp_path / "mm.png")], ["a"], depth_kind="depth")
     (from_disp,) = sample.build_jobs(_spec("depth"), [str(tmp_path / "disp.png")], ["a"])
     assert np.abs(from_metric.cond - from_disp.cond).max() < 5e-3  # millimetre rounding
-    assert np.abs(from_metric.cond - tasks.disparity_condition({"depth": np.round(square * 1000)})).max() < 1e-5
+    assert np.abs(from_metric.cond - depth_task.disparity_condition({"depth": np.round(square * 1000)})).max() < 1e-5
     # A colourised visualisation is not a depth map: refused unless --convert.
     Image.fromarray(np.dstack([disparity16 >> 8, disparity16 >> 9, disparity16 >> 10]).astype(np.uint8)).save(
         tmp_path / "colour.png")
@@ -155,12 +156,13 @@ def test_depth_maps_normalised_as_in_training(tmp_path):
 def test_sr_condition_helper_is_trainings():
     """make_example's sr condition equals degrade + sr_condition_from_lowres, and the untouched
     degradations.sr_condition: the helper sample uses is training's last step, and training did not change."""
-    from codi_jax.data import degradations, tasks
+    from codi_jax import tasks
+    from codi_jax.data import degradations
 
     hr = np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8)
     train = tasks.make_example("sr", {"image": hr}, np.random.default_rng(1))["cond"]
     before = degradations.sr_condition(hr / np.float32(255), np.random.default_rng(1), 4) * 2 - 1
-    helper = tasks.sr_condition_from_lowres(degradations.degrade(hr / np.float32(255), np.random.default_rng(1), 4),
+    helper = tasks.sr.sr_condition_from_lowres(degradations.degrade(hr / np.float32(255), np.random.default_rng(1), 4),
                                             32, 32)
     assert np.array_equal(train, before) and np.array_equal(train, helper)
 
@@ -168,13 +170,13 @@ def test_sr_condition_helper_is_trainings():
 def test_sr_jobs_of_any_size(tmp_path):
     """Any low-res size runs at sr_scale x its size, padded to the model's multiple with the output box cropped back;
     too large an input names --fit, which brings it to the trained size."""
-    from codi_jax.data import tasks
+    from codi_jax import tasks
 
     lr = np.random.default_rng(2).integers(0, 256, (7, 9, 3), np.uint8)  # 9x7
     Image.fromarray(lr).save(tmp_path / "lr.png")
     (job,) = sample.build_jobs(_spec("sr"), [str(tmp_path / "lr.png")], ["a"])
     assert job.cond.shape == (32, 40, 3) and job.box == (0, 0, 28, 36)
-    assert np.array_equal(job.cond[:28, :36], tasks.sr_condition_from_lowres(lr / np.float32(255), 28, 36))
+    assert np.array_equal(job.cond[:28, :36], tasks.sr.sr_condition_from_lowres(lr / np.float32(255), 28, 36))
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "eight.png")
     assert sample.build_jobs(_spec("sr"), [str(tmp_path / "eight.png")], ["a"])[0].cond.shape == (32, 32, 3)
     Image.fromarray(np.zeros((10, 17, 3), np.uint8)).save(tmp_path / "wide.png")

@@ -1,16 +1,24 @@
-"""Data: grain pipelines, sources, task conditions and the procedural scene dataset (see docs/data.md)."""
+"""Data: grain pipelines, sources and the procedural scene dataset (see docs/data.md); the task conditions are the
+task table's (codi_jax/tasks).
 
-from codi_jax.data.pipeline import cond_channels
-from codi_jax.data.pipeline import default_config
-from codi_jax.data.pipeline import make_eval_batches
-from codi_jax.data.pipeline import make_source
-from codi_jax.data.pipeline import make_train_loader
-from codi_jax.data.pipeline import validate
-from codi_jax.data.sources import skipped_count, skipped_files
-from codi_jax.data.tokenizer import builtin_vocab_size
-from codi_jax.data.tokenizer import load_tokenizer
+The pipeline's names load on first use: the task table imports data.degradations and data.masks, which are numpy,
+when configs are parsed, and must not start JAX and grain with them."""
 
-__all__ = [
-    "builtin_vocab_size", "cond_channels", "default_config", "load_tokenizer", "make_eval_batches", "make_source",
-    "make_train_loader", "skipped_count", "skipped_files", "validate",
-]
+_PIPELINE = ("cond_channels", "default_config", "make_eval_batches", "make_source", "make_train_loader", "validate")
+_SOURCES = ("skipped_count", "skipped_files")
+_TOKENIZER = ("builtin_vocab_size", "load_tokenizer")
+
+
+def __getattr__(name):
+    if name in _PIPELINE:
+        from codi_jax.data import pipeline as module
+    elif name in _SOURCES:
+        from codi_jax.data import sources as module
+    elif name in _TOKENIZER:
+        from codi_jax.data import tokenizer as module
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(module, name)
+
+
+__all__ = [*_PIPELINE, *_SOURCES, *_TOKENIZER]

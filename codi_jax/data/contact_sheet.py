@@ -16,7 +16,8 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from codi_jax.data import scenes, tasks
+from codi_jax import tasks
+from codi_jax.data import scenes
 
 COLUMNS = ("image", "depth", "sr (x4 degraded)", "inpaint", "edit: input", "edit: target")
 

@@ -160,7 +160,7 @@ def jpeg(img: np.ndarray, quality: int) -> np.ndarray:
     return np.asarray(Image.open(buf).convert("RGB"), np.float32) / 255.0
 
 
-def _stage(rng, img, ori_hw, cfg: DegradationConfig, second: bool, max_k: int):
+def _stage(rng, img, ori_hw, cfg: DegradationConfig, second: bool, max_k: int, scale: int):
     h0, w0 = ori_hw
     blur_prob = cfg.second_blur_prob if second else 1.0
     if rng.random() < blur_prob:
@@ -173,12 +173,13 @@ def _stage(rng, img, ori_hw, cfg: DegradationConfig, second: bool, max_k: int):
     probs = cfg.resize_prob2 if second else cfg.resize_prob
     lo, hi = cfg.resize_range2 if second else cfg.resize_range
     kind = rng.choice(3, p=probs)
-    scale = rng.uniform(1, hi) if kind == 0 else (rng.uniform(lo, 1) if kind == 1 else 1.0)
+    factor = rng.uniform(1, hi) if kind == 0 else (rng.uniform(lo, 1) if kind == 1 else 1.0)
     mode = list(_PIL_MODES)[rng.integers(3)]
-    if second:  # basicsr resizes the second stage relative to ori_size / scale
-        h, w = int(h0 / 4 * scale), int(w0 / 4 * scale)
+    if second:  # basicsr resizes the second stage relative to ori_size / sr scale
+        h, w = int(h0 / scale * factor), int(w0 / scale * factor)
     else:
-        h, w = int(img.shape[0] * scale), int(img.shape[1] * scale)
+        h, w = int(img.shape[0] * factor), int(img.shape[1] * factor)
+    h, w = max(h, 1), max(w, 1)
     img = resize(img, h, w, mode)
     gray_prob = cfg.gray_noise_prob2 if second else cfg.gray_noise_prob
     if rng.random() < (cfg.gaussian_noise_prob2 if second else cfg.gaussian_noise_prob):
@@ -189,15 +190,29 @@ def _stage(rng, img, ori_hw, cfg: DegradationConfig, second: bool, max_k: int):
     return jpeg(img, rng.integers(*(cfg.jpeg_range2 if second else cfg.jpeg_range), endpoint=True))
 
 
+KINDS = ("realesrgan", "bicubic")
+
+
 def degrade(img: np.ndarray, rng: np.random.Generator, scale: int = 4,
-            cfg: DegradationConfig = DegradationConfig()) -> np.ndarray:
-    """HWC float [0,1] high-res image -> low-res (H/scale, W/scale) degraded image, float32 in [0,1]."""
+            cfg: DegradationConfig = DegradationConfig(), kind: str = "realesrgan") -> np.ndarray:
+    """HWC float [0,1] high-res image -> low-res (H/scale, W/scale) degraded image, float32 in [0,1].
+
+    kind 'realesrgan': the second-order pipeline above (real-world SR, the paper's setting). 'bicubic': a plain
+    antialiased bicubic downsampling (classical SR's x4 bicubic; draws nothing from rng). At 32 px the Real-ESRGAN
+    pipeline, tuned for 256-400 px crops, leaves an 8 px input that has lost its objects and colours (per-pixel noise
+    and JPEG's 4:2:0 chroma on an image one JPEG block wide; docs/tasks.md), so the tiny configs use 'bicubic'."""
+    if kind not in KINDS:
+        raise ValueError(f"sr degradation must be one of {KINDS}, got {kind!r}")
     h, w = img.shape[:2]
+    if h % scale or w % scale:
+        raise ValueError(f"sr scale {scale} must divide the image size, got {h}x{w}")
+    if kind == "bicubic":
+        return np.clip(resize(img.astype(np.float32), h // scale, w // scale, "bicubic"), 0, 1).astype(np.float32)
     # RealESRGAN kernels (up to 21 px) are tuned for 256-400 px crops; scale the cap so a 32 px image is not erased.
     max_k = min(cfg.max_kernel_size, max(7, (min(h, w) // 12) | 1))
     x = img.astype(np.float32)
-    x = _stage(rng, x, (h, w), cfg, second=False, max_k=max_k)
-    x = _stage(rng, x, (h, w), cfg, second=True, max_k=max_k)
+    x = _stage(rng, x, (h, w), cfg, second=False, max_k=max_k, scale=scale)
+    x = _stage(rng, x, (h, w), cfg, second=True, max_k=max_k, scale=scale)
     lh, lw = h // scale, w // scale
     mode = list(_PIL_MODES)[rng.integers(3)]
     quality = rng.integers(*cfg.jpeg_range2, endpoint=True)
@@ -216,7 +231,7 @@ def degrade(img: np.ndarray, rng: np.random.Generator, scale: int = 4,
 
 
 def sr_condition(img: np.ndarray, rng: np.random.Generator, scale: int = 4,
-                 cfg: DegradationConfig = DegradationConfig()) -> np.ndarray:
+                 cfg: DegradationConfig = DegradationConfig(), kind: str = "realesrgan") -> np.ndarray:
     """The SR task's condition: the degraded low-res image resized back (bicubic) to the target size, in [0,1]."""
-    lr = degrade(img, rng, scale, cfg)
+    lr = degrade(img, rng, scale, cfg, kind)
     return np.clip(resize(lr, img.shape[0], img.shape[1], "bicubic"), 0, 1).astype(np.float32)

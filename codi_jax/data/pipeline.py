@@ -18,7 +18,8 @@ from absl import flags
 import ml_collections
 import numpy as np
 
-from codi_jax.data import sources, tasks, tokenizer
+from codi_jax import tasks
+from codi_jax.data import degradations, sources, tokenizer
 
 DATASETS = ("scenes", "folder", "tfds")
 
@@ -58,6 +59,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.scenes_supersample = 2  # rays per pixel per axis (anti-aliasing); 1 is 4x faster at 256 px
     c.mask_fraction = 0.3  # inpaint: mean hole fraction
     c.sr_scale = 4
+    # sr: how the low-res input is made: 'realesrgan' (real-world SR, the paper's second-order degradations, for
+    # 256 px and larger) or 'bicubic' (a clean antialiased downsampling; the :tiny default, codi_jax/tasks/sr.py)
+    c.sr_degradation = "realesrgan"
     c.text_dropout = 0.0  # probability of an empty caption (classifier-free guidance training)
     return c
 
@@ -82,6 +86,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         raise ValueError(f"mask_fraction must be in (0, 1), got {cfg.mask_fraction!r}")
     if cfg.sr_scale not in (2, 4, 8) or cfg.image_size % cfg.sr_scale:
         raise ValueError(f"sr_scale must be 2, 4 or 8 and divide image_size, got {cfg.sr_scale!r}")
+    if cfg.sr_degradation not in degradations.KINDS:
+        raise ValueError(f"sr_degradation must be one of {degradations.KINDS}, got {cfg.sr_degradation!r}")
     if not 0.0 <= cfg.text_dropout < 1.0:
         raise ValueError(f"text_dropout must be in [0, 1), got {cfg.text_dropout!r}")
     if cfg.dataset == "scenes":
@@ -102,11 +108,15 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 
 
 def cond_channels(cfg) -> int:
-    """Channels of the condition image: depth 1, sr 3, inpaint 4, edit 3, t2i 0."""
+    """Channels of the condition image (the task table's: depth 1, sr 3, inpaint 4, edit 3, t2i 0)."""
     task = cfg if isinstance(cfg, str) else cfg.task
-    if task not in tasks.COND_CHANNELS:
-        raise ValueError(f"task must be one of {tasks.TASKS}, got {task!r}")
-    return tasks.COND_CHANNELS[task]
+    return tasks.get(task).channels
+
+
+def task_options(cfg) -> "tasks.Options":
+    """The data config's task knobs, as the task's condition builder reads them."""
+    return tasks.Options(sr_scale=int(cfg.sr_scale), sr_degradation=str(cfg.sr_degradation),
+                         mask_fraction=float(cfg.mask_fraction))
 
 
 def make_source(cfg, split: str):
@@ -118,21 +128,18 @@ def make_source(cfg, split: str):
     if cfg.dataset == "scenes":
         n = cfg[f"scenes_num_{split}"]
         return sources.SceneSource(split=split, num_examples=n, image_size=cfg.image_size, seed=cfg.scenes_seed,
-                                   edit=cfg.task == "edit", min_objects=cfg.scenes_min_objects,
+                                   edit=tasks.get(cfg.task).paired, min_objects=cfg.scenes_min_objects,
                                    max_objects=cfg.scenes_max_objects, supersample=cfg.scenes_supersample)
     if cfg.dataset == "folder":
         fractions = {"test_fraction": cfg.folder_test_fraction,
                      "validation_fraction": cfg.folder_validation_fraction}
-        if cfg.task == "edit":
+        if tasks.get(cfg.task).paired:
             return sources.EditFolderSource(cfg.data_dir, split=split, image_size=cfg.image_size, **fractions)
         return sources.FolderSource(cfg.data_dir, split=split, image_size=cfg.image_size,
-                                    need_depth=cfg.task == "depth", caption_key=cfg.folder_caption_key,
+                                    need_depth=tasks.get(cfg.task).needs("depth"), caption_key=cfg.folder_caption_key,
                                     validate=cfg.folder_validate, **fractions)
     keys = {"image": cfg.tfds_image_key, "caption": cfg.tfds_caption_key}
-    if cfg.task == "depth":
-        keys["depth"] = cfg.tfds_depth_key
-    if cfg.task == "edit":
-        keys["input_image"] = cfg.tfds_edit_input_key
+    keys.update({field: cfg[config_field] for field, config_field in tasks.get(cfg.task).record_fields.items()})
     tfds_split = {"train": cfg.tfds_train_split, "validation": cfg.tfds_validation_split,
                   "test": cfg.tfds_eval_split}[split]
     return sources.TfdsSource(cfg.tfds_name, split=tfds_split, data_dir=cfg.data_dir or None,
@@ -176,12 +183,11 @@ class _DropBad(grain.FilterTransform):
 class _Task(grain.RandomMapTransform):
     """Builds the task condition; grain hands each record its own rng derived from (seed, record index)."""
 
-    def __init__(self, task: str, sr_scale: int, mask_fraction: float, text_dropout: float):
-        self.task, self.sr_scale, self.mask_fraction, self.text_dropout = task, sr_scale, mask_fraction, text_dropout
+    def __init__(self, task: str, options: tasks.Options, text_dropout: float):
+        self.task, self.options, self.text_dropout = task, options, text_dropout
 
     def random_map(self, element, rng: np.random.Generator):
-        return tasks.make_example(self.task, element, rng, sr_scale=self.sr_scale, mask_fraction=self.mask_fraction,
-                                  text_dropout=self.text_dropout)
+        return tasks.make_example(self.task, element, rng, options=self.options, text_dropout=self.text_dropout)
 
 
 class _Tokenize(grain.MapTransform):
@@ -225,7 +231,7 @@ def make_train_loader(cfg, *, global_batch_size: int, seed: int, process_index: 
         raise ValueError(f"dataset has {len(source)} records, fewer than the {shard.shard_count} processes")
     sampler = grain.IndexSampler(num_records=len(source), shard_options=shard, shuffle=cfg.shuffle, num_epochs=None,
                                  seed=int(seed))
-    ops = [_DropBad(len(source), repr(source)), _Task(cfg.task, cfg.sr_scale, cfg.mask_fraction, cfg.text_dropout),
+    ops = [_DropBad(len(source), repr(source)), _Task(cfg.task, task_options(cfg), cfg.text_dropout),
            _Tokenize(cfg.tokenizer, cfg.max_length), grain.Batch(local_batch, drop_remainder=True)]
     return grain.DataLoader(data_source=source, sampler=sampler, operations=ops, worker_count=cfg.num_workers,
                             worker_buffer_size=cfg.worker_buffer_size,
@@ -242,7 +248,7 @@ def split_size_fields(cfg, split: str) -> str:
         field = {"train": "tfds_train_split", "validation": "tfds_validation_split", "test": "tfds_eval_split"}[split]
         return f"data.{field} (a larger split of {cfg.tfds_name})"
     root = cfg.data_dir
-    if cfg.task != "edit" and sources.has_split_folders(root):
+    if not tasks.get(cfg.task).paired and sources.has_split_folders(root):
         if split == "validation" and not os.path.isdir(os.path.join(root, "validation")):
             return (f"data.folder_validation_fraction (the share of {os.path.join(root, 'train')} held out), or a "
                     f"{os.path.join(root, 'validation')} folder")
@@ -253,13 +259,14 @@ def split_size_fields(cfg, split: str) -> str:
 
 
 def make_eval_batches(cfg, *, batch_size: int, num_examples: int, seed: int, offset: int = 0,
-                      split: str = "test") -> list[dict[str, Any]]:
+                      split: str = "test", extras: bool = False) -> list[dict[str, Any]]:
     """Records `offset` .. `offset + num_examples` (of the readable ones) of a held-out split ('test', or 'validation'
     to choose settings on) as deterministic batches (same keys as training, plus 'caption'); a second, disjoint set
     (offset = num_examples) gives FID's noise floor.
 
     Task randomness (masks, degradations) is drawn from (seed, record index), so every call returns the same batches.
-    Unreadable files are skipped; the last batch may be smaller.
+    Unreadable files are skipped; the last batch may be smaller. extras=True adds what the task's metrics need beside
+    the condition (tasks.make_example; sr: 'lowres').
     """
     validate(cfg)
     source = make_source(cfg, split)
@@ -277,8 +284,8 @@ def make_eval_batches(cfg, *, batch_size: int, num_examples: int, seed: int, off
         readable += 1
         if readable <= offset:
             continue
-        ex = tasks.make_example(cfg.task, rec, np.random.default_rng([int(seed), i]), sr_scale=cfg.sr_scale,
-                                mask_fraction=cfg.mask_fraction, text_dropout=0.0)
+        ex = tasks.make_example(cfg.task, rec, np.random.default_rng([int(seed), i]), options=task_options(cfg),
+                                text_dropout=0.0, extras=extras)
         examples.append(ex)
     batches = []
     for start in range(0, len(examples), batch_size):
@@ -286,7 +293,6 @@ def make_eval_batches(cfg, *, batch_size: int, num_examples: int, seed: int, off
         caps = [e["caption"] for e in chunk]
         b = {"image": np.stack([e["image"] for e in chunk]), "caption": caps,
              "input_ids": tokenizer.tokenize(cfg.tokenizer, caps, cfg.max_length)}
-        if "cond" in chunk[0]:
-            b["cond"] = np.stack([e["cond"] for e in chunk])
+        b.update({k: np.stack([e[k] for e in chunk]) for k in chunk[0] if k not in ("image", "caption")})
         batches.append(b)
     return batches

@@ -59,3 +59,19 @@ def bootstrap_ci_paired(a, b, statistic: Callable[[np.ndarray], np.ndarray] = np
     idx = np.random.default_rng(seed).integers(0, a.shape[0], (n_resamples, a.shape[0]))
     boot = np.stack([np.asarray(statistic(a[i])) - np.asarray(statistic(b[i])) for i in idx])
     return _interval(np.asarray(statistic(a)) - np.asarray(statistic(b)), boot, level)
+
+
+def with_ci(values: dict[str, np.ndarray], prefix: str = "", seed: int = 0) -> dict:
+    """{prefix + name: mean, prefix + name + '_ci': bootstrap 95 % interval} of per-example values; a metric with no
+    values (no scored relation in a small set) is left out, one with a single value has no interval."""
+    out = {}
+    for name, v in values.items():
+        v = np.asarray(v)
+        if len(v) < 2:
+            if len(v):
+                out[f"{prefix}{name}"] = float(v[0])
+            continue
+        mean, low, high = bootstrap_ci(v, seed=seed)
+        out[f"{prefix}{name}"] = float(mean)
+        out[f"{prefix}{name}_ci"] = [float(low), float(high)]
+    return out

@@ -4,7 +4,7 @@
 
 The training set is rendered once into memory from the *train* split of a world (--seed) that the diffusion model's
 evaluation never draws from (it uses the test split), so the held-out errors in the card are honest. Targets are the
-conditioning maps themselves (`tasks.disparity_condition`), so the estimator predicts exactly what a generator was
+conditioning maps themselves (`tasks.depth.disparity_condition`), so the estimator predicts exactly what a generator was
 conditioned on.
 
 Generated images are blurrier, noisier and a little off in colour compared with the renders, and an estimator that
@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from codi_jax.data import scenes, tasks
+from codi_jax.data import scenes
+from codi_jax.tasks import depth as depth_task
 from codi_jax.metrics import depth, stats
 from codi_jax.models.dense_unet import DenseUNet, DenseUNetConfig
 
@@ -45,7 +46,7 @@ def render_set(split: str, seed: int, num: int, image_size: int, start: int = 0)
     for i in range(num):
         rec = scenes.render_example(seed, start + i, split, image_size)
         images[i] = rec["image"]
-        cond[i] = tasks.disparity_condition(rec)[..., 0]
+        cond[i] = depth_task.disparity_condition(rec)[..., 0]
     return images, cond
 
 
@@ -192,7 +193,7 @@ def model_card(args, n_params: int, train_s: float, wall_s: float, results: dict
 
 A {n_params:,}-parameter U-Net (`codi_jax.models.dense_unet`, channels {tuple(args.channels)}) that reads an RGB
 image in [-1, 1] and predicts the depth task's conditioning map: MiDaS-style inverse depth, min-max normalised per
-image, in [-1, 1] (`codi_jax.data.tasks.disparity_condition`). Used by `codi_jax.metrics.depth` to score how well a
+image, in [-1, 1] (`codi_jax.tasks.depth.disparity_condition`). Used by `codi_jax.metrics.depth` to score how well a
 generated image follows its depth condition. Valid only for the procedural scenes at
 {args.image_size}x{args.image_size}.
 

@@ -5,7 +5,7 @@ estimator, a segmenter) on the image and comparing its reading with what was ask
 DPT, OWL-ViT) are trained on photographs at 384+ px; on our 32 px procedural scenes they would measure their own
 domain gap. So we train them on the scenes' exact ground truth (`codi_jax.metrics.train_depth`):
 - the depth estimator (`head='tanh'`, 1 output) predicts exactly what the diffusion model was conditioned on: the
-  MiDaS-style inverse depth, min-max normalised per image (`codi_jax.data.tasks.disparity_condition`), near = +1;
+  MiDaS-style inverse depth, min-max normalised per image (`codi_jax.tasks.depth.disparity_condition`), near = +1;
 - the colour segmenter (`head='logits'`, one output per class) labels each pixel with the palette colour of the
   object it shows, or background, which is what the caption-following metric reads (`codi_jax.metrics.captions`).
 
