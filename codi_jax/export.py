@@ -243,9 +243,15 @@ def model_card(index: dict, config, *, step: int | None = None, metrics: str | N
         cond = "cond" if n == 1 else "[cond, cond]"
         steps_kw = (f"timesteps={meta['diffusers_timesteps'][str(steps)]}" if "diffusers_timesteps" in meta
                     and str(steps) in meta["diffusers_timesteps"] else f"num_inference_steps={steps}")
+        task_spec = tasks.TABLE.get(task)
+        if task_spec is not None and task_spec.diffusers_input is not None:
+            make_cond = ["import numpy as np", "from PIL import Image", *task_spec.diffusers_input(meta)]
+        else:
+            make_cond = ["# cond: (N, C, H, W) float tensor in [-1, 1], C = the task's condition channels"]
         body += ["from diffusers import StableDiffusionControlNetPipeline", "",
                  "pipe = StableDiffusionControlNetPipeline.from_pretrained(PATH)",
-                 "# cond: (N, C, H, W) float tensor in [-1, 1], C = the task's condition channels, as codi_jax builds it",
+                 # diffusers would bring a PIL control image to [0, 1]; the ControlNet was trained on [-1, 1]
+                 *make_cond,
                  f"image = pipe('a prompt', image={cond}, {steps_kw}, guidance_scale={guidance:g}).images[0]"]
     body += ["```", ""]
     if cls == "StableDiffusionPipeline":

@@ -69,6 +69,9 @@ def exports(teacher, tmp_path_factory):
     out["codi_cfg"] = _export(_config("depth", teacher, mode="codi", **{
         "model.prediction_type": "v_prediction", "objective.cfg_aware": True, "objective.guidance_min": 2.0,
         "objective.guidance_max": 4.0}), str(tmp_path_factory.mktemp("codi_cfg")), seed=len(out))
+    # Super-resolution, full CoDi: a 3-channel condition through diffusers' two-ControlNet form.
+    out["sr"] = _export(_config("sr", teacher, mode="codi", **{"model.prediction_type": "v_prediction"}),
+                        str(tmp_path_factory.mktemp("sr")), seed=len(out))
     return out
 
 
@@ -157,6 +160,40 @@ def test_controlnet_exports_match_codi_jax_sample(exports, mode):
     other = pipe(prompts, image=[-cond, -cond] if mode == "codi" else -cond, height=32, width=32,
                  num_inference_steps=4, guidance_scale=1.0, latents=latents, output_type="np").images
     assert np.abs(other - theirs).max() > 1e-2
+
+
+def test_sr_export_matches_sample_and_its_card_builds_the_condition(exports, tmp_path, monkeypatch):
+    """The SR export in StableDiffusionControlNetPipeline (3-channel condition) equals codi_jax.sample within 1e-3;
+    the model card's lines that turn a low-resolution PNG into the condition, run as a user would, give the
+    condition codi_jax.sample builds from the same file (diffusers' own preprocessing of a PIL image would not: it
+    hands the ControlNet [0, 1], and training's conditions are in [-1, 1])."""
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionControlNetPipeline
+    from PIL import Image
+
+    from codi_jax import sample
+
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(exports["sr"])
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    latents, _, prompts = _inputs(seed=2)
+    cond = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    theirs = pipe(prompts, image=[cond, cond], height=32, width=32, num_inference_steps=4, guidance_scale=1.0,
+                  latents=latents, output_type="np").images
+    np.testing.assert_allclose(_ours(exports["sr"], cond, prompts, latents, "ddim", 4), theirs, atol=1e-3)
+
+    low = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    Image.fromarray(low).save(tmp_path / "lowres.png")
+    card = open(os.path.join(exports["sr"], "README.md")).read()
+    code = card.split("```python\n", 1)[1].split("```", 1)[0].splitlines()
+    start = code.index("import numpy as np")
+    stop = next(i for i, line in enumerate(code) if line.startswith("image = pipe("))
+    monkeypatch.chdir(tmp_path)
+    scope = {"torch": torch}
+    exec("\n".join(code[start:stop]), scope)  # noqa: S102 - the card's own lines, as a user types them
+    job = sample.build_jobs(sample.model_spec(exports["sr"]), [str(tmp_path / "lowres.png")], ["x"])[0]
+    theirs_cond = scope["cond"][0].permute(1, 2, 0).numpy()
+    assert theirs_cond.shape == job.cond.shape == (32, 32, 3)
+    np.testing.assert_allclose(theirs_cond, job.cond, atol=1e-6)
 
 
 def test_guidance_aware_export_is_sampled_at_its_own_scale(exports):

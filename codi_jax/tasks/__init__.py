@@ -57,8 +57,8 @@ def make_example(task: str, rec: dict[str, Any], rng: np.random.Generator, *, op
     """A raw record (image, caption[, depth][, input_image]) -> a training example: 'image' float32 (H,W,3) in [-1,1]
     (the target), 'cond' float32 (H,W,C) in [-1,1] (absent for t2i) and 'caption' str (the text the model is
     conditioned on; the instruction for edit). options: the data config's task knobs (data.pipeline.task_options;
-    default: Options with sr_scale and mask_fraction as given). extras=True also keeps what the task's metrics need beside the
-    condition (sr: 'lowres', the degraded low-resolution input); training leaves them out of its batches."""
+    default: Options with sr_scale and mask_fraction as given). extras=True also keeps what the task's metrics need
+    beside the condition (sr: 'lowres', the degraded low-resolution input); training leaves them out of its batches."""
     spec = get(task)
     out: dict[str, Any] = {"image": to_signed(rec["image"]), "caption": rec.get("caption", "")}
     if spec.condition is not None:
@@ -72,5 +72,5 @@ def make_example(task: str, rec: dict[str, Any], rng: np.random.Generator, *, op
     return out
 
 
-__all__ = ["CONDITIONAL", "Options", "Reader", "SampleInput", "TABLE", "TASKS", "TEXT_TO_IMAGE", "Task", "condition_rgb",
-           "get", "lower_is_better", "make_example", "to_signed", "to_uint8"]
+__all__ = ["CONDITIONAL", "Options", "Reader", "SampleInput", "TABLE", "TASKS", "TEXT_TO_IMAGE", "Task",
+           "condition_rgb", "get", "lower_is_better", "make_example", "to_signed", "to_uint8"]

@@ -78,6 +78,11 @@ class Task:
     sample_flags: tuple[str, ...] = ()
     sample_help: str = ""
     sample_condition: Callable[[SampleInput], tuple[np.ndarray, tuple[int, int, int, int], str]] | None = None
+    # The model card's diffusers example: the lines of Python (numpy as np, PIL's Image, torch imported) that make
+    # `cond`, the (1, C, H, W) float tensor in [-1, 1] the pipeline takes, from an input file, as training builds it;
+    # (model_index.json's _codi_jax metadata) -> lines. diffusers' own preprocessing would hand a PIL image to the
+    # ControlNet in [0, 1], not the [-1, 1] it was trained on.
+    diffusers_input: Callable[[dict], list[str]] | None = None
     # Config defaults of this task ({dotted field: value}) over the shared ones, at every scale and at :tiny; chosen
     # on the validation split (docs/validation.md).
     defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)

@@ -79,4 +79,9 @@ TASK = Task(
                  "disparity, near = bright (--depth-kind=depth for metric maps, larger = farther; 0 = no reading);\n"
                  "normalised per image to [-1, 1] (min-max), as in training, so its scale does not matter"),
     sample_condition=_sample_condition,
+    diffusers_input=lambda meta: [
+        f"# a depth map at {meta.get('image_size', 512)} px, one grey channel, disparity (near = bright), 8 or 16 bit;",
+        "# normalised per image as in training",
+        "d = np.asarray(Image.open('depth.png'), np.float32)",
+        "cond = torch.from_numpy((d - d.min()) / max(d.max() - d.min(), 1e-8) * 2 - 1)[None, None]"],
 )

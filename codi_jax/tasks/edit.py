@@ -28,4 +28,8 @@ TASK = Task(
     reads_captions=False, tag="image-editing",
     sample_input="the image to edit", sample_help='--image=input.png --prompt="the instruction"',
     sample_condition=_sample_condition,
+    diffusers_input=lambda meta: [
+        f"# the image to edit at {meta.get('image_size', 512)} px, [0, 255] -> [-1, 1]; the prompt is the instruction",
+        "image = np.asarray(Image.open('input.png').convert('RGB'), np.float32) / 127.5 - 1",
+        "cond = torch.from_numpy(image).permute(2, 0, 1)[None]"],
 )

@@ -88,4 +88,10 @@ TASK = Task(
     sample_input="a photo, with --mask or alpha", sample_flags=("--mask",),
     sample_help="--image=photo.png --mask=mask.png (white = fill), or --image=photo.png with alpha 0 = fill",
     sample_condition=_sample_condition,
+    diffusers_input=lambda meta: [
+        f"# a photo and its mask (white = fill) at {meta.get('image_size', 512)} px: the hole mid-grey, the mask as a "
+        "fourth channel",
+        "image = np.asarray(Image.open('photo.png').convert('RGB'), np.float32) / 127.5 - 1",
+        "hole = np.asarray(Image.open('mask.png').convert('L'), np.float32)[..., None] >= 127.5",
+        "cond = torch.from_numpy(np.concatenate([image * ~hole, hole * 2.0 - 1], -1)).permute(2, 0, 1)[None].float()"],
 )

@@ -88,8 +88,17 @@ TASK = Task(
     references=_references,
     sample_input="a low-res image", sample_flags=("--sr-scale",),
     sample_help=("--image=lowres.png of any size: upsampled (bicubic) by the model's sr_scale as in training; the\n"
-                 "output is sr_scale x the input's size (up to 2x the trained size; --fit brings it to the trained one)"),
+                 "output is sr_scale x the input's size (up to 2x the trained size; --fit brings it to the trained\n"
+                 "one)"),
     sample_condition=_sample_condition,
+    diffusers_input=lambda meta: [
+        f"# the low-resolution image, upsampled x{int(meta.get('sr_scale', 4))} with a float bicubic (PIL mode F), "
+        "clipped, in [-1, 1]: the condition exactly as training builds it",
+        "low = np.asarray(Image.open('lowres.png').convert('RGB'), np.float32) / 255",
+        f"size = (low.shape[1] * {int(meta.get('sr_scale', 4))}, low.shape[0] * {int(meta.get('sr_scale', 4))})",
+        "up = np.stack([np.asarray(Image.fromarray(c, 'F').resize(size, Image.BICUBIC)) "
+        "for c in low.transpose(2, 0, 1)])",
+        "cond = torch.from_numpy(np.clip(up, 0, 1) * 2 - 1)[None]"],
     # Real-ESRGAN's noise and JPEG erase an 8 px input (module docstring of data/degradations.py): the tiny configs
     # super-resolve clean bicubic downsamplings; Stable Diffusion scale keeps the real-world degradations.
     tiny_defaults={"data.sr_degradation": "bicubic"},
