@@ -56,7 +56,7 @@ def main(argv=None) -> int:
         parser.exit(2, f"error: {e}\n")
     config = tiny_config(args.config, **{"eval.split": args.split})
     batches, real, cond, captions = evaluate.held_out(config, args.examples)
-    scorer = evaluate.Scorer(config, real, captions, cond)
+    scorer = evaluate.Scorer(config, real, captions, cond, evaluate.batch_extras(batches))
     report = {"meta": {"command": " ".join(["python benchmarks/guidance_sweep.py"] + (argv or sys.argv[1:])),
                        "model": os.path.relpath(os.path.abspath(args.model), REPO), "num_examples": len(real),
                        "split": args.split,

@@ -67,6 +67,54 @@ def method_config(base_arg: str, name: str, workdir: str, steps: int, teacher: s
     return tiny_config(task, teacher, total_steps=steps, **overrides)
 
 
+# The paper's Tables 2 and 3 (real-world x4 SR, FID): the fine-tuned teacher (LDM) at 4 and 250 steps, and each
+# 4-step method, by the name of ours that corresponds. Its CoDi is eps space (noise consistency, eq. 15) with the
+# distilling model's own PF-ODE (eq. 14): here codi_eps_space; our default (x space, the teacher's PF-ODE) drops both,
+# and Table 3's "- noise-consistency" (x space, online PF-ODE) is codi_online_pfode.
+PAPER_SR_FID = {"teacher@4": 29.266, "teacher@250": 19.200}
+PAPER_SR_METHODS = {"codi_eps_space": ("CoDi", 19.637), "codi_online_pfode": ("- noise-consistency", 25.728),
+                    "gd": ("GD-II", 23.675), "pe_codi": ("PE-CoDi", 25.214), "cm": ("CM-II", 27.810),
+                    "cm_frozen": ("CM-II (frozen)", 28.088), "finetune dpm++": ("ControlNet + DPM-Solver++", 20.205)}
+
+
+def gap_closed(report: dict, metric: str = "fid", steps: str = "4") -> dict:
+    """(metric teacher@4 - method@4) / (metric teacher@4 - teacher@many) for every method row at `steps`: the share of
+    the fine-tuned teacher's few-step gap that a method closes (1: as good as the teacher at its many steps; negative:
+    worse than the teacher at 4). The teacher is the finetune run sampled with DDIM; None for every method where the
+    teacher is no better at many steps than at few (no gap to close)."""
+    teacher = report.get("finetune ddim", {})
+    many = max((s for s in teacher if s.isdigit()), key=int, default=None)
+    if steps not in teacher or many is None or many == steps:
+        return {}
+    few, full = teacher[steps][metric], teacher[many][metric]
+    out = {"teacher_steps": [int(steps), int(many)], "teacher": [few, full]}
+    for name, rows in report.items():
+        if name in ("meta", "finetune ddim") or steps not in rows or metric not in rows[steps]:
+            continue
+        # Without a gap (the teacher no better at many steps than at few) the share is undefined, not negative.
+        out[name] = (few - rows[steps][metric]) / (few - full) if few > full else None
+    return out
+
+
+def _gap_markdown(meta: dict) -> str:
+    gap, paper = meta.get("gap_closed_fid", {}), meta.get("paper_gap_closed_fid", {})
+    if not gap:
+        return ""
+    few, many = gap["teacher_steps"]
+    if gap["teacher"][0] <= gap["teacher"][1]:
+        return (f"\nNo gap-closed ratio: the fine-tuned teacher's FID at {few} DDIM steps ({gap['teacher'][0]:.4g}) is "
+                f"no worse than at {many} ({gap['teacher'][1]:.4g}), so there is no gap to close.\n")
+    lines = ["", f"Share of the fine-tuned teacher's FID gap from {few} to {many} DDIM steps that each method closes at "
+             f"{few} steps, (FID teacher@{few} - method@{few}) / (FID teacher@{few} - teacher@{many}); teacher FID "
+             f"{gap['teacher'][0]:.4g} at {few} steps, {gap['teacher'][1]:.4g} at {many}:", "",
+             "| method | gap closed | paper (SR, Tables 2-3) |", "|---|---|---|"]
+    for name, value in gap.items():
+        if name in ("teacher_steps", "teacher"):
+            continue
+        lines.append(f"| {name} | {'n/a' if value is None else f'{value:.2f}'} | {paper.get(name, '')} |")
+    return "\n".join(lines) + "\n"
+
+
 def _git(*args) -> str:
     import subprocess
 
@@ -121,6 +169,11 @@ def main(argv=None) -> int:
     eval_cfg.eval.steps = tuple(int(x) for x in args.eval_steps.split(","))
     report = evaluate.run(eval_cfg, workdir)
     report["meta"]["train_seconds"] = timings
+    report["meta"]["gap_closed_fid"] = gap_closed(report)
+    if args.task == "sr":  # the paper's, from its Tables 2 and 3 (SR), as gap_closed computes it
+        few, full = PAPER_SR_FID["teacher@4"], PAPER_SR_FID["teacher@250"]
+        report["meta"]["paper_gap_closed_fid"] = {k: f"{(few - fid) / (few - full):.2f} ({label})"
+                                                  for k, (label, fid) in PAPER_SR_METHODS.items()}
     report["meta"]["machine"] = f"{os.cpu_count()} CPU cores"
     report["meta"]["commit"] = _git("rev-parse", "HEAD")
     report["meta"]["uncommitted_changes"] = bool(_git("status", "--porcelain", "--untracked-files=no"))
@@ -129,7 +182,7 @@ def main(argv=None) -> int:
     with open(os.path.join(REPO, "benchmarks", "results", f"{args.results}.json"), "w") as f:
         json.dump(report, f, indent=2, default=str)
     with open(os.path.join(REPO, "benchmarks", "results", f"{args.results}.md"), "w") as f:
-        f.write(evaluate.markdown(report))
+        f.write(evaluate.markdown(report) + _gap_markdown(report["meta"]))
     print(json.dumps({k: v for k, v in report.items() if k != "meta"}, indent=1, default=str))
     return 0
 
