@@ -80,32 +80,3 @@ def test_main_tiny_pipeline_then_evaluate_and_sample(tmp_path):
                              f"--out={tmp_path / 'out.png'}"], cwd=REPO, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert Image.open(tmp_path / "out.png").size == (32, 32)
-
-
-@pytest.mark.slow
-def test_default_route_starts_from_the_shipped_teacher(tmp_path):
-    """The README's main command: no VAE or teacher training, the shipped pretrained pipeline comes in through
-    config.teacher (as Stable Diffusion would), then CoDi and the evaluation with the depth controllability metric."""
-    workdir = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-    cmd = [sys.executable, "-m", "codi_jax.main", "--config=configs/depth.py:tiny", f"--workdir={workdir}",
-           "--config.total_steps=3", "--config.batch_size=8", "--config.log_every=1", "--config.checkpoint_every=3",
-           "--config.eval.num_examples=8", "--config.eval.batch_size=8", "--config.eval.steps=(1,)",
-           "--config.eval.teacher_steps=2", "--config.eval.noise_floor=False"]
-    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
-    assert out.returncode == 0, out.stderr[-4000:]
-    assert os.path.join("codi_jax", "pretrained", "scenes32") in out.stderr  # the teacher's origin is logged
-    assert not (workdir / "vae").exists() and not (workdir / "pretrain").exists()
-    assert "mu=" in out.stderr  # mu's trajectory is in the log
-    with open(workdir / "eval" / "report.json") as f:
-        report = json.load(f)
-    assert set(report) >= {"codi", "teacher (text only)", "ground truth", "ground truth via VAE", "meta"}
-    assert "fid" not in report["ground truth"]["-"]  # noise floor switched off: no second reference set scored
-    # Caption following on every row: the shipped segmenter finds the real scenes' captioned colours.
-    assert report["ground truth"]["-"]["caption_colour_recall"] >= 0.8
-    for row in (report["codi"]["1"], report["teacher (text only)"]["2"]):
-        lo, hi = row["caption_colour_recall_ci"]
-        assert 0 <= lo <= row["caption_colour_recall"] <= hi <= 1 and "caption_colour_exact" in row
-    with open(workdir / "export" / "model_index.json") as f:
-        assert json.load(f)["_codi_jax"]["mode"] == "codi"
