@@ -25,7 +25,8 @@ def _run(task: str, workdir) -> tuple[dict, str]:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
     cmd = [sys.executable, "-m", "codi_jax.main", f"--config=configs/{task}.py:tiny", f"--workdir={workdir}",
-           f"--config.total_steps={STEPS[task]}", f"--config.checkpoint_every={STEPS[task]}", "--config.eval.split=validation",
+           f"--config.total_steps={STEPS[task]}", f"--config.checkpoint_every={STEPS[task]}",
+           "--config.eval.split=validation",
            f"--config.eval.num_examples={EXAMPLES}", f"--config.eval.batch_size={EXAMPLES}",
            "--config.eval.steps=(4,)", "--config.eval.teacher_steps=20", "--config.eval.noise_floor=False"]
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
