@@ -1,6 +1,6 @@
-"""Quality gates: a short run (200-300 steps) of each task's one command, from the shipped teacher, must beat what ignoring the
-condition scores, on the task's own metric, on the validation split (never the reported test split). A regression of
-the headline behaviour (the condition is followed) fails CI here, not only in a benchmark.
+"""Quality gates: a short run (200-300 steps) of each task's one command, from the shipped teacher, must beat what
+ignoring the condition scores, on the task's own metric, on the validation split (never the reported test split). A
+regression of the headline behaviour (the condition is followed) fails CI here, not only in a benchmark.
 
 - depth: the depth error of CoDi at 4 steps below the text-only teacher's (disjoint bootstrap intervals);
 - sr: PSNR (Y) above the text-only teacher's and LR consistency below it (disjoint intervals): the model reads its
