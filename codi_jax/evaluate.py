@@ -577,8 +577,9 @@ def run(config, workdir: str, steps: tuple[int, ...] | None = None) -> dict:
 def _update_model_cards(report: dict, methods: dict[str, str]) -> None:
     """Each export's model card gets its own rows and the reference rows."""
     for name, path in methods.items():
+        # its own rows and every reference row: ground truth, the VAE, the teacher and the task's (sr: bicubic)
         own = {k: v for k, v in report.items()
-               if k in (GROUND_TRUTH, VAE_CEILING, TEACHER, "meta") or k == name or k.startswith(name + " ")}
+               if k in (TEACHER, "meta") or set(v) == {"-"} or k == name or k.startswith(name + " ")}
         if not export_lib.update_model_card(path, markdown(own)):
             logging.warning("%s has no codi_jax model card: its metrics are only in the eval report", path)
 
