@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 
 import numpy as np
@@ -25,17 +24,11 @@ from PIL import Image
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import provenance  # noqa: E402
 from codi_jax import tasks  # noqa: E402
 from codi_jax.data import degradations, pipeline  # noqa: E402
 from codi_jax.metrics import captions, sr, stats  # noqa: E402
 from codi_jax.testing import tiny_config  # noqa: E402
-
-
-def _git(*args) -> str:
-    try:
-        return subprocess.run(["git", "-C", REPO, *args], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return ""
 
 
 def main(argv=None) -> dict:
@@ -74,8 +67,7 @@ def main(argv=None) -> dict:
                  "real scene; [lo, hi] bootstrap 95 % intervals. caption_colour_recall: the colour segmenter's share "
                  "of captioned colours found in the image.",
         "command": " ".join(["python benchmarks/sr_inputs.py"] + (argv if argv is not None else sys.argv[1:])),
-        "commit": _git("rev-parse", "HEAD"),
-        "uncommitted_changes": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        **provenance.commit(),
         "machine": f"{platform.node()}, {os.cpu_count()} CPU cores"}}
     with open(args.results, "w") as f:
         json.dump(result, f, indent=2)

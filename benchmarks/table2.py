@@ -115,15 +115,6 @@ def _gap_markdown(meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _git(*args) -> str:
-    import subprocess
-
-    try:
-        return subprocess.run(["git", "-C", REPO, *args], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return ""
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True)
@@ -141,6 +132,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from absl import logging
+
+    import provenance
 
     from codi_jax import evaluate, export, train
 
@@ -175,8 +168,7 @@ def main(argv=None) -> int:
         report["meta"]["paper_gap_closed_fid"] = {k: f"{(few - fid) / (few - full):.2f} ({label})"
                                                   for k, (label, fid) in PAPER_SR_METHODS.items()}
     report["meta"]["machine"] = f"{os.cpu_count()} CPU cores"
-    report["meta"]["commit"] = _git("rev-parse", "HEAD")
-    report["meta"]["uncommitted_changes"] = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    report["meta"].update(provenance.commit())
     report["meta"]["command"] = " ".join(["python benchmarks/table2.py"] + (argv or sys.argv[1:]))
     os.makedirs(os.path.join(REPO, "benchmarks", "results"), exist_ok=True)
     with open(os.path.join(REPO, "benchmarks", "results", f"{args.results}.json"), "w") as f:
