@@ -53,7 +53,7 @@ from codi_jax.metrics import clip_score as clip_lib
 from codi_jax.models.dense_unet import DenseUNetConfig
 from codi_jax.sample import Pipeline, to_uint8
 
-# Every task's metrics (the task table's), then those of any task, in the report's column order.
+# The report's columns in order: FID/KID, every task's own metrics (the task table's), then those of every task.
 LOWER_IS_BETTER = {"fid": True, "kid": True, **tasks.lower_is_better(),
                    "caption_colour_recall": False, "caption_colour_exact": False, "caption_relation": False,
                    "caption_order": False, "lpips": True, "psnr": False, "ssim": False, "clip_score": False}
