@@ -71,10 +71,11 @@ def method_config(base_arg: str, name: str, workdir: str, steps: int, teacher: s
 # 4-step method, by the name of ours that corresponds. Its CoDi is eps space (noise consistency, eq. 15) with the
 # distilling model's own PF-ODE (eq. 14): here codi_eps_space; our default (x space, the teacher's PF-ODE) drops both,
 # and Table 3's "- noise-consistency" (x space, online PF-ODE) is codi_online_pfode.
-PAPER_SR_FID = {"teacher@4": 29.266, "teacher@250": 19.200}
-PAPER_SR_METHODS = {"codi_eps_space": ("CoDi", 19.637), "codi_online_pfode": ("- noise-consistency", 25.728),
-                    "gd": ("GD-II", 23.675), "pe_codi": ("PE-CoDi", 25.214), "cm": ("CM-II", 27.810),
-                    "cm_frozen": ("CM-II (frozen)", 28.088), "finetune dpm++": ("ControlNet + DPM-Solver++", 20.205)}
+PAPER_FID = {"sr": {  # by task: the paper measured its distillation gaps on SR
+    "teacher@4": 29.266, "teacher@250": 19.200,
+    "methods": {"codi_eps_space": ("CoDi", 19.637), "codi_online_pfode": ("- noise-consistency", 25.728),
+                "gd": ("GD-II", 23.675), "pe_codi": ("PE-CoDi", 25.214), "cm": ("CM-II", 27.810),
+                "cm_frozen": ("CM-II (frozen)", 28.088), "finetune dpm++": ("ControlNet + DPM-Solver++", 20.205)}}}
 
 
 def gap_closed(report: dict, metric: str = "fid", steps: str = "4") -> dict:
@@ -163,10 +164,11 @@ def main(argv=None) -> int:
     report = evaluate.run(eval_cfg, workdir)
     report["meta"]["train_seconds"] = timings
     report["meta"]["gap_closed_fid"] = gap_closed(report)
-    if args.task == "sr":  # the paper's, from its Tables 2 and 3 (SR), as gap_closed computes it
-        few, full = PAPER_SR_FID["teacher@4"], PAPER_SR_FID["teacher@250"]
+    if args.task in PAPER_FID:  # the paper's, from its Tables 2 and 3, as gap_closed computes it
+        paper = PAPER_FID[args.task]
+        few, full = paper["teacher@4"], paper["teacher@250"]
         report["meta"]["paper_gap_closed_fid"] = {k: f"{(few - fid) / (few - full):.2f} ({label})"
-                                                  for k, (label, fid) in PAPER_SR_METHODS.items()}
+                                                  for k, (label, fid) in paper["methods"].items()}
     report["meta"]["machine"] = f"{os.cpu_count()} CPU cores"
     report["meta"].update(provenance.commit())
     report["meta"]["command"] = " ".join(["python benchmarks/table2.py"] + (argv or sys.argv[1:]))

@@ -41,9 +41,8 @@ def _data_defaults() -> ml_collections.ConfigDict:
 def base(task: str) -> ml_collections.ConfigDict:
     """The SD1.5-scale defaults (TPU pod), for a conditional task."""
     c = ml_collections.ConfigDict()
-    spec = tasks.get(task)
     c.task = task
-    c.mode = spec.default_mode  # codi for a conditional task, pretrain for t2i
+    c.mode = tasks.get(task).default_mode  # codi for a conditional task, pretrain for t2i
     c.seed = 0
     c.batch_size = 256  # global, over all hosts
     c.total_steps = 100_000
@@ -159,7 +158,7 @@ def base(task: str) -> ml_collections.ConfigDict:
     c.stage_steps = ml_collections.ConfigDict({"vae": 0, "pretrain": 0})
     c.stage_learning_rate = ml_collections.ConfigDict({"vae": 0.0, "pretrain": 0.0})
     c.run_eval = False  # run codi_jax.evaluate after training, in the same command
-    c.update_from_flattened_dict(dict(spec.defaults))  # the task's own (codi_jax/tasks/<task>.py)
+    c.update_from_flattened_dict(dict(tasks.get(task).defaults))  # the task's own (codi_jax/tasks/<task>.py)
     return c
 
 

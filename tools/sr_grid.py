@@ -34,7 +34,7 @@ def main(argv=None) -> str:
     args = p.parse_args(argv)
 
     pipe = Pipeline.load(args.model)
-    if pipe.meta.get("task") != "sr":
+    if pipe.meta.get("task") != tasks.sr.TASK.name:
         p.error(f"{args.model!r} holds a {pipe.meta.get('task')!r} model, not a super-resolution one")
     config = tiny_config("sr", **{"eval.split": args.split, "eval.batch_size": args.rows,
                                   "data.sr_scale": int(pipe.meta.get("sr_scale", 4)),
