@@ -33,6 +33,8 @@ import subprocess
 import sys
 import time
 
+from provenance import commit as git_commit  # benchmarks/provenance.py
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AOT_TPU = os.path.join(REPO, "benchmarks", "aot_tpu.py")
 TOPOLOGY = "v5p-1chip"  # aot_tpu.TOPOLOGIES: one v5p chip
@@ -57,13 +59,6 @@ def parse_candidate(text: str) -> tuple[int, int]:
     return b, a
 
 
-def _git(*args) -> str:
-    try:
-        return subprocess.run(["git", "-C", REPO, *args], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return ""
-
-
 def provenance() -> dict:
     import jax
 
@@ -83,8 +78,7 @@ def provenance() -> dict:
         # Where this machine keeps its venv and scratch folders says nothing about the plan: python, and no folders.
         "command": shlex.join(["python", os.path.relpath(os.path.abspath(__file__), REPO),
                                *(a for a in sys.argv[1:] if not a.startswith(("--parts_dir", "--log_dir")))]),
-        "commit": _git("rev-parse", "HEAD") or None,
-        "uncommitted_changes": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        **git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": {"host": platform.node(), "cpus": os.cpu_count(), "memory_gib": mem,
                     "python": platform.python_version(), "jax": jax.__version__, "libtpu": libtpu},
