@@ -131,8 +131,7 @@ def condition_spec(path: str) -> tuple[int, int | None]:
     return spec.channels, spec.size
 
 
-def to_uint8(images) -> np.ndarray:
-    return np.asarray(((np.asarray(images, np.float32) + 1.0) * 127.5).round().clip(0, 255), np.uint8)
+to_uint8 = tasks.to_uint8  # [-1, 1] floats -> uint8, as the task table writes images
 
 
 class Pipeline:

@@ -87,7 +87,8 @@ def test_inpaint_mask_conventions_build_trainings_condition(tmp_path):
     from codi_jax.data import masks
 
     img = np.random.default_rng(3).integers(0, 256, (32, 32, 3), np.uint8)
-    train = tasks.make_example("inpaint", {"image": img}, np.random.default_rng(5), mask_fraction=0.3)["cond"]
+    train = tasks.make_example("inpaint", {"image": img}, np.random.default_rng(5),
+                               options=tasks.Options(mask_fraction=0.3))["cond"]
     hole = masks.random_mask(np.random.default_rng(5), 32, 32, 0.3)  # the mask make_example drew
     assert np.array_equal(train[..., 3], hole * 2 - 1) and 0 < hole.mean() < 1
     Image.fromarray(img).save(tmp_path / "photo.png")

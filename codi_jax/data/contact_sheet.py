@@ -33,7 +33,7 @@ def _tiles(index: int, size: int, seed: int) -> tuple[list[np.ndarray], str, str
     rng = lambda k: np.random.default_rng([seed, index, k])  # noqa: E731
     depth = tasks.make_example("depth", orig, rng(0))["cond"]
     sr = tasks.make_example("sr", orig, rng(1))["cond"]
-    inp = tasks.make_example("inpaint", orig, rng(2), mask_fraction=0.3)["cond"]
+    inp = tasks.make_example("inpaint", orig, rng(2), options=tasks.Options(mask_fraction=0.3))["cond"]
     edit = tasks.make_example("edit", rec, rng(3))
     # Show the inpaint holes tinted so the mask is visible next to the masked image.
     masked = _u8(inp[..., :3]).astype(np.float32)

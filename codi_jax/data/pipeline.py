@@ -136,8 +136,8 @@ def make_source(cfg, split: str):
         if tasks.get(cfg.task).paired:
             return sources.EditFolderSource(cfg.data_dir, split=split, image_size=cfg.image_size, **fractions)
         return sources.FolderSource(cfg.data_dir, split=split, image_size=cfg.image_size,
-                                    need_depth=tasks.get(cfg.task).needs("depth"), caption_key=cfg.folder_caption_key,
-                                    validate=cfg.folder_validate, **fractions)
+                                    need_depth=tasks.get(cfg.task).needs("depth"),
+                                    caption_key=cfg.folder_caption_key, validate=cfg.folder_validate, **fractions)
     keys = {"image": cfg.tfds_image_key, "caption": cfg.tfds_caption_key}
     keys.update({field: cfg[config_field] for field, config_field in tasks.get(cfg.task).record_fields.items()})
     tfds_split = {"train": cfg.tfds_train_split, "validation": cfg.tfds_validation_split,
@@ -275,6 +275,7 @@ def make_eval_batches(cfg, *, batch_size: int, num_examples: int, seed: int, off
                          f"{split} records (a larger {split} split: {split_size_fields(cfg, split)})")
     examples = []
     readable = 0
+    options = task_options(cfg)
     for i in range(len(source)):
         if len(examples) == num_examples:
             break
@@ -284,7 +285,7 @@ def make_eval_batches(cfg, *, batch_size: int, num_examples: int, seed: int, off
         readable += 1
         if readable <= offset:
             continue
-        ex = tasks.make_example(cfg.task, rec, np.random.default_rng([int(seed), i]), options=task_options(cfg),
+        ex = tasks.make_example(cfg.task, rec, np.random.default_rng([int(seed), i]), options=options,
                                 text_dropout=0.0, extras=extras)
         examples.append(ex)
     batches = []

@@ -51,18 +51,17 @@ def lower_is_better() -> dict[str, bool]:
     return {m: low for t in TABLE.values() for m, low in t.metric_directions.items()}
 
 
-def make_example(task: str, rec: dict[str, Any], rng: np.random.Generator, *, options: Options | None = None,
-                 sr_scale: int = 4, mask_fraction: float = 0.3, text_dropout: float = 0.0,
-                 extras: bool = False) -> dict[str, Any]:
+def make_example(task: str, rec: dict[str, Any], rng: np.random.Generator, *, options: Options = Options(),
+                 text_dropout: float = 0.0, extras: bool = False) -> dict[str, Any]:
     """A raw record (image, caption[, depth][, input_image]) -> a training example: 'image' float32 (H,W,3) in [-1,1]
     (the target), 'cond' float32 (H,W,C) in [-1,1] (absent for t2i) and 'caption' str (the text the model is
     conditioned on; the instruction for edit). options: the data config's task knobs (data.pipeline.task_options;
-    default: Options with sr_scale and mask_fraction as given). extras=True also keeps what the task's metrics need
+    default: the data config's defaults). extras=True also keeps what the task's metrics need
     beside the condition (sr: 'lowres', the degraded low-resolution input); training leaves them out of its batches."""
     spec = get(task)
     out: dict[str, Any] = {"image": to_signed(rec["image"]), "caption": rec.get("caption", "")}
     if spec.condition is not None:
-        built = spec.condition(rec, rng, options or Options(sr_scale=sr_scale, mask_fraction=mask_fraction))
+        built = spec.condition(rec, rng, options)
         out["cond"] = np.asarray(built.pop("cond"), np.float32)
         if extras:
             out.update(built)
