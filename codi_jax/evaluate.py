@@ -542,7 +542,9 @@ def run(config, workdir: str, steps: tuple[int, ...] | None = None) -> dict:
     for name, pipe in pipes.items():
         sample_rows(pipe, name, samplers_for(pipe.meta["mode"], steps, int(config.eval.teacher_steps)), batches,
                      config, scorer, report, grid)
-    columns, names = [to_uint8(cond[:8]) if cond is not None else real[:8]], ["condition"]
+    shown = tasks.get(config.task).show(cond[:8], {k: v[:8] for k, v in scorer.extras.items()}) \
+        if cond is not None else real[:8]
+    columns, names = [shown], ["condition"]
     for label, by_steps in grid.items():
         n = 4 if 4 in by_steps else max(by_steps)
         columns.append(by_steps[n])

@@ -80,6 +80,20 @@ def test_condition_has_the_tables_channels_and_range(name):
     lean = tasks.make_example(name, rec, np.random.default_rng(1))
     assert set(lean) == {"image", "cond", "caption"}  # training's batches carry no metric extras
     assert np.array_equal(lean["cond"], ex["cond"])
+    extras = {k: v[None] for k, v in ex.items() if k not in ("image", "cond", "caption")}
+    shown = tasks.get(name).show(ex["cond"][None], extras)  # the sample grid's condition column
+    assert shown.shape == (1, 32, 32, 3) and shown.dtype == np.uint8
+
+
+def test_sr_grid_shows_the_lowres_input_not_its_bicubic_upsampling():
+    rng = np.random.default_rng(0)
+    rec = {"image": rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), "caption": "a red cube"}
+    ex = tasks.make_example("sr", rec, np.random.default_rng(1), options=tasks.Options(sr_degradation="bicubic"),
+                            extras=True)
+    shown = tasks.sr.TASK.show(ex["cond"][None], {"lowres": ex["lowres"][None]})[0]
+    assert np.array_equal(shown[::4, ::4], np.round(ex["lowres"] * 255).astype(np.uint8))  # each input pixel
+    assert (shown[0::4, 0::4] == shown[3::4, 3::4]).all()  # repeated over its 4x4 block
+    assert np.abs(shown.astype(int) - tasks.to_uint8(ex["cond"][None])[0]).mean() > 1  # not the bicubic column
 
 
 def test_unknown_task_is_one_line_naming_the_known_ones():

@@ -40,9 +40,9 @@ def main(argv=None) -> str:
                                   "data.sr_scale": int(pipe.meta.get("sr_scale", 4)),
                                   "data.sr_degradation": pipe.meta.get("sr_degradation", "bicubic")})
     batches, real, cond, captions = evaluate.held_out(config, args.rows)
-    lowres = evaluate.batch_extras(batches)["lowres"]
-    scale = real.shape[1] // lowres.shape[1]
-    columns = [np.round(lowres * 255).astype(np.uint8).repeat(scale, 1).repeat(scale, 2), tasks.to_uint8(cond)]
+    extras = evaluate.batch_extras(batches)
+    scale = real.shape[1] // extras["lowres"].shape[1]
+    columns = [tasks.sr.TASK.show(cond, extras), tasks.to_uint8(cond)]
     for steps in (int(s) for s in args.steps.split(",")):
         columns.append(pipe(cond, captions, steps=steps, seed=int(config.eval.seed)))
     columns.append(real)

@@ -72,6 +72,10 @@ class Task:
     metrics: Callable[[Any, np.ndarray], dict] | None = None
     metric_directions: Mapping[str, bool] = dataclasses.field(default_factory=dict)
     references: Callable[[np.ndarray, np.ndarray, dict], dict[str, np.ndarray]] | None = None
+    # How the sample grid's "condition" column shows the input: (cond, extras) -> uint8 (N, H, W, 3); None: the
+    # condition as an image (condition_rgb). sr shows the low-res input itself, blocky, not its bicubic upsampling (that
+    # is the bicubic reference column).
+    shown: Callable[[np.ndarray, dict], np.ndarray] | None = None
     # `python -m codi_jax.sample`: what --image is, the flags only this task takes, its --help epilog lines, and the
     # builder of the condition from a user's file: SampleInput -> (cond (H,W,C), box (top, left, h, w), note).
     sample_input: str = ""
@@ -87,6 +91,12 @@ class Task:
     # on the validation split (docs/validation.md).
     defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     tiny_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def show(self, cond: np.ndarray, extras: dict) -> np.ndarray:
+        """The condition as the sample grid shows it (uint8 (N, H, W, 3))."""
+        if self.shown is not None:
+            return self.shown(cond, extras)
+        return to_uint8(condition_rgb(np.asarray(cond)))
 
     @property
     def conditional(self) -> bool:

@@ -51,6 +51,16 @@ def _references(real: np.ndarray, cond: np.ndarray, extras: dict) -> dict[str, n
     return {BICUBIC: to_uint8(cond)}
 
 
+def _shown(cond: np.ndarray, extras: dict) -> np.ndarray:
+    """The low-res input as it is, each pixel repeated up to the output size."""
+    lowres = extras.get("lowres")
+    if lowres is None:
+        return to_uint8(cond)
+    lowres = np.asarray(lowres)[: len(cond)]
+    r = cond.shape[1] // lowres.shape[1]
+    return np.clip(np.round(lowres.repeat(r, axis=1).repeat(r, axis=2) * 255), 0, 255).astype(np.uint8)
+
+
 def _sample_condition(item: SampleInput):
     """A low-res image -> the sr condition: bicubic up by sr_scale, as training's last step. By default at sr_scale x
     the image's own size (padded to the model's multiple, the output cropped back), up to MAX_FACTOR x the trained
@@ -85,7 +95,7 @@ TASK = Task(
     export_meta=lambda config: {"sr_scale": int(config.data.sr_scale), "sr_degradation": config.data.sr_degradation},
     metrics=_metrics,
     metric_directions={"psnr_rgb": False, "ssim_rgb": False, "psnr_y": False, "ssim_y": False, "lr_rmse": True},
-    references=_references,
+    references=_references, shown=_shown,
     sample_input="a low-res image", sample_flags=("--sr-scale",),
     sample_help=("--image=lowres.png of any size: upsampled (bicubic) by the model's sr_scale as in training; the\n"
                  "output is sr_scale x the input's size (up to 2x the trained size; --fit brings it to the trained\n"
