@@ -150,6 +150,11 @@ def base(task: str) -> ml_collections.ConfigDict:
     c.eval.depth_estimator = ""  # depth controllability (task depth); default: the estimator shipped in the package
     c.eval.segmenter = ""  # caption following (procedural scenes); default: the colour segmenter shipped in the package
     c.eval.noise_floor = True  # FID/KID of a second, disjoint held-out set (needs 2 x num_examples test records)
+    # Reference rows (ground truth, its noise floor, the VAE, the task's, the text-only teacher) and the real images'
+    # InceptionV3 features are cached, keyed by the content of all that determines them (codi_jax/eval_cache.py);
+    # False (evaluate --no-cache) recomputes everything. cache_dir '' = $CODI_JAX_CACHE/eval or ~/.cache/codi_jax/eval.
+    c.eval.cache = True
+    c.eval.cache_dir = ""
 
     # Prerequisite stages run first, each in <workdir>/<stage> and exported to <workdir>/<stage>/export (diffusers
     # format), which later stages name as "@<stage>". The embedded default uses ('vae', 'pretrain'): it has no

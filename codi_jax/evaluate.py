@@ -1,6 +1,6 @@
 """Offline evaluation of a run and of the baselines beside it.
 
-    python -m codi_jax.evaluate --workdir=runs/depth-tiny [--steps=1,2,4,8] [--config.eval.split=validation]
+    python -m codi_jax.evaluate --workdir=runs/depth-tiny [--steps=1,2,4,8] [--config.eval.split=validation] [--no-cache]
 
 The config is the one the run saved with its newest checkpoint (its data, image size, task and evaluation settings),
 with the --config.key=value flags typed here on top; --config=<file> is needed only for a workdir without a saved config
@@ -19,6 +19,9 @@ generated image and the conditioning map (codi_jax/metrics/depth.py; as ControlN
 On the procedural scenes every row also gets caption following (codi_jax/metrics/captions.py): whether a colour
 segmenter finds the caption's colours, and the caption's left/right relations, in each image (order: the relations
 whose two objects were both found, i.e. are found objects in place; 0.5 is chance).
+Reference rows and the real images' InceptionV3 features are cached, keyed by the content of everything that
+determines them (codi_jax/eval_cache.py; a hit is logged with its key); --no-cache recomputes them. Progress (images
+sampled, images/s, ETA) is logged as training's is.
 KID and the depth error carry bootstrap 95 % intervals (`*_ci`); a method is better than another only outside them.
 A metric whose network weights are not available is reported as unavailable, with the reason, never estimated.
 Writes <workdir>/eval/report.json ({row: {steps: {metric: value}}, "meta": {...}}), report.md, one PNG plot per metric
@@ -42,12 +45,12 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from PIL import Image
 
-from codi_jax import checkpoint, cli, modes, recipes, tasks
+from codi_jax import checkpoint, cli, eval_cache, modes, recipes, tasks
 from codi_jax import config as config_lib
 from codi_jax import data as data_lib
 from codi_jax import export as export_lib
 from codi_jax.data import pipeline
-from codi_jax.metrics import MetricUnavailable, dense, fid, image, lpips, stats
+from codi_jax.metrics import MetricUnavailable, convert_inception, dense, fid, image, lpips, stats
 from codi_jax.metrics import captions as caption_metric
 from codi_jax.metrics import clip_score as clip_lib
 from codi_jax.models.dense_unet import DenseUNetConfig
@@ -280,8 +283,15 @@ class Scorer:
     task's metrics need beside them (held_out's batches: sr's low-resolution inputs)."""
 
     def __init__(self, config, real_uint8: np.ndarray, captions: list[str], cond: np.ndarray | None = None,
-                 extras: dict[str, np.ndarray] | None = None):
+                 extras: dict[str, np.ndarray] | None = None, cache: eval_cache.Cache | None = None,
+                 held: dict | None = None):
         self.unavailable: dict[str, str] = {}
+        # The content of every metric network's weights: part of each cached row's key.
+        self.reader_hashes: dict[str, str | None] = {
+            "inception": eval_cache.content_hash(config.eval.inception or convert_inception.default_path()),
+            "lpips": eval_cache.content_hash(config.eval.lpips), "lpips_net": config.eval.lpips_net,
+            "clip": eval_cache.content_hash(config.eval.clip),
+            **{field: eval_cache.content_hash(path) for field, (_, path, _) in _readers(config).items()}}
         self.real = real_uint8
         self.captions = captions
         self.cond = cond
@@ -290,7 +300,14 @@ class Scorer:
         self.seed = int(config.eval.seed)
         try:
             self.inception = fid.load_inception(config.eval.inception or None)
-            self.real_features = fid.inception_features(self.inception, real_uint8)
+            compute = lambda: fid.inception_features(self.inception, real_uint8)  # noqa: E731
+            if cache is None:
+                self.real_features = compute()
+            else:  # converted on first use: hashed again once it exists
+                self.reader_hashes["inception"] = eval_cache.content_hash(
+                    config.eval.inception or convert_inception.default_path())
+                self.real_features = cache.array("the real images' InceptionV3 features", cache.key(
+                    what="real_features", held=held, inception=self.reader_hashes["inception"]), compute)
         except (MetricUnavailable, FileNotFoundError) as e:
             self.inception = None
             self.unavailable["fid"] = self.unavailable["kid"] = str(e)
@@ -474,7 +491,30 @@ def batch_extras(batches) -> dict[str, np.ndarray]:
     return {k: np.concatenate([b[k] for b in batches]) for k in keys}
 
 
-def sample_rows(pipe, label_prefix: str, samplers, batches, config, scorer, report: dict, grid: dict) -> None:
+class Progress:
+    """The evaluation's progress in the log, as training's: images sampled of all, images/s, ETA (every ~15 s)."""
+
+    def __init__(self, total_images: int, every_s: float = 15.0):
+        self.total, self.done, self.every_s = int(total_images), 0, every_s
+        self.t0 = self.last = time.time()
+
+    def add(self, total_images: int) -> None:
+        self.total += int(total_images)
+
+    def advance(self, n: int, what: str) -> None:
+        self.done += int(n)
+        now = time.time()
+        if now - self.last < self.every_s and self.done < self.total:
+            return
+        self.last = now
+        rate = self.done / max(now - self.t0, 1e-9)
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        logging.info("eval: %s: %d/%d images sampled (%.1f images/s), ETA %s", what, self.done, self.total, rate,
+                     f"{eta / 60:.1f} min" if np.isfinite(eta) else "?")
+
+
+def sample_rows(pipe, label_prefix: str, samplers, batches, config, scorer, report: dict, grid: dict,
+                progress: Progress | None = None) -> None:
     """Samples every (suffix, sampler, steps) of one model on the held-out batches and scores it."""
     # eval.guidance_scale 0: each model at its own scale (1 unless it was distilled for another).
     guidance = float(config.eval.guidance_scale) or pipe.default_guidance()
@@ -486,6 +526,8 @@ def sample_rows(pipe, label_prefix: str, samplers, batches, config, scorer, repo
             outputs.append(pipe(b["cond"] if "cond" in b else b["image"], b["caption"], method=sampler, steps=n,
                                 seed=int(config.eval.seed) + i, guidance_scale=guidance))
             times.append((time.time() - t0) / len(b["caption"]))
+            if progress is not None:
+                progress.advance(len(b["caption"]), f"{label} @ {n} steps")
         fake = np.concatenate(outputs)
         scores = scorer(fake)
         # The first batch pays the compile; sampling speed is the median of the others.
@@ -512,36 +554,69 @@ def run(config, workdir: str, steps: tuple[int, ...] | None = None) -> dict:
     n_eval, bs, seed = int(config.eval.num_examples), int(config.eval.batch_size), int(config.eval.seed)
     batches, real, cond, captions = held_out(config, n_eval)
     t0 = time.time()
-    scorer = Scorer(config, real, captions, cond, batch_extras(batches))
+    cache = eval_cache.Cache(config.eval.cache_dir or None, enabled=bool(config.eval.cache))
+    extras = batch_extras(batches)
+    # The held-out set by its content: every reference row is a function of it, the networks and the settings.
+    held = {"split": config.eval.split, "seed": seed, "batch_size": bs, "task": config.task,
+            "data": eval_cache.array_hash(real, *([] if cond is None else [cond]), *(extras[k] for k in sorted(extras)),
+                                          "\n".join(captions))}
+    scorer = Scorer(config, real, captions, cond, extras, cache=cache, held=held)
+    base = {"held": held, "readers": scorer.reader_hashes}
     report: dict[str, Any] = {}
     grid: dict[str, dict[int, np.ndarray]] = {}
+    pipes = {name: Pipeline.load(export) for name, export in methods.items()}  # each export read once
+    rows = sum(len(samplers_for(p.meta["mode"], steps, int(config.eval.teacher_steps))) for p in pipes.values())
+    progress = Progress(rows * len(real))
 
     # Reference rows first: what the metrics read at their floor and ceiling, and for a model that ignores the
-    # condition.
-    truth = {**scorer.task_metrics(real), **scorer.caption_following(real)}
+    # condition. Each is read back from the cache when nothing it depends on has changed.
+    reference = None
     if config.eval.noise_floor:
-        reference = data_lib.make_eval_batches(config.data, batch_size=bs, num_examples=n_eval, seed=seed,
-                                               offset=n_eval, split=config.eval.split)
-        truth.update(scorer.distribution(np.concatenate([to_uint8(b["image"]) for b in reference])))
-    report[GROUND_TRUTH] = {"-": truth}
-    pipes = {name: Pipeline.load(export) for name, export in methods.items()}  # each export read once
+        reference = np.concatenate([to_uint8(b["image"]) for b in data_lib.make_eval_batches(
+            config.data, batch_size=bs, num_examples=n_eval, seed=seed, offset=n_eval, split=config.eval.split)])
+
+    def truth_row():
+        truth = {**scorer.task_metrics(real), **scorer.caption_following(real)}
+        if reference is not None:
+            truth.update(scorer.distribution(reference))
+        return truth
+
+    report[GROUND_TRUTH] = {"-": cache.row(GROUND_TRUTH, cache.key(what="ground_truth", **base, noise_floor=(
+        None if reference is None else eval_cache.array_hash(reference))), truth_row)}
     main = next(iter(pipes.values()))
-    recon = np.concatenate([main.autoencode(b["image"]) for b in batches])
-    report[VAE_CEILING] = {"-": scorer(recon)}
+    report[VAE_CEILING] = {"-": cache.row(VAE_CEILING, cache.key(
+        what="vae", **base, vae=eval_cache.content_hash(os.path.join(main.path, "vae"))),
+        lambda: scorer(np.concatenate([main.autoencode(b["image"]) for b in batches])))}
     if cond is not None and tasks.get(config.task).references is not None:  # the task's (sr: bicubic upsampling)
         for label, images in tasks.get(config.task).references(real, cond, scorer.extras).items():
-            report[label] = {"-": scorer(images)}
+            report[label] = {"-": cache.row(label, cache.key(what="task_reference", label=label, **base,
+                                                             images=eval_cache.array_hash(images)),
+                                            lambda: scorer(images))}
             grid.setdefault(label, {})[0] = images[:8]
     teacher = recipes.resolve(config.teacher, workdir) if config.eval.teacher_steps else ""
     if teacher:
-        pipe = Pipeline.load(teacher, schedule=config.schedule.to_dict(), prediction_type=config.model.prediction_type)
-        sample_rows(pipe, TEACHER, [("", "ddim", int(config.eval.teacher_steps))], batches, config, scorer, report,
-                     grid)
+        n_teacher = int(config.eval.teacher_steps)
+        key = cache.key(what="teacher", **base, teacher=eval_cache.content_hash(teacher), steps=n_teacher,
+                        guidance=float(config.eval.guidance_scale), schedule=config.schedule.to_dict(),
+                        prediction_type=config.model.prediction_type)
+
+        def teacher_row():
+            pipe = Pipeline.load(teacher, schedule=config.schedule.to_dict(),
+                                 prediction_type=config.model.prediction_type)
+            sub_report, sub_grid = {}, {}
+            progress.add(len(real))
+            sample_rows(pipe, TEACHER, [("", "ddim", n_teacher)], batches, config, scorer, sub_report, sub_grid,
+                        progress)
+            return sub_report[TEACHER][str(n_teacher)], sub_grid[TEACHER][n_teacher]
+
+        row, images = cache.row_with_images(TEACHER, key, teacher_row)
+        report[TEACHER] = {str(n_teacher): row}
+        grid[TEACHER] = {n_teacher: images}
     logging.info("eval references in %.0f s: %s", time.time() - t0, {k: report[k] for k in report})
 
     for name, pipe in pipes.items():
         sample_rows(pipe, name, samplers_for(pipe.meta["mode"], steps, int(config.eval.teacher_steps)), batches,
-                     config, scorer, report, grid)
+                     config, scorer, report, grid, progress)
     shown = tasks.get(config.task).show(cond[:8], {k: v[:8] for k, v in scorer.extras.items()}) \
         if cond is not None else real[:8]
     columns, names = [shown], ["condition"]
@@ -558,6 +633,8 @@ def run(config, workdir: str, steps: tuple[int, ...] | None = None) -> dict:
         # Relative to the workdir, as given for the teacher: a report must not record the machine it ran on.
         "methods": {k: os.path.relpath(v, workdir) for k, v in methods.items()},
         "unavailable": scorer.unavailable, "grid_columns": names, "seconds": round(time.time() - t0, 1),
+        "cache": {"dir": str(cache.root) if cache.enabled else None, "read_back": cache.hits,
+                  "computed": cache.misses},
         "notes": (f"Held-out {config.eval.split} split ({int(len(real))} examples). "
                   f"{GROUND_TRUTH}: depth errors and caption following of the real images (the readers' floor and "
                   f"ceiling); its FID/KID are those of "
@@ -589,6 +666,8 @@ def _update_model_cards(report: dict, methods: dict[str, str]) -> None:
 def flags_parser(argv):
     """cli.flags_parser, after defining --config: a config file when one is given; otherwise the workdir's saved
     config, against which the --config.key=value flags are then read (their types and typos are its own)."""
+    # --no-cache: recompute every reference row (config.eval.cache=False; codi_jax/eval_cache.py)
+    argv = ["--config.eval.cache=False" if a == "--no-cache" else a for a in argv]
     workdir = cli.flag_value(argv, "workdir")
     asks_help = any(a.split("=")[0] in ("--help", "-h", "--helpfull", "--helpshort", "-?") for a in argv)
     if cli._config_arg(argv) is None and workdir and not asks_help:

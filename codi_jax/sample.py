@@ -144,6 +144,7 @@ class Pipeline:
         from codi_jax.data import load_tokenizer
 
         path = export_folder(path)
+        self.path = path
         with open(os.path.join(path, "model_index.json")) as f:
             self.meta = json.load(f).get("_codi_jax", {})
         mode = self.meta.get("mode")

@@ -1,0 +1,174 @@
+"""The evaluation's cache: reference rows and the real images' InceptionV3 features, keyed by the content of
+everything that determines them.
+
+Most of an evaluation's time goes to rows that do not depend on the model evaluated: the ground truth (its FID
+noise floor is a second held-out set through InceptionV3), the VAE round trip, the task's own reference rows (sr:
+bicubic), the text-only teacher sampled at 50 steps, and the real images' features every row is compared with. The
+same held-out set, teacher and metric networks give the same numbers, so they are computed once and read back.
+
+A key is the SHA-256 of a JSON of its parts: the held-out set itself (the bytes of its images, conditions, extras
+and captions, and how it was drawn), the bytes of every weight file involved (metric readers, the teacher, the VAE),
+the sampler settings, and the source of the codi_jax package (any code change recomputes). A changed input is a
+changed key. Entries are JSON (rows) or .npy (features, read with allow_pickle=False), written whole or not at all.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from absl import logging
+
+PACKAGE = Path(__file__).resolve().parent
+
+
+def default_dir() -> Path:
+    """$CODI_JAX_CACHE/eval, else ~/.cache/codi_jax/eval."""
+    root = os.environ.get("CODI_JAX_CACHE")
+    return (Path(root).expanduser() if root else Path.home() / ".cache" / "codi_jax") / "eval"
+
+
+@functools.cache
+def code_hash() -> str:
+    """SHA-256 of every .py file of the package (path and bytes): any change to the code recomputes."""
+    h = hashlib.sha256()
+    for path in sorted(PACKAGE.rglob("*.py")):
+        h.update(str(path.relative_to(PACKAGE)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+@functools.cache
+def _file_hash(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def content_hash(path: str | os.PathLike | None) -> str | None:
+    """SHA-256 of a file, or of a folder's files (relative paths and bytes, sorted); None for no path. Read once per
+    process per (file, size, mtime)."""
+    if not path:
+        return None
+    path = Path(path).expanduser()
+    if path.is_file():
+        files = [path]
+        rel = [path.name]
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        rel = [str(p.relative_to(path)) for p in files]
+    else:
+        return f"missing:{path}"
+    h = hashlib.sha256()
+    for name, f in zip(rel, files):
+        st = f.stat()
+        h.update(name.encode())
+        h.update(_file_hash(str(f), st.st_size, st.st_mtime_ns).encode())
+    return h.hexdigest()
+
+
+def array_hash(*arrays) -> str:
+    """SHA-256 of arrays (dtype, shape and bytes) and strings, in order."""
+    h = hashlib.sha256()
+    for a in arrays:
+        if isinstance(a, str):
+            h.update(a.encode())
+            continue
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+class Cache:
+    """Rows and arrays under `root`, or nothing when disabled (every lookup misses, nothing is written)."""
+
+    def __init__(self, root: str | os.PathLike | None = None, enabled: bool = True):
+        self.root = Path(root).expanduser() if root else default_dir()
+        self.enabled = enabled
+        self.hits: list[str] = []  # what was read back, for the report and the tests
+        self.misses: list[str] = []
+
+    @staticmethod
+    def key(**parts: Any) -> str:
+        return hashlib.sha256(json.dumps({"code": code_hash(), **parts}, sort_keys=True,
+                                         default=str).encode()).hexdigest()
+
+    def _path(self, key: str, suffix: str) -> Path:
+        return self.root / key[:2] / f"{key}{suffix}"
+
+    def _write(self, path: Path, write: Callable[[str], None]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            write(str(tmp))
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+    def row(self, what: str, key: str, compute: Callable[[], dict]) -> dict:
+        """The cached row `what` under `key`, else compute() (then stored)."""
+        path = self._path(key, ".json")
+        if self.enabled and path.is_file():
+            with open(path) as f:
+                row = json.load(f)
+            self.hits.append(what)
+            logging.info("eval cache hit: %s (key %s, %s)", what, key[:16], path)
+            return row
+        self.misses.append(what)
+        row = compute()
+        if self.enabled:
+            def write(tmp):
+                with open(tmp, "w") as f:
+                    json.dump(row, f)
+            self._write(path, write)
+        return row
+
+    def array(self, what: str, key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
+        """The cached array `what` under `key`, else compute() (then stored as .npy; read without pickle)."""
+        path = self._path(key, ".npy")
+        if self.enabled and path.is_file():
+            self.hits.append(what)
+            logging.info("eval cache hit: %s (key %s, %s)", what, key[:16], path)
+            return np.load(path, allow_pickle=False)
+        self.misses.append(what)
+        value = np.asarray(compute())
+        if self.enabled:
+            def write(tmp):
+                with open(tmp, "wb") as f:
+                    np.save(f, value, allow_pickle=False)
+            self._write(path, write)
+        return value
+
+    def row_with_images(self, what: str, key: str, compute: Callable[[], tuple[dict, np.ndarray]]
+                        ) -> tuple[dict, np.ndarray]:
+        """A sampled row and the images it shows in the sample grid, cached together under `key`."""
+        row_path, images_path = self._path(key, ".json"), self._path(key, ".npy")
+        if self.enabled and row_path.is_file() and images_path.is_file():
+            with open(row_path) as f:
+                row = json.load(f)
+            self.hits.append(what)
+            logging.info("eval cache hit: %s (key %s, %s)", what, key[:16], row_path)
+            return row, np.load(images_path, allow_pickle=False)
+        self.misses.append(what)
+        row, images = compute()
+        images = np.asarray(images)
+        if self.enabled:
+            def write_images(tmp):
+                with open(tmp, "wb") as f:
+                    np.save(f, images, allow_pickle=False)
+
+            def write_row(tmp):
+                with open(tmp, "w") as f:
+                    json.dump(row, f)
+            self._write(images_path, write_images)  # the row last: a row on disk means both are
+            self._write(row_path, write_row)
+        return row, images

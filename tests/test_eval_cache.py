@@ -1,0 +1,82 @@
+"""The evaluation's cache (codi_jax/eval_cache.py): a second evaluation reads its reference rows and the real images'
+features back, and they equal a recomputation (--no-cache); a changed input is a changed key."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from codi_jax import eval_cache
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_rows_and_arrays_are_read_back_and_a_disabled_cache_computes(tmp_path):
+    cache = eval_cache.Cache(tmp_path)
+    calls = []
+    row = lambda: calls.append(1) or {"fid": 1.5, "kid_ci": [0.1, 0.2]}  # noqa: E731
+    key = cache.key(what="x", held={"data": "abc"})
+    assert cache.row("x", key, row) == cache.row("x", key, row) == {"fid": 1.5, "kid_ci": [0.1, 0.2]}
+    assert len(calls) == 1 and cache.hits == ["x"] and cache.misses == ["x"]
+    a = cache.array("f", key, lambda: np.arange(6.0).reshape(2, 3))
+    assert np.array_equal(cache.array("f", key, lambda: 1 / 0), a)
+    off = eval_cache.Cache(tmp_path, enabled=False)
+    off.row("x", key, row)
+    assert len(calls) == 2 and off.hits == []
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]  # written whole or not at all
+
+
+def test_a_changed_input_is_a_changed_key(tmp_path):
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "a.safetensors").write_bytes(b"weights")
+    before = eval_cache.content_hash(tmp_path / "w")
+    os.utime(tmp_path / "w" / "a.safetensors", ns=(1, 1))  # a new stat, so the file is read again
+    (tmp_path / "w" / "a.safetensors").write_bytes(b"weightz")
+    assert eval_cache.content_hash(tmp_path / "w") != before
+    assert eval_cache.Cache.key(a=1) != eval_cache.Cache.key(a=2)
+    assert eval_cache.array_hash(np.zeros(3, np.uint8)) != eval_cache.array_hash(np.zeros(3, np.float32))
+    assert eval_cache.content_hash(None) is None
+
+
+def _evaluate(workdir, cache_dir, *flags):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", CODI_JAX_CACHE=str(cache_dir))
+    cmd = [sys.executable, "-m", "codi_jax.evaluate", f"--workdir={workdir}", "--config=configs/sr.py:tiny",
+           "--steps=1", "--config.eval.num_examples=6", "--config.eval.batch_size=6", "--config.eval.teacher_steps=2",
+           "--config.eval.split=validation", *flags]
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    assert out.returncode == 0, out.stderr[-4000:]
+    with open(os.path.join(workdir, "eval", "report.json")) as f:
+        return json.load(f), out.stderr
+
+
+def _references(report):
+    drop = ("seconds_per_image",)  # wall time: not a result
+    return {k: {s: {m: v for m, v in r.items() if m not in drop} for s, r in rows.items()}
+            for k, rows in report.items() if k != "meta" and k != "codi"}
+
+
+@pytest.mark.slow
+def test_second_evaluation_reads_references_back_and_they_equal_a_recomputation(tmp_path):
+    from codi_jax.testing import export_untrained, tiny_config
+
+    workdir = tmp_path / "run"
+    export_untrained(tiny_config("sr", "builtin:scenes32"), str(workdir))
+    first, _ = _evaluate(workdir, tmp_path / "cache")
+    assert first["meta"]["cache"]["read_back"] == []
+    second, log = _evaluate(workdir, tmp_path / "cache")
+    assert set(second["meta"]["cache"]["read_back"]) == {
+        "the real images' InceptionV3 features", "ground truth", "ground truth via VAE",
+        "bicubic (the input upsampled)", "teacher (text only)"}
+    assert "eval cache hit: ground truth (key " in log
+    assert second["meta"]["cache"]["computed"] == []
+    fresh, _ = _evaluate(workdir, tmp_path / "cache", "--no-cache")
+    assert fresh["meta"]["cache"]["read_back"] == [] and fresh["meta"]["cache"]["dir"] is None
+    assert _references(first) == _references(second) == _references(fresh)
+    assert _references({"codi ": first["codi"]}) == _references({"codi ": fresh["codi"]})  # the model: never cached
+    # Another held-out draw is another key: nothing is read back.
+    other, _ = _evaluate(workdir, tmp_path / "cache", "--config.eval.seed=7")
+    assert other["meta"]["cache"]["read_back"] == []
