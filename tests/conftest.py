@@ -27,6 +27,18 @@ def jax_cache(tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def eval_cache_dir(tmp_path_factory):
+    """The evaluation cache (codi_jax/eval_cache.py) of this test session, shared by the xdist workers like the
+    compilation cache, and never the user's ~/.cache: evaluations of the same held-out set and teacher in different
+    tests read their reference rows back, and nothing outlives the session."""
+    base = tmp_path_factory.getbasetemp()
+    path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "codi_jax_cache"
+    path.mkdir(exist_ok=True)
+    os.environ["CODI_JAX_CACHE"] = str(path)  # subprocesses inherit it
+    return path
+
+
 @pytest.fixture(scope="session")
 def random_teacher(tmp_path_factory):
     """A tiny random text-to-image pipeline (codi_jax.testing.make_random_pipeline's defaults), shared by the modules
