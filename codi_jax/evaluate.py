@@ -666,8 +666,6 @@ def _update_model_cards(report: dict, methods: dict[str, str]) -> None:
 def flags_parser(argv):
     """cli.flags_parser, after defining --config: a config file when one is given; otherwise the workdir's saved
     config, against which the --config.key=value flags are then read (their types and typos are its own)."""
-    # --no-cache: recompute every reference row (config.eval.cache=False; codi_jax/eval_cache.py)
-    argv = ["--config.eval.cache=False" if a == "--no-cache" else a for a in argv]
     workdir = cli.flag_value(argv, "workdir")
     asks_help = any(a.split("=")[0] in ("--help", "-h", "--helpfull", "--helpshort", "-?") for a in argv)
     if cli._config_arg(argv) is None and workdir and not asks_help:
@@ -729,5 +727,7 @@ if __name__ == "__main__":
     flags.DEFINE_string("workdir", None, "The run folder to evaluate")
     flags.DEFINE_string("steps", "", "Comma-separated step counts (default: config.eval.steps)")
     flags.mark_flags_as_required(["workdir"])
-
+    # --no-cache: recompute every reference row (config.eval.cache=False; codi_jax/eval_cache.py). In sys.argv
+    # itself: config_flags reads the --config.* overrides from there.
+    sys.argv = ["--config.eval.cache=False" if a == "--no-cache" else a for a in sys.argv]
     app.run(main, flags_parser=flags_parser)

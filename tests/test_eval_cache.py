@@ -41,16 +41,15 @@ def test_a_changed_input_is_a_changed_key(tmp_path):
     assert eval_cache.content_hash(None) is None
 
 
-def _evaluate(workdir, cache_dir, *flags):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", CODI_JAX_CACHE=str(cache_dir))
-    cmd = [sys.executable, "-m", "codi_jax.evaluate", f"--workdir={workdir}", "--config=configs/sr.py:tiny",
-           "--steps=1", "--config.eval.num_examples=6", "--config.eval.batch_size=6", "--config.eval.teacher_steps=2",
-           "--config.eval.split=validation", *flags]
-    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
-    assert out.returncode == 0, out.stderr[-4000:]
-    with open(os.path.join(workdir, "eval", "report.json")) as f:
-        return json.load(f), out.stderr
+def _evaluate(workdir, cache_dir, cache=True):
+    """evaluate.run in this process (the second and third share the first's compiled programs)."""
+    from codi_jax import evaluate
+    from codi_jax.testing import tiny_config
+
+    config = tiny_config("sr", "builtin:scenes32", **{
+        "eval.num_examples": 6, "eval.batch_size": 6, "eval.teacher_steps": 2, "eval.split": "validation",
+        "eval.cache": cache, "eval.cache_dir": str(cache_dir)})
+    return evaluate.run(config, str(workdir), steps=(1,))
 
 
 def _references(report):
@@ -59,22 +58,33 @@ def _references(report):
             for k, rows in report.items() if k != "meta" and k != "codi"}
 
 
+def test_no_cache_flag_turns_the_cache_off(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+    out = subprocess.run([sys.executable, "-m", "codi_jax.evaluate", f"--workdir={tmp_path}",
+                          "--config=configs/sr.py:tiny", "--no-cache"], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert "flags set eval.cache=False" in out.stderr, out.stderr[-3000:]
+    assert "no finished conditional model" in out.stderr  # and on to the run itself
+
+
 @pytest.mark.slow
-def test_second_evaluation_reads_references_back_and_they_equal_a_recomputation(tmp_path):
+def test_second_evaluation_reads_references_back_and_they_equal_a_recomputation(tmp_path, caplog):
     from codi_jax.testing import export_untrained, tiny_config
 
     workdir, cache_dir = tmp_path / "run", tmp_path / "cache"
     export_untrained(tiny_config("sr", "builtin:scenes32"), str(workdir))
-    fresh, _ = _evaluate(workdir, cache_dir, "--no-cache")
+    fresh = _evaluate(workdir, cache_dir, cache=False)
     assert fresh["meta"]["cache"]["dir"] is None and fresh["meta"]["cache"]["read_back"] == []
-    assert not cache_dir.exists()  # --no-cache writes nothing either
-    first, _ = _evaluate(workdir, cache_dir)
+    assert not cache_dir.exists()  # off, it writes nothing either
+    first = _evaluate(workdir, cache_dir)
     assert first["meta"]["cache"]["read_back"] == []
-    second, log = _evaluate(workdir, cache_dir)
+    with caplog.at_level("INFO"):
+        second = _evaluate(workdir, cache_dir)
     assert set(second["meta"]["cache"]["read_back"]) == {
         "the real images' InceptionV3 features", "ground truth", "ground truth via VAE",
         "bicubic (the input upsampled)", "teacher (text only)"}
-    assert "eval cache hit: ground truth (key " in log
+    assert "eval cache hit: ground truth (key " in caplog.text
     assert second["meta"]["cache"]["computed"] == []
     # Cached, computed into the cache, and computed without it: the same rows; the model's own row is never cached.
     assert _references(first) == _references(second) == _references(fresh)

@@ -161,6 +161,18 @@ def test_fid_matches_independent_formula_and_fid_helper():
     np.testing.assert_array_equal(fid.feature_statistics(f1)[1], s1)
 
 
+def test_fid_of_fewer_images_than_dimensions_equals_the_covariance_route():
+    """N <= D takes the nuclear-norm route (fid_from_features): the same number as the covariances' eigen route."""
+    rng = np.random.default_rng(5)
+    f1, f2 = _random_features(rng, 40, 64, 0.0), _random_features(rng, 30, 64, 0.5)
+    ours = fid.fid_from_features(f1, f2)
+    stats = [*fid.feature_statistics(f1), *fid.feature_statistics(f2)]
+    # Not to 1e-9: the eigen route takes the square roots of the rank-deficient product's rounding-level eigenvalues
+    # (~1e-16 each -> ~1e-8), which the SVD route never forms.
+    assert ours == pytest.approx(fid.frechet_distance(stats[0], stats[1], stats[2], stats[3]), rel=1e-7)
+    assert fid.fid_from_features(f1, f1) == pytest.approx(0.0, abs=1e-9)
+
+
 def test_fid_rank_deficient_covariances_are_finite():
     rng = np.random.default_rng(4)
     f1, f2 = _random_features(rng, 10, 64, 0.0), _random_features(rng, 10, 64, 1.0)  # N < D: singular covariances
