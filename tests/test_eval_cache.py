@@ -1,7 +1,6 @@
 """The evaluation's cache (codi_jax/eval_cache.py): a second evaluation reads its reference rows and the real images'
 features back, and they equal a recomputation (--no-cache); a changed input is a changed key."""
 
-import json
 import os
 import subprocess
 import sys
