@@ -51,7 +51,7 @@ def main(argv=None) -> int:
 
     logging.set_verbosity(logging.INFO)
     try:  # a bad path fails here, before any data or metric network is loaded
-        pipe = Pipeline.load(args.model)
+        pipe = Pipeline(args.model)
     except (FileNotFoundError, ValueError) as e:
         parser.exit(2, f"error: {e}\n")
     config = tiny_config(args.config, **{"eval.split": args.split})

@@ -161,7 +161,7 @@ def main(argv=None) -> int:
     eval_cfg.eval.num_examples = args.examples
     eval_cfg.eval.split = args.split
     eval_cfg.eval.steps = tuple(int(x) for x in args.eval_steps.split(","))
-    report = evaluate.run(eval_cfg, workdir)
+    report = evaluate.run(eval_cfg, workdir, only=tuple(names))
     report["meta"]["train_seconds"] = timings
     report["meta"]["gap_closed_fid"] = gap_closed(report)
     if args.task in PAPER_FID:  # the paper's, from its Tables 2 and 3, as gap_closed computes it

@@ -35,16 +35,24 @@ DAMAGED = ".damaged-"  # <step>.damaged-<n>: a quarantined step folder
 EXIT_REFUSED = 78
 
 
-class CheckpointError(SystemExit):
-    """A refusal about a workdir or a checkpoint path, in one line: raised before any work; the command line prints
-    only the message (no traceback) and exits with EXIT_REFUSED; API callers catch it by this class."""
+class OneLineExit(SystemExit):
+    """An exit whose whole story is one line: the command line prints only the message (no traceback) and exits with
+    the class's status (for supervisors); API callers catch it by its class."""
+
+    status = 1
 
     def __init__(self, message: str):
-        super().__init__(EXIT_REFUSED)
+        super().__init__(self.status)
         self.message = message
 
     def __str__(self) -> str:
         return self.message
+
+
+class CheckpointError(OneLineExit):
+    """A refusal about a workdir or a checkpoint path, raised before any work (status EXIT_REFUSED)."""
+
+    status = EXIT_REFUSED
 
 
 class Checkpointer:

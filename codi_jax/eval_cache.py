@@ -8,7 +8,7 @@ same held-out set, teacher and metric networks give the same numbers, so they ar
 
 A key is the SHA-256 of a JSON of its parts: the held-out set itself (the bytes of its images, conditions, extras
 and captions, and how it was drawn), the bytes of every weight file involved (metric readers, the teacher, the VAE),
-the sampler settings, and the source of the codi_jax package (any code change recomputes). A changed input is a
+the sampler settings, and the source of the code that computes them (eval_cache.CODE: a change there recomputes). A changed input is a
 changed key. Entries are JSON (rows) or .npy (features, read with allow_pickle=False), written whole or not at all.
 """
 
@@ -18,6 +18,7 @@ import functools
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,11 +34,20 @@ def default_dir() -> Path:
     return (Path(root).expanduser() if root else Path.home() / ".cache" / "codi_jax") / "eval"
 
 
+# The code a reference row runs: the held-out data and the task's conditions, the models, samplers and weight
+# loading, the metrics, and the evaluation itself. Training, export, checkpoints, the command lines and the launch
+# tooling are not in it, so changing those keeps the cache (and any change here recomputes it).
+CODE = ("data", "diffusion", "metrics", "models", "tasks", "weights", "evaluate.py", "eval_cache.py", "inference.py",
+        "sample.py", "teacher.py", "modes.py")
+
+
 @functools.cache
 def code_hash() -> str:
-    """SHA-256 of every .py file of the package (path and bytes): any change to the code recomputes."""
+    """SHA-256 of the .py files (path and bytes) of the code a reference row runs (CODE)."""
     h = hashlib.sha256()
-    for path in sorted(PACKAGE.rglob("*.py")):
+    files = [f for part in CODE for f in ((PACKAGE / part).rglob("*.py") if (PACKAGE / part).is_dir()
+                                          else [PACKAGE / part])]
+    for path in sorted(files):
         h.update(str(path.relative_to(PACKAGE)).encode())
         h.update(path.read_bytes())
     return h.hexdigest()
@@ -124,7 +134,9 @@ class Cache:
             logging.info("eval cache hit: %s (key %s, %s)", what, key[:16], path)
             return row
         self.misses.append(what)
+        t0 = time.time()
         row = compute()
+        logging.info("eval: %s computed in %.0f s", what, time.time() - t0)
         if self.enabled:
             def write(tmp):
                 with open(tmp, "w") as f:
@@ -140,7 +152,9 @@ class Cache:
             logging.info("eval cache hit: %s (key %s, %s)", what, key[:16], path)
             return np.load(path, allow_pickle=False)
         self.misses.append(what)
+        t0 = time.time()
         value = np.asarray(compute())
+        logging.info("eval: %s computed in %.0f s", what, time.time() - t0)
         if self.enabled:
             def write(tmp):
                 with open(tmp, "wb") as f:
@@ -159,7 +173,9 @@ class Cache:
             logging.info("eval cache hit: %s (key %s, %s)", what, key[:16], row_path)
             return row, np.load(images_path, allow_pickle=False)
         self.misses.append(what)
+        t0 = time.time()
         row, images = compute()
+        logging.info("eval: %s computed in %.0f s", what, time.time() - t0)
         images = np.asarray(images)
         if self.enabled:
             def write_images(tmp):

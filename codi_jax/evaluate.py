@@ -45,7 +45,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from PIL import Image
 
-from codi_jax import checkpoint, cli, eval_cache, modes, recipes, tasks
+from codi_jax import checkpoint, cli, eval_cache, modes, tasks
+from codi_jax import teacher as teacher_lib
 from codi_jax import config as config_lib
 from codi_jax import data as data_lib
 from codi_jax import export as export_lib
@@ -61,6 +62,7 @@ LOWER_IS_BETTER = {"fid": True, "kid": True, **tasks.lower_is_better(),
                    "caption_colour_recall": False, "caption_colour_exact": False, "caption_relation": False,
                    "caption_order": False, "lpips": True, "psnr": False, "ssim": False, "clip_score": False}
 with_ci = stats.with_ci
+FLAGS = flags.FLAGS  # the command line's; its flags are defined under __main__ and by flags_parser
 GROUND_TRUTH, VAE_CEILING, TEACHER = "ground truth", "ground truth via VAE", "teacher (text only)"
 
 
@@ -538,12 +540,18 @@ def sample_rows(pipe, label_prefix: str, samplers, batches, config, scorer, repo
         grid.setdefault(label, {})[n] = fake[:8]
 
 
-def run(config, workdir: str, steps: tuple[int, ...] | None = None) -> dict:
+def run(config, workdir: str, steps: tuple[int, ...] | None = None, only: tuple[str, ...] | None = None) -> dict:
+    """Evaluates every finished model in `workdir` (discover), or the ones named in `only`, beside the reference rows."""
     steps = tuple(int(s) for s in (steps or config.eval.steps))
     # Checked before anything is written: a mistyped workdir must not gain an eval/ folder.
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"--workdir={workdir!r} does not exist")
     methods = discover(workdir)
+    if only is not None:
+        missing = [m for m in only if m not in methods]
+        if missing:
+            raise FileNotFoundError(f"no finished model {missing} in {workdir!r} (finished: {sorted(methods)})")
+        methods = {m: methods[m] for m in only}
     if not methods:
         raise FileNotFoundError(f"no finished conditional model in {workdir!r} (looked for export/ and */export/)")
     _check_tasks(config, methods)
@@ -564,7 +572,7 @@ def run(config, workdir: str, steps: tuple[int, ...] | None = None) -> dict:
     base = {"held": held, "readers": scorer.reader_hashes}
     report: dict[str, Any] = {}
     grid: dict[str, dict[int, np.ndarray]] = {}
-    pipes = {name: Pipeline.load(export) for name, export in methods.items()}  # each export read once
+    pipes = {name: Pipeline(export) for name, export in methods.items()}  # each export read once
     rows = sum(len(samplers_for(p.meta["mode"], steps, int(config.eval.teacher_steps))) for p in pipes.values())
     progress = Progress(rows * len(real))
 
@@ -593,7 +601,7 @@ def run(config, workdir: str, steps: tuple[int, ...] | None = None) -> dict:
                                                              images=eval_cache.array_hash(images)),
                                             lambda: scorer(images))}
             grid.setdefault(label, {})[0] = images[:8]
-    teacher = recipes.resolve(config.teacher, workdir) if config.eval.teacher_steps else ""
+    teacher = teacher_lib.folder(config.teacher, workdir) if config.eval.teacher_steps else ""
     if teacher:
         n_teacher = int(config.eval.teacher_steps)
         key = cache.key(what="teacher", **base, teacher=eval_cache.content_hash(teacher), steps=n_teacher,
@@ -601,7 +609,7 @@ def run(config, workdir: str, steps: tuple[int, ...] | None = None) -> dict:
                         prediction_type=config.model.prediction_type)
 
         def teacher_row():
-            pipe = Pipeline.load(teacher, schedule=config.schedule.to_dict(),
+            pipe = Pipeline(teacher, schedule=config.schedule.to_dict(),
                                  prediction_type=config.model.prediction_type)
             sub_report, sub_grid = {}, {}
             progress.add(len(real))
@@ -723,7 +731,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    FLAGS = flags.FLAGS
     flags.DEFINE_string("workdir", None, "The run folder to evaluate")
     flags.DEFINE_string("steps", "", "Comma-separated step counts (default: config.eval.steps)")
     flags.mark_flags_as_required(["workdir"])

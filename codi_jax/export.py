@@ -34,6 +34,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from codi_jax import modes, tasks
+from codi_jax import teacher as teacher_lib
 from codi_jax import weights
 from codi_jax.diffusion import objectives, schedules
 from codi_jax.models import conditional as cond_lib
@@ -111,7 +112,7 @@ def save_tokenizer(tokenizer, path: str, max_length: int) -> None:
 
 # ---- diffusers equivalents ---------------------------------------------------------------------------------------
 
-_BETA_SCHEDULES = {"scaled_linear": "scaled_linear", "linear": "linear", "cosine": "squaredcos_cap_v2"}
+_BETA_SCHEDULES = {kind: name for name, kind in teacher_lib.BETA_SCHEDULES.items()}  # codi_jax kind -> diffusers
 
 
 def codi_timesteps_list(meta: dict, num_steps: int) -> list[int]:

@@ -5,9 +5,11 @@ Flags, multi-host initialisation, then train.train_and_evaluate. The run always 
 on the launching machine before it creates or starts anything); `--help` lists the variants, modes, tasks and the
 most-used config fields.
 
-JAX, TensorFlow and the trainer are imported inside main(), after the config has been checked: a mistake is one line
-and status 2 before any runtime starts (on a pod every host would otherwise wait on the others first), and the
-environment (TF_CPP_MIN_LOG_LEVEL, the CPU device count of test clusters) is set before JAX reads it.
+The config's defaults import JAX (the objectives' and the data's defaults live beside their code), but no JAX
+runtime starts before main(): TensorFlow and the trainer are imported there, and devices are first touched there,
+after the config has been checked. So a mistake is one line and status 2 before any backend starts (on a pod every
+host would otherwise wait on the others first), and the environment (TF_CPP_MIN_LOG_LEVEL, the CPU device count of
+test clusters) is set before JAX reads it.
 """
 
 from __future__ import annotations

@@ -470,11 +470,9 @@ class ConditionalRecipe(TextToImageRecipe):
         if self.freeze_unet:
             self.abstract_params = {k: v for k, v in full_abstract.items() if k != "unet"}
             self.frozen_abstract["unet"] = full_abstract["unet"]
-            if abstract:
-                pass
-            elif full_init is None:
+            if full_init is None and not abstract:  # the plan (abstract) needs only shapes
                 raise ValueError("PE-CoDi needs the pretrained UNet: set config.teacher")
-            else:
+            if full_init is not None:
                 self.frozen_host["unet"] = full_init["unet"]
                 self.initial_params = {k: v for k, v in full_init.items() if k != "unet"}
         else:

@@ -5,7 +5,7 @@ folder, a run's workdir or any diffusers Stable Diffusion folder. One PNG per im
     python -m codi_jax.sample --model=codi_jax/pretrained/scenes32 --prompt="a red sphere" --num-images=4 --out-dir=out
 
 Python:
-    pipe = Pipeline.load("runs/depth-tiny")            # <workdir>/export or the export folder itself
+    pipe = Pipeline("runs/depth-tiny")            # <workdir>/export or the export folder itself
     images = pipe(cond_images, prompts, steps=4)       # uint8 (N, H, W, 3)
 
 One jitted function per (method, steps, batch shape); the batch is split over all local devices ('data' axis).
@@ -34,14 +34,6 @@ from codi_jax.tasks.inputs import FITS, read_depth  # noqa: F401 - read_depth is
 METHODS = ("ddim", "dpmpp_2m", "euler", "codi")
 # The conditional tasks' condition channels (the task table's).
 TASK_CHANNELS = {name: t.channels for name, t in tasks.TABLE.items() if t.conditional}
-
-
-def __getattr__(name):
-    if name == "sample_latents":  # part of this module's API, from inference (which imports JAX)
-        from codi_jax.inference import sample_latents
-
-        return sample_latents
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _meta_from_scheduler(path: str) -> dict:
@@ -174,10 +166,6 @@ class Pipeline:
         self.scale = float(self.vae.config.scaling_factor)
         self.max_length = int(self.meta.get("max_length") or self.tokenizer.model_max_length)
         self._compiled: dict = {}
-
-    @classmethod
-    def load(cls, path: str, **kw) -> "Pipeline":
-        return cls(path, **kw)
 
     def default_sampler(self) -> tuple[str, int]:
         return tuple(self.meta.get("default_sampler", ("codi", 4)))
@@ -503,7 +491,7 @@ def main(argv=None) -> int:
         parser.exit(2, f"error: {existing[0]!r}{more}: nothing is overwritten unless --overwrite; or pass another "
                     "--out-dir/--out or --seed\n")
     try:
-        pipe = Pipeline.load(args.model)
+        pipe = Pipeline(args.model)
     except (ValueError, FileNotFoundError) as e:
         parser.exit(2, f"error: {e}\n")
     images = _generate(pipe, items, args)

@@ -128,6 +128,11 @@ def batch_spec(config) -> dict[str, jax.ShapeDtypeStruct]:
     return spec
 
 
+def _ema_update(ema, params, decay):
+    """decay * ema + (1 - decay) * params, leaf by leaf, in each EMA leaf's dtype."""
+    return jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype), ema, params)
+
+
 def _tree_norm(tree) -> jax.Array:
     return optax.global_norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
 
@@ -171,12 +176,10 @@ def make_train_step(recipe: recipes.Recipe, tx: optax.GradientTransformation, lr
         # weigh the random init by 0.999**600 = 55 %, which made short runs' exported EMA models useless.
         n = state.step.astype(jnp.float32)
         d = jnp.minimum(decay, (1.0 + n) / (10.0 + n)) if config.ema_warmup else jnp.float32(decay)
-        ema = jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype), state.ema_params, params)
+        ema = _ema_update(state.ema_params, params, d)
         target_params = state.target_params
         if target_params is not None:  # the fast consistency target: a fixed decay, as CM / LCM
-            td = jnp.float32(config.target_ema_decay)
-            target_params = jax.tree.map(lambda e, p: (td * e + (1.0 - td) * p).astype(e.dtype), target_params,
-                                         params)
+            target_params = _ema_update(target_params, params, jnp.float32(config.target_ema_decay))
         metrics = dict(metrics)
         metrics.update(
             grad_norm=_tree_norm(grads), param_norm=_tree_norm(params), update_norm=_tree_norm(updates),
@@ -197,15 +200,10 @@ EXIT_NO_PROGRESS = 76  # SIGTERM, but no step finished within preemption_grace_s
 EXIT_NO_DATA = 65  # a whole pass over the data had no readable record (EX_DATAERR): restarting cannot help
 
 
-class NoDataError(SystemExit):
+class NoDataError(checkpoint.OneLineExit):
     """The data yields nothing; raised in place of an endless wait, after the loop has closed its checkpointer."""
 
-    def __init__(self, message: str):
-        super().__init__(EXIT_NO_DATA)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
+    status = EXIT_NO_DATA
 
 
 class _Preemption:

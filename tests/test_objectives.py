@@ -71,7 +71,7 @@ def test_config_docs_and_validation():
     del small["pf_ode"]
     with pytest.raises(ValueError, match="lacks fields"):
         O.validate(small)
-    assert set(O.OBJECTIVES) == {"pretrain", "finetune", "codi", "pe_codi", "cm", "gd"}
+    assert set(O.OBJECTIVES) == {"pretrain", "finetune", "codi", "cm", "gd"}  # pe_codi: the codi objective
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])

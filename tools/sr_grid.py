@@ -33,7 +33,7 @@ def main(argv=None) -> str:
     p.add_argument("--out", default="sr_samples.png")
     args = p.parse_args(argv)
 
-    pipe = Pipeline.load(args.model)
+    pipe = Pipeline(args.model)
     if pipe.meta.get("task") != tasks.sr.TASK.name:
         p.error(f"{args.model!r} holds a {pipe.meta.get('task')!r} model, not a super-resolution one")
     config = tiny_config("sr", **{"eval.split": args.split, "eval.batch_size": args.rows,

@@ -40,7 +40,7 @@ def main(argv=None) -> dict:
 
     cfg = tiny_config("depth", args.pipeline)
     batches, real, _, texts = evaluate.held_out(cfg, args.examples)
-    pipe = Pipeline.load(recipes.resolve(args.pipeline, os.getcwd()), schedule=cfg.schedule.to_dict(),
+    pipe = Pipeline(recipes.resolve(args.pipeline, os.getcwd()), schedule=cfg.schedule.to_dict(),
                          prediction_type=cfg.model.prediction_type)
     segmenter = captions.load_segmenter()
     result, images = {"pipeline": args.pipeline, "examples": len(texts), "ddim_steps": args.steps}, []

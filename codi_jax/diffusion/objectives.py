@@ -437,7 +437,6 @@ OBJECTIVES: dict[str, Callable[..., tuple[jax.Array, dict[str, Any]]]] = {
     "pretrain": pretrain,
     "finetune": finetune,
     "codi": codi,
-    "pe_codi": codi,  # same loss; PE-CoDi differs in which parameters are trainable (the caller's params pytree)
     "cm": cm,
     "gd": gd,
 }
