@@ -18,6 +18,11 @@ from etils import epath
 from codi_jax.data import scenes
 
 
+# The data config's tfds keys that read these records as (input, target) pairs for a paired task (edit): the scene is
+# the input, its edit the target, the instruction the caption.
+PAIRED_KEYS = {"tfds_edit_input_key": "image", "tfds_image_key": "edited_image", "tfds_caption_key": "instruction"}
+
+
 class CodiScenesConfig(tfds.core.BuilderConfig):
 
     def __init__(self, *, image_size: int, num_train: int, num_test: int, seed: int = 0, supersample: int = 2,
