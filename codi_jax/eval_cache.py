@@ -124,67 +124,56 @@ class Cache:
             if tmp.exists():
                 tmp.unlink()
 
-    def row(self, what: str, key: str, compute: Callable[[], dict]) -> dict:
-        """The cached row `what` under `key`, else compute() (then stored)."""
-        path = self._path(key, ".json")
-        if self.enabled and path.is_file():
-            with open(path) as f:
-                row = json.load(f)
+    def _cached(self, what: str, key: str, files: tuple[tuple[str, Callable, Callable], ...],
+                compute: Callable[[], tuple]) -> tuple:
+        """The values stored under `key` (one file per (suffix, read(path), write(value, path))), else compute()'s
+        tuple of values, then stored: the last file last, so a last file on disk means all of them are."""
+        paths = [self._path(key, suffix) for suffix, _, _ in files]
+        if self.enabled and all(p.is_file() for p in paths):
             self.hits.append(what)
-            logging.info("eval cache hit: %s (key %s, %s)", what, key[:16], path)
-            return row
+            logging.info("eval cache hit: %s (key %s, %s)", what, key[:16], paths[-1])
+            return tuple(read(p) for p, (_, read, _) in zip(paths, files))
         self.misses.append(what)
         t0 = time.time()
-        row = compute()
+        values = compute()
         logging.info("eval: %s computed in %.0f s", what, time.time() - t0)
         if self.enabled:
-            def write(tmp):
-                with open(tmp, "w") as f:
-                    json.dump(row, f)
-            self._write(path, write)
-        return row
+            for p, value, (_, _, write) in zip(paths, values, files):
+                self._write(p, lambda tmp: write(value, tmp))
+        return values
+
+    def row(self, what: str, key: str, compute: Callable[[], dict]) -> dict:
+        """The cached row `what` under `key`, else compute() (then stored)."""
+        return self._cached(what, key, (_JSON,), lambda: (compute(),))[0]
 
     def array(self, what: str, key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
         """The cached array `what` under `key`, else compute() (then stored as .npy; read without pickle)."""
-        path = self._path(key, ".npy")
-        if self.enabled and path.is_file():
-            self.hits.append(what)
-            logging.info("eval cache hit: %s (key %s, %s)", what, key[:16], path)
-            return np.load(path, allow_pickle=False)
-        self.misses.append(what)
-        t0 = time.time()
-        value = np.asarray(compute())
-        logging.info("eval: %s computed in %.0f s", what, time.time() - t0)
-        if self.enabled:
-            def write(tmp):
-                with open(tmp, "wb") as f:
-                    np.save(f, value, allow_pickle=False)
-            self._write(path, write)
-        return value
+        return self._cached(what, key, (_NPY,), lambda: (np.asarray(compute()),))[0]
 
     def row_with_images(self, what: str, key: str, compute: Callable[[], tuple[dict, np.ndarray]]
                         ) -> tuple[dict, np.ndarray]:
         """A sampled row and the images it shows in the sample grid, cached together under `key`."""
-        row_path, images_path = self._path(key, ".json"), self._path(key, ".npy")
-        if self.enabled and row_path.is_file() and images_path.is_file():
-            with open(row_path) as f:
-                row = json.load(f)
-            self.hits.append(what)
-            logging.info("eval cache hit: %s (key %s, %s)", what, key[:16], row_path)
-            return row, np.load(images_path, allow_pickle=False)
-        self.misses.append(what)
-        t0 = time.time()
-        row, images = compute()
-        logging.info("eval: %s computed in %.0f s", what, time.time() - t0)
-        images = np.asarray(images)
-        if self.enabled:
-            def write_images(tmp):
-                with open(tmp, "wb") as f:
-                    np.save(f, images, allow_pickle=False)
-
-            def write_row(tmp):
-                with open(tmp, "w") as f:
-                    json.dump(row, f)
-            self._write(images_path, write_images)  # the row last: a row on disk means both are
-            self._write(row_path, write_row)
+        def both():
+            row, images = compute()
+            return np.asarray(images), row
+        images, row = self._cached(what, key, (_NPY, _JSON), both)  # the row last
         return row, images
+
+
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_json(value, path):
+    with open(path, "w") as f:
+        json.dump(value, f)
+
+
+def _write_npy(value, path):
+    with open(path, "wb") as f:
+        np.save(f, value, allow_pickle=False)
+
+
+_JSON = (".json", _read_json, _write_json)
+_NPY = (".npy", lambda path: np.load(path, allow_pickle=False), _write_npy)

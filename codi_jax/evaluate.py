@@ -290,7 +290,7 @@ class Scorer:
         self.unavailable: dict[str, str] = {}
         # The content of every metric network's weights: part of each cached row's key.
         self.reader_hashes: dict[str, str | None] = {
-            "inception": eval_cache.content_hash(config.eval.inception or convert_inception.default_path()),
+            "inception": None,  # hashed once loaded: loading converts it on first use
             "lpips": eval_cache.content_hash(config.eval.lpips), "lpips_net": config.eval.lpips_net,
             "clip": eval_cache.content_hash(config.eval.clip),
             **{field: eval_cache.content_hash(path) for field, (_, path, _) in _readers(config).items()}}
@@ -305,7 +305,7 @@ class Scorer:
             compute = lambda: fid.inception_features(self.inception, real_uint8)  # noqa: E731
             if cache is None:
                 self.real_features = compute()
-            else:  # converted on first use: hashed again once it exists
+            else:
                 self.reader_hashes["inception"] = eval_cache.content_hash(
                     config.eval.inception or convert_inception.default_path())
                 self.real_features = cache.array("the real images' InceptionV3 features", cache.key(
@@ -609,8 +609,7 @@ def run(config, workdir: str, steps: tuple[int, ...] | None = None, only: tuple[
                         prediction_type=config.model.prediction_type)
 
         def teacher_row():
-            pipe = Pipeline(teacher, schedule=config.schedule.to_dict(),
-                                 prediction_type=config.model.prediction_type)
+            pipe = Pipeline(teacher, schedule=config.schedule.to_dict(), prediction_type=config.model.prediction_type)
             sub_report, sub_grid = {}, {}
             progress.add(len(real))
             sample_rows(pipe, TEACHER, [("", "ddim", n_teacher)], batches, config, scorer, sub_report, sub_grid,

@@ -470,9 +470,9 @@ class ConditionalRecipe(TextToImageRecipe):
         if self.freeze_unet:
             self.abstract_params = {k: v for k, v in full_abstract.items() if k != "unet"}
             self.frozen_abstract["unet"] = full_abstract["unet"]
-            if full_init is None and not abstract:  # the plan (abstract) needs only shapes
-                raise ValueError("PE-CoDi needs the pretrained UNet: set config.teacher")
-            if full_init is not None:
+            if not abstract:  # the plan (abstract) needs only shapes
+                if full_init is None:
+                    raise ValueError("PE-CoDi needs the pretrained UNet: set config.teacher")
                 self.frozen_host["unet"] = full_init["unet"]
                 self.initial_params = {k: v for k, v in full_init.items() if k != "unet"}
         else:

@@ -5,7 +5,7 @@ folder, a run's workdir or any diffusers Stable Diffusion folder. One PNG per im
     python -m codi_jax.sample --model=codi_jax/pretrained/scenes32 --prompt="a red sphere" --num-images=4 --out-dir=out
 
 Python:
-    pipe = Pipeline("runs/depth-tiny")            # <workdir>/export or the export folder itself
+    pipe = Pipeline("runs/depth-tiny")                 # <workdir>/export or the export folder itself
     images = pipe(cond_images, prompts, steps=4)       # uint8 (N, H, W, 3)
 
 One jitted function per (method, steps, batch shape); the batch is split over all local devices ('data' axis).
