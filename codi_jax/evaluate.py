@@ -384,9 +384,13 @@ class Scorer:
             out["clip_score"] = clip_lib.clip_score(model, params, tokenizer, fake, self.captions).cosine
         return out
 
-    def __call__(self, fake_uint8: np.ndarray) -> dict[str, Any]:
-        return {**self.pixels(fake_uint8), **self.distribution(fake_uint8), **self.task_metrics(fake_uint8),
-                **self.caption_following(fake_uint8)}
+    def __call__(self, fake_uint8: np.ndarray, progress: "Progress | None" = None) -> dict[str, Any]:
+        t0 = time.time()
+        scores = {**self.pixels(fake_uint8), **self.distribution(fake_uint8), **self.task_metrics(fake_uint8),
+                  **self.caption_following(fake_uint8)}
+        if progress is not None:
+            progress.scored(len(fake_uint8), time.time() - t0)
+        return scores
 
 
 def _grid(columns: list[np.ndarray], n: int, zoom: int = 1) -> np.ndarray:
@@ -494,25 +498,55 @@ def batch_extras(batches) -> dict[str, np.ndarray]:
 
 
 class Progress:
-    """The evaluation's progress in the log, as training's: images sampled of all, images/s, ETA (every ~15 s)."""
+    """The evaluation's progress in the log, as training's: images sampled of all, and an ETA (every ~15 s).
 
-    def __init__(self, total_images: int, every_s: float = 15.0):
-        self.total, self.done, self.every_s = int(total_images), 0, every_s
-        self.t0 = self.last = time.time()
+    Sampling and scoring are timed apart, because their costs scale differently: sampling with images x steps (a
+    teacher row at 50 steps costs 12x a CoDi row at 4), scoring with images only (InceptionV3 at 299 px, which at tiny
+    scale costs more per image than all of CoDi's steps). The ETA is the work left of each kind at its measured rate;
+    work is added as rows are about to be computed, so a row read from the cache costs nothing."""
 
-    def add(self, total_images: int) -> None:
-        self.total += int(total_images)
+    def __init__(self, every_s: float = 15.0):
+        self.every_s, self.last = every_s, time.time()
+        self.todo = {"sample": 0, "score": 0}  # image-steps, images
+        self.done = {"sample": 0, "score": 0}
+        self.spent = {"sample": 0.0, "score": 0.0}
+        self.images_todo = self.images_done = 0
 
-    def advance(self, n: int, what: str) -> None:
-        self.done += int(n)
+    def add(self, images: int, steps: int = 0) -> None:
+        """A row to compute: `images` scored and, when steps > 0, sampled at `steps` steps each."""
+        self.todo["score"] += int(images)
+        if steps:
+            self.todo["sample"] += int(images) * int(steps)
+            self.images_todo += int(images)
+
+    def eta_s(self) -> float | None:
+        """Seconds left at the rates measured so far; None until both kinds of work that remain have a rate."""
+        left = 0.0
+        for kind in self.todo:
+            remaining = self.todo[kind] - self.done[kind]
+            if remaining <= 0:
+                continue
+            if not self.done[kind] or self.spent[kind] <= 0:
+                return None
+            left += remaining * self.spent[kind] / self.done[kind]
+        return left
+
+    def sampled(self, images: int, steps: int, seconds: float, what: str) -> None:
+        self.done["sample"] += int(images) * int(steps)
+        self.spent["sample"] += seconds
+        self.images_done += int(images)
         now = time.time()
-        if now - self.last < self.every_s and self.done < self.total:
+        if now - self.last < self.every_s and self.images_done < self.images_todo:
             return
         self.last = now
-        rate = self.done / max(now - self.t0, 1e-9)
-        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-        logging.info("eval: %s: %d/%d images sampled (%.1f images/s), ETA %s", what, self.done, self.total, rate,
-                     f"{eta / 60:.1f} min" if np.isfinite(eta) else "?")
+        eta = self.eta_s()
+        logging.info("eval: %s: %d/%d images sampled (%.1f images/s in this row's batches), ETA %s", what,
+                     self.images_done, self.images_todo, images / max(seconds, 1e-9),
+                     "?" if eta is None else f"{eta / 60:.1f} min")
+
+    def scored(self, images: int, seconds: float) -> None:
+        self.done["score"] += int(images)
+        self.spent["score"] += seconds
 
 
 def sample_rows(pipe, label_prefix: str, samplers, batches, config, scorer, report: dict, grid: dict,
@@ -529,9 +563,9 @@ def sample_rows(pipe, label_prefix: str, samplers, batches, config, scorer, repo
                                 seed=int(config.eval.seed) + i, guidance_scale=guidance))
             times.append((time.time() - t0) / len(b["caption"]))
             if progress is not None:
-                progress.advance(len(b["caption"]), f"{label} @ {n} steps")
+                progress.sampled(len(b["caption"]), n, time.time() - t0, f"{label} @ {n} steps")
         fake = np.concatenate(outputs)
-        scores = scorer(fake)
+        scores = scorer(fake, progress)
         # The first batch pays the compile; sampling speed is the median of the others.
         scores.update(seconds_per_image=float(np.median(times[1:] if len(times) > 1 else times)), sampler=sampler,
                       guidance_scale=guidance)
@@ -560,7 +594,10 @@ def run(config, workdir: str, steps: tuple[int, ...] | None = None, only: tuple[
     out_dir = os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
     n_eval, bs, seed = int(config.eval.num_examples), int(config.eval.batch_size), int(config.eval.seed)
+    t0 = time.time()
     batches, real, cond, captions = held_out(config, n_eval)
+    logging.info("eval: held-out set of %d %s examples (%s) prepared in %.0f s", len(real), config.eval.split,
+                 config.data.dataset, time.time() - t0)
     t0 = time.time()
     cache = eval_cache.Cache(config.eval.cache_dir or None, enabled=bool(config.eval.cache))
     extras = batch_extras(batches)
@@ -573,8 +610,14 @@ def run(config, workdir: str, steps: tuple[int, ...] | None = None, only: tuple[
     report: dict[str, Any] = {}
     grid: dict[str, dict[int, np.ndarray]] = {}
     pipes = {name: Pipeline(export) for name, export in methods.items()}  # each export read once
-    rows = sum(len(samplers_for(p.meta["mode"], steps, int(config.eval.teacher_steps))) for p in pipes.values())
-    progress = Progress(rows * len(real))
+    progress = Progress()
+    for p in pipes.values():  # known up front, so the ETA counts them from the first reference row on
+        for _, _, n in samplers_for(p.meta["mode"], steps, int(config.eval.teacher_steps)):
+            progress.add(len(real), n)
+
+    def scored(images):  # a reference row that is computed, not read from the cache
+        progress.add(len(images))
+        return scorer(images, progress)
 
     # Reference rows first: what the metrics read at their floor and ceiling, and for a model that ignores the
     # condition. Each is read back from the cache when nothing it depends on has changed.
@@ -594,12 +637,12 @@ def run(config, workdir: str, steps: tuple[int, ...] | None = None, only: tuple[
     main = next(iter(pipes.values()))
     report[VAE_CEILING] = {"-": cache.row(VAE_CEILING, cache.key(
         what="vae", **base, vae=eval_cache.content_hash(os.path.join(main.path, "vae"))),
-        lambda: scorer(np.concatenate([main.autoencode(b["image"]) for b in batches])))}
+        lambda: scored(np.concatenate([main.autoencode(b["image"]) for b in batches])))}
     if cond is not None and tasks.get(config.task).references is not None:  # the task's (sr: bicubic upsampling)
         for label, images in tasks.get(config.task).references(real, cond, scorer.extras).items():
             report[label] = {"-": cache.row(label, cache.key(what="task_reference", label=label, **base,
                                                              images=eval_cache.array_hash(images)),
-                                            lambda: scorer(images))}
+                                            lambda: scored(images))}
             grid.setdefault(label, {})[0] = images[:8]
     teacher = teacher_lib.folder(config.teacher, workdir) if config.eval.teacher_steps else ""
     if teacher:
@@ -611,7 +654,7 @@ def run(config, workdir: str, steps: tuple[int, ...] | None = None, only: tuple[
         def teacher_row():
             pipe = Pipeline(teacher, schedule=config.schedule.to_dict(), prediction_type=config.model.prediction_type)
             sub_report, sub_grid = {}, {}
-            progress.add(len(real))
+            progress.add(len(real), n_teacher)
             sample_rows(pipe, TEACHER, [("", "ddim", n_teacher)], batches, config, scorer, sub_report, sub_grid,
                         progress)
             return sub_report[TEACHER][str(n_teacher)], sub_grid[TEACHER][n_teacher]

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from codi_jax import eval_cache
+from codi_jax import eval_cache, evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -88,3 +88,19 @@ def test_second_evaluation_reads_references_back_and_they_equal_a_recomputation(
     # Cached, computed into the cache, and computed without it: the same rows; the model's own row is never cached.
     assert _references(first) == _references(second) == _references(fresh)
     assert _references({"codi ": first["codi"]}) == _references({"codi ": second["codi"]})
+
+
+def test_progress_eta_weights_sampling_by_steps_and_scoring_by_images():
+    # A CoDi row at 4 steps and a teacher row at 50: after the first batch of the first, the ETA is the image-steps
+    # left at the sampling rate plus the images left to score at the scoring rate, not images at one rate.
+    progress = evaluate.Progress(every_s=1e9)
+    progress.add(10, 4)
+    progress.add(10, 50)
+    assert progress.eta_s() is None  # no rate measured yet
+    progress.sampled(10, 4, 1.0, "codi @ 4 steps")  # 0.025 s per image-step
+    assert progress.eta_s() is None  # scoring has no rate yet
+    progress.scored(10, 2.0)  # 0.2 s per image
+    assert progress.eta_s() == pytest.approx(10 * 50 * 0.025 + 10 * 0.2)
+    progress.sampled(10, 50, 12.5, "teacher @ 50 steps")
+    progress.scored(10, 2.0)
+    assert progress.eta_s() == 0.0
