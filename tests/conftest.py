@@ -16,14 +16,23 @@ from codi_jax.testing import make_torchvision_importable  # noqa: E402 - after t
 make_torchvision_importable()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def jax_cache(tmp_path_factory):
-    """One persistent compilation cache for the subprocesses that run codi_jax.main on the tiny config: their train
-    step is the same program, so it compiles once per CI run instead of once per test module and xdist worker (the
-    cache writes each entry atomically, so the workers can share it)."""
+    """One persistent compilation cache for the whole session, in this process and every subprocess it starts: the
+    many runs of codi_jax.main on the tiny config (gates, faults, resume, the end-to-end tests) compile the same train
+    step and evaluation programs, once per CI run instead of once per test and xdist worker (the cache writes each
+    entry atomically, so the workers share it). Only compiles of a second or more are kept: the small op-by-op ones
+    cost less to compile than to write."""
     base = tmp_path_factory.getbasetemp()
     path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "jax_cache"
     path.mkdir(exist_ok=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(path)  # subprocesses inherit it
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
     return str(path)
 
 
