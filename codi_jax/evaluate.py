@@ -325,7 +325,8 @@ class Scorer:
             try:
                 self.segmenter = self._reader(config, "segmenter", caption_metric.load_segmenter)
             except (MetricUnavailable, FileNotFoundError) as e:
-                for m in ("caption_colour_recall", "caption_colour_exact", "caption_relation", "caption_order"):
+                for m in ("caption_colour_recall", "caption_colour_exact", "caption_relation", "caption_order",
+                          *self.task.segmenter_metrics):
                     self.unavailable[m] = str(e)
         try:
             self.lpips = lpips.load_lpips(config.eval.lpips or None, net=config.eval.lpips_net)
@@ -362,7 +363,8 @@ class Scorer:
 
     def task_metrics(self, images_uint8: np.ndarray) -> dict[str, Any]:
         """The task's own metrics (the task table's: depth error for depth, PSNR/SSIM on Y and LR consistency for sr,
-        the known region's PSNR for inpaint), with intervals where per-image."""
+        PSNR of the known region and of the hole, SSIM and segmenter label agreement in the hole for inpaint), with
+        intervals where per-image."""
         return {} if self.task.metrics is None else self.task.metrics(self, images_uint8)
 
     def caption_following(self, images_uint8: np.ndarray) -> dict[str, Any]:

@@ -66,6 +66,7 @@ def test_every_task_file_is_a_row():
         if task.conditional:
             assert task.condition is not None and task.sample_condition is not None and task.sample_input, name
         assert set(task.metric_directions) >= {m for r in task.readers for m in r.metrics}, name
+        assert set(task.metric_directions) >= set(task.segmenter_metrics), name
 
 
 @pytest.mark.parametrize("name", [n for n in tasks.TASKS if tasks.get(n).conditional])

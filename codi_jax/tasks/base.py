@@ -72,6 +72,9 @@ class Task:
     metrics: Callable[[Any, np.ndarray], dict] | None = None
     metric_directions: Mapping[str, bool] = dataclasses.field(default_factory=dict)
     references: Callable[[np.ndarray, np.ndarray, dict], dict[str, np.ndarray]] | None = None
+    # Those of the metrics that read the colour segmenter of caption following (scorer.segmenter): scored where
+    # caption following is (the procedural scenes), and reported unavailable with it when its weights are missing.
+    segmenter_metrics: tuple[str, ...] = ()
     # How the sample grid's "condition" column shows the input: (cond, extras) -> uint8 (N, H, W, 3); None: the
     # condition as an image (condition_rgb). sr shows the low-res input itself, blocky, not its bicubic upsampling (that
     # is the bicubic reference column).
