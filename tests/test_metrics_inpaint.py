@@ -156,3 +156,30 @@ def test_hole_label_agreement_reads_the_segmenter_on_output_and_ground_truth(ima
     assert {id(images_u8) for model, images_u8 in seen[:2]} == {id(flipped), id(real_u8)}
     assert all(model == "reader" for model, _ in seen[:2])
     assert "hole_label_agreement" in inpaint_task.TASK.segmenter_metrics
+
+
+def test_mean_fill_paints_the_hole_in_the_known_regions_rounded_mean(images):
+    _, real, hole = images
+    real_u8 = np.round(real * 255).astype(np.uint8)
+    filled = inpaint.mean_fill(real_u8, hole)
+    assert filled.dtype == np.uint8 and filled.shape == real_u8.shape
+    for i in range(3):
+        np.testing.assert_array_equal(filled[i][~hole[i]], real_u8[i][~hole[i]])
+        want = np.round(real_u8[i][~hole[i]].astype(np.float64).mean(axis=0))
+        np.testing.assert_array_equal(filled[i][hole[i]], np.broadcast_to(want, (hole[i].sum(), 3)))
+    tiny = np.array([[[[10, 0, 255], [20, 1, 255]], [[31, 2, 0], [200, 200, 200]]]], np.uint8)
+    corner = np.array([[[False, False], [False, True]]])
+    np.testing.assert_array_equal(inpaint.mean_fill(tiny, corner)[0, 1, 1], [20, 1, 170])  # (10+20+31)/3 = 20.33
+    np.testing.assert_array_equal(inpaint.mean_fill(tiny, np.ones_like(corner)), 128)  # nothing known: mid-grey
+
+
+def test_the_rows_mean_fill_reference_keeps_the_known_region_exact(images):
+    _, real, hole = images
+    real_u8 = np.round(real * 255).astype(np.uint8)
+    scorer = _scorer(real_u8, hole)
+    refs = inpaint_task.TASK.references(real_u8, scorer.cond, {})
+    assert list(refs) == [inpaint_task.MEAN_FILL]
+    np.testing.assert_array_equal(refs[inpaint_task.MEAN_FILL], inpaint.mean_fill(real_u8, hole))
+    got = inpaint_task.TASK.metrics(scorer, refs[inpaint_task.MEAN_FILL])
+    assert got["psnr_known"] == inpaint.PSNR_CAP and got["psnr_known_ci"] == [inpaint.PSNR_CAP] * 2
+    assert got["psnr_hole"] < 30
