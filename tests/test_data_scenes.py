@@ -160,3 +160,23 @@ def test_edit_changes_only_the_named_object():
         # Reflections on shiny neighbours may change too, but the edit lives on the object itself.
         assert (diff & (a["ids"] == changed[0])).sum() >= 0.7 * diff.sum()
         assert np.array_equal(a["depth"], b["depth"])
+
+
+def test_render_example_adds_object_ids_without_changing_what_it_rendered():
+    """'ids' (inpainting's object-shaped holes) came after the examples were fixed: image, depth, caption and the edit
+    fields hash as before it (digests taken from the code without 'ids'), and ids are the render's id buffer."""
+    digests = {False: "9bb60f2bec42a90492fa98e49930c82890c9fa77736ddad1194b08aaf6feaeee",
+               True: "2b077dd2be42be61c01820bcaf357a533c376271e177507e75f4920c644321f6"}
+    for edit, want in digests.items():
+        digest = hashlib.sha256()
+        for i in (0, 3, 11):
+            ex = scenes.render_example(0, i, "test", 24, edit=edit)
+            ids = ex.pop("ids")
+            for k in sorted(ex):
+                digest.update(k.encode())
+                digest.update(ex[k].encode() if isinstance(ex[k], str) else ex[k].tobytes())
+            scene = scenes.sample_scene(0, i, "test")
+            assert ids.dtype == np.int32 and ids.shape == (24, 24)
+            np.testing.assert_array_equal(ids, scenes.render(scene, 24, 24, supersample=1)["ids"])
+            assert set(np.unique(ids[ids >= 0])) == set(range(len(scene.objects)))  # every object is visible
+        assert digest.hexdigest() == want, edit

@@ -518,10 +518,13 @@ def caption_words() -> list[str]:
 
 def render_example(seed: int, index: int, split: str, height: int, *, edit: bool = False, min_objects: int = 1,
                    max_objects: int = 3, supersample: int = 2) -> dict:
-    """Example `index` of a split as the sources emit it: uint8 image, float32 z-depth, caption (and edit fields)."""
+    """Example `index` of a split as the sources emit it: uint8 image, float32 z-depth, caption, 'ids' int32 (H,W)
+    (the object each pixel-centre ray hits, an index into the scene's objects; -1 ground, -2 sky: inpainting's
+    object-shaped holes), and the edit fields. With edit, depth and ids are the input scene's (an edit changes
+    one object's colour or material, never the geometry)."""
     scene = sample_scene(seed, index, split, min_objects, max_objects)
     out = render(scene, height, height, supersample)
-    ex = {"image": _to_uint8(out["image"]), "depth": out["depth"], "caption": caption(scene)}
+    ex = {"image": _to_uint8(out["image"]), "depth": out["depth"], "caption": caption(scene), "ids": out["ids"]}
     if edit:
         edited, instruction = sample_edit(scene, np.random.default_rng([int(seed), SPLITS[split], int(index), 7]))
         ex["input_image"] = ex["image"]
