@@ -185,6 +185,29 @@ def test_test_split_eval_batches_are_unchanged():
     assert digest.hexdigest() == "7bb64d6e9d85c9a304f187e98fdbe63d27bd339c45eceee56a56f5600c071c38"
 
 
+def test_object_masks_reach_the_eval_batches_and_the_loader():
+    """data.mask_kind shapes the holes of evaluation batches and of training batches alike; the object ids that
+    shape them stay out of the batches."""
+    from codi_jax.data import masks
+
+    cfg = _cfg(task="inpaint", mask_kind="object")
+    (b,) = data.make_eval_batches(cfg, batch_size=4, num_examples=4, seed=0, extras=True)
+    assert set(b) == {"image", "cond", "caption", "input_ids"}
+    source = data.make_source(cfg, "test")
+    for i in range(4):
+        ids, hole = source[i]["ids"], b["cond"][i, ..., 3] > 0
+        assert sum(np.array_equal(hole, masks.dilate(ids == k, masks.OBJECT_DILATION))
+                   for k in np.unique(ids[ids >= 0])) == 1, i
+    batch = next(iter(_loader(_cfg(task="inpaint", mask_kind="mixed"), process_index=0, process_count=1)))
+    assert set(batch) == {"image", "cond", "input_ids"} and batch["cond"].shape == (4, 32, 32, 4)
+    for field, value, message in [("mask_kind", "boxes", "mask_kind must be one of"),
+                                  ("dataset", "folder", "mask_kind='object' shapes inpainting holes")]:
+        bad = _cfg(task="inpaint", mask_kind="object", data_dir="/images")
+        bad[field] = value
+        with pytest.raises(ValueError, match=message):
+            data.validate(bad)
+
+
 def test_edit_task_runs_offline_on_scenes():
     (b,) = data.make_eval_batches(_cfg(task="edit"), batch_size=3, num_examples=3, seed=0)
     assert all(c.startswith("make the ") for c in b["caption"])

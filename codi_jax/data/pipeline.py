@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 
 from codi_jax import tasks
-from codi_jax.data import degradations, sources, tokenizer
+from codi_jax.data import degradations, masks, sources, tokenizer
 
 DATASETS = ("scenes", "folder", "tfds")
 
@@ -57,7 +57,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.scenes_min_objects = 1
     c.scenes_max_objects = 3
     c.scenes_supersample = 2  # rays per pixel per axis (anti-aliasing); 1 is 4x faster at 256 px
-    c.mask_fraction = 0.3  # inpaint: mean hole fraction
+    c.mask_fraction = 0.3  # inpaint: mean hole fraction of the free-form and box masks
+    # inpaint: the holes, in training and in the evaluation's held-out batches: 'random' (free-form strokes and boxes),
+    # 'object' (one rendered object, grown by a pixel; scenes only) or 'mixed' (half each); codi_jax/data/masks.py
+    c.mask_kind = "random"
     c.sr_scale = 4
     # sr: how the low-res input is made: 'realesrgan' (real-world SR, the paper's second-order degradations, for
     # 256 px and larger) or 'bicubic' (a clean antialiased downsampling; the :tiny default, codi_jax/tasks/sr.py)
@@ -84,6 +87,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         raise ValueError(f"num_workers must be an int >= 0, got {cfg.num_workers!r}")
     if not 0.0 < cfg.mask_fraction < 1.0:
         raise ValueError(f"mask_fraction must be in (0, 1), got {cfg.mask_fraction!r}")
+    if cfg.mask_kind not in masks.KINDS:
+        raise ValueError(f"mask_kind must be one of {masks.KINDS}, got {cfg.mask_kind!r}")
+    if cfg.mask_kind != "random" and cfg.dataset != "scenes":
+        raise ValueError(f"mask_kind={cfg.mask_kind!r} shapes inpainting holes like the procedural scenes' objects, "
+                         f"and dataset={cfg.dataset!r} has no object ids: use mask_kind='random' (or dataset='scenes')")
     if cfg.sr_scale not in (2, 4, 8) or cfg.image_size % cfg.sr_scale:
         raise ValueError(f"sr_scale must be 2, 4 or 8 and divide image_size, got {cfg.sr_scale!r}")
     if cfg.sr_degradation not in degradations.KINDS:
@@ -116,7 +124,7 @@ def cond_channels(cfg) -> int:
 def task_options(cfg) -> "tasks.Options":
     """The data config's task knobs, as the task's condition builder reads them."""
     return tasks.Options(sr_scale=int(cfg.sr_scale), sr_degradation=str(cfg.sr_degradation),
-                         mask_fraction=float(cfg.mask_fraction))
+                         mask_fraction=float(cfg.mask_fraction), mask_kind=str(cfg.mask_kind))
 
 
 def make_source(cfg, split: str):

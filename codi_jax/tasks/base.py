@@ -17,6 +17,7 @@ class Options:
     sr_scale: int = 4
     sr_degradation: str = "realesrgan"
     mask_fraction: float = 0.3
+    mask_kind: str = "random"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Inpainting: the condition is the image with its hole set to mid-grey, and the hole mask (Palette's setting)."""
+"""Inpainting: the condition is the image with its hole set to mid-grey, and the hole mask (Palette's setting). The
+hole is a free-form or box mask, or one object of a procedural scene (data.mask_kind, codi_jax/data/masks.py)."""
 
 from __future__ import annotations
 
@@ -32,8 +33,8 @@ def inpaint_condition(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 def _condition(rec: dict, rng: np.random.Generator, options: Options) -> dict[str, np.ndarray]:
     image = to_signed(rec["image"])
-    return {"cond": inpaint_condition(image, masks.random_mask(rng, image.shape[0], image.shape[1],
-                                                               options.mask_fraction))}
+    return {"cond": inpaint_condition(image, masks.make_mask(rng, image.shape[0], image.shape[1], options.mask_kind,
+                                                             options.mask_fraction, rec.get("ids")))}
 
 
 def _metrics(scorer, images: np.ndarray) -> dict:
@@ -104,7 +105,7 @@ def _sample_condition(item: SampleInput):
 
 
 TASK = Task(
-    name="inpaint", summary="inpainting: an image with a hole (free-form or box mask) and a caption", channels=4,
+    name="inpaint", summary="inpainting: an image with a hole (free-form, box or object-shaped mask) and a caption", channels=4,
     condition=_condition, tag="inpainting", metrics=_metrics,
     metric_directions={"psnr_known": False, "psnr_hole": False, "ssim_hole": False, "hole_label_agreement": False},
     segmenter_metrics=("hole_label_agreement",), references=_references,
