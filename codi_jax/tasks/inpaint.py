@@ -105,7 +105,8 @@ def _sample_condition(item: SampleInput):
 
 
 TASK = Task(
-    name="inpaint", summary="inpainting: an image with a hole (free-form, box or object-shaped mask) and a caption", channels=4,
+    name="inpaint", summary="inpainting: an image with a hole (free-form, box or object-shaped mask) and a caption",
+    channels=4,
     condition=_condition, tag="inpainting", metrics=_metrics,
     metric_directions={"psnr_known": False, "psnr_hole": False, "ssim_hole": False, "hole_label_agreement": False},
     segmenter_metrics=("hole_label_agreement",), references=_references,
