@@ -386,13 +386,9 @@ class Scorer:
             out["clip_score"] = clip_lib.clip_score(model, params, tokenizer, fake, self.captions).cosine
         return out
 
-    def __call__(self, fake_uint8: np.ndarray, progress: "Progress | None" = None) -> dict[str, Any]:
-        t0 = time.time()
-        scores = {**self.pixels(fake_uint8), **self.distribution(fake_uint8), **self.task_metrics(fake_uint8),
-                  **self.caption_following(fake_uint8)}
-        if progress is not None:
-            progress.scored(len(fake_uint8), time.time() - t0)
-        return scores
+    def __call__(self, fake_uint8: np.ndarray) -> dict[str, Any]:
+        return {**self.pixels(fake_uint8), **self.distribution(fake_uint8), **self.task_metrics(fake_uint8),
+                **self.caption_following(fake_uint8)}
 
 
 def _grid(columns: list[np.ndarray], n: int, zoom: int = 1) -> np.ndarray:
@@ -546,6 +542,13 @@ class Progress:
                      self.images_done, self.images_todo, images / max(seconds, 1e-9),
                      "?" if eta is None else f"{eta / 60:.1f} min")
 
+    def score(self, scorer, images: np.ndarray) -> dict:
+        """scorer(images), timed as scoring work."""
+        t0 = time.time()
+        scores = scorer(images)
+        self.scored(len(images), time.time() - t0)
+        return scores
+
     def scored(self, images: int, seconds: float) -> None:
         self.done["score"] += int(images)
         self.spent["score"] += seconds
@@ -567,7 +570,7 @@ def sample_rows(pipe, label_prefix: str, samplers, batches, config, scorer, repo
             if progress is not None:
                 progress.sampled(len(b["caption"]), n, time.time() - t0, f"{label} @ {n} steps")
         fake = np.concatenate(outputs)
-        scores = scorer(fake, progress)
+        scores = scorer(fake) if progress is None else progress.score(scorer, fake)
         # The first batch pays the compile; sampling speed is the median of the others.
         scores.update(seconds_per_image=float(np.median(times[1:] if len(times) > 1 else times)), sampler=sampler,
                       guidance_scale=guidance)
@@ -619,7 +622,7 @@ def run(config, workdir: str, steps: tuple[int, ...] | None = None, only: tuple[
 
     def scored(images):  # a reference row that is computed, not read from the cache
         progress.add(len(images))
-        return scorer(images, progress)
+        return progress.score(scorer, images)
 
     # Reference rows first: what the metrics read at their floor and ceiling, and for a model that ignores the
     # condition. Each is read back from the cache when nothing it depends on has changed.
