@@ -16,6 +16,8 @@ DEFERRED = {
     "codi_jax.data": "the task table imports data.degradations and data.masks without JAX; the pipeline loads on use",
     "codi_jax.tasks.depth": "the task table is read before JAX starts; its metric loads the estimator when called",
     "codi_jax.tasks.sr": "the task table is read before JAX starts; its metric imports JAX when called",
+    "codi_jax.tasks.inpaint": "the task table is read before JAX starts; its metrics and reference row import the "
+                              "metrics package (JAX) when called",
 }
 
 

@@ -16,6 +16,7 @@ without regenerating the tables, fails CI. A table's name is a key of TABLES bel
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -94,7 +95,66 @@ def sr_inputs() -> str:
     return "\n".join(lines) + "\n"
 
 
+def _table2():
+    """benchmarks/table2.py as a module: its gap_closed and the paper's figures."""
+    spec = importlib.util.spec_from_file_location("table2", os.path.join(REPO, "benchmarks", "table2.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def sr_table2(columns=tuple(SR_COLUMNS[:5])) -> str:
+    """The miniature Table 2/3 SR panel: every method at 4 steps and its share of the fine-tuned teacher's FID gap
+    (benchmarks/table2.py's gap_closed) beside the paper's. The frozen-UNet methods were scored by a second invocation
+    on the same held-out set (its reference rows read back from the evaluation cache), table2_sr_frozen.json, and
+    join the table when it exists."""
+    table2 = _table2()
+    report = load("table2_sr.json")
+    if os.path.exists(os.path.join(RESULTS, "table2_sr_frozen.json")):
+        frozen = load("table2_sr_frozen.json")
+        for key in ("ground truth", "ground truth via VAE", "bicubic (the input upsampled)", "teacher (text only)"):
+            assert frozen[key] == report[key], f"table2_sr_frozen.json's {key!r} row differs: not the same held-out set"
+        report = {**report, **{k: v for k, v in frozen.items() if k not in report}}
+    gap = table2.gap_closed(report)
+    paper_fid = table2.PAPER_FID["sr"]
+    few, full = paper_fid["teacher@4"], paper_fid["teacher@250"]
+    paper = {k: f"{(few - fid) / (few - full):.2f} ({label})" for k, (label, fid) in paper_fid["methods"].items()}
+    rows = [("fine-tuned teacher (ControlNet), DDIM 50", "finetune ddim", "50", ""),
+            ("fine-tuned teacher, DDIM 4", "finetune ddim", "4", ""),
+            ("fine-tuned teacher, DPM-Solver++ 4", "finetune dpm++", "4", "finetune dpm++"),
+            ("CoDi, ours (x space, the teacher's PF-ODE)", "codi", "4", "codi"),
+            ("CoDi, the paper's form (eps space, online PF-ODE)", "codi_eps_space", "4", "codi_eps_space"),
+            ("- noise consistency (x space, online PF-ODE)", "codi_online_pfode", "4", "codi_online_pfode"),
+            ("GD-II", "gd", "4", "gd"), ("PE-CoDi", "pe_codi", "4", "pe_codi"), ("CM-II", "cm", "4", "cm"),
+            ("CM-II (frozen)", "cm_frozen", "4", "cm_frozen"),
+            ("ControlNet only (frozen UNet), DDIM 4", "finetune_frozen ddim", "4", "finetune_frozen ddim")]
+    lines = ["| at 4 steps unless named | " + " | ".join(c[0] for c in columns) + " | gap closed | the paper's |",
+             "|" + "---|" * (len(columns) + 3)]
+    for label, key, steps, gap_key in rows:
+        if key not in report:
+            continue
+        row = report[key][steps]
+        closed = fmt(gap.get(gap_key), 2) if gap_key else ""
+        lines.append("| " + " | ".join([label] + [cell(row, m, d, ci) for _, m, d, ci in columns]
+                                       + [closed, paper.get(gap_key, "")]) + " |")
+    for label, key, steps in [("reference: bicubic (the input upsampled)", "bicubic (the input upsampled)", "-"),
+                              ("reference: the text-only teacher, DDIM 50", "teacher (text only)", "50"),
+                              ("reference: ground truth through the VAE", "ground truth via VAE", "-"),
+                              ("reference: ground truth (FID: the noise floor)", "ground truth", "-")]:
+        row = report[key][steps]
+        lines.append("| " + " | ".join([label] + [cell(row, m, d, ci) for _, m, d, ci in columns] + ["", ""]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def sr_codi_steps() -> str:
+    return report_table("table2_sr_codi_steps.json", [("CoDi, 1 step", "codi", "1"), ("CoDi, 2 steps", "codi", "2")],
+                        SR_COLUMNS, "same model and held-out set")
+
+
 TABLES = {
+    "sr_table2": sr_table2,
+    "sr_gap": lambda: sr_table2(columns=(SR_COLUMNS[0], SR_COLUMNS[2])),
+    "sr_codi_steps": sr_codi_steps,
     "sr_val_defaults": sr_val_defaults,
     "sr_inputs": sr_inputs,
 }
