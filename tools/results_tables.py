@@ -118,9 +118,13 @@ def sr_table2(columns=tuple(SR_COLUMNS[:5])) -> str:
     gap = table2.gap_closed(report)
     paper_fid = table2.PAPER_FID["sr"]
     few, full = paper_fid["teacher@4"], paper_fid["teacher@250"]
-    paper = {k: f"{(few - fid) / (few - full):.2f} ({label})" for k, (label, fid) in paper_fid["methods"].items()}
-    rows = [("fine-tuned teacher (ControlNet), DDIM 50", "finetune ddim", "50", ""),
-            ("fine-tuned teacher, DDIM 4", "finetune ddim", "4", ""),
+    # The paper's FID of the row's counterpart, and its gap closed (its teacher: the LDM at 4 and 250 DDIM steps).
+    paper = {k: f"{label}: {fid:.2f} ({(few - fid) / (few - full):.2f})" for k, (label, fid) in
+             paper_fid["methods"].items()}
+    paper["finetune ddim 50"] = f"LDM, 250 steps: {full:.2f}"
+    paper["finetune ddim 4"] = f"LDM, 4 steps: {few:.2f}"
+    rows = [("fine-tuned teacher (ControlNet), DDIM 50", "finetune ddim", "50", "finetune ddim 50"),
+            ("fine-tuned teacher, DDIM 4", "finetune ddim", "4", "finetune ddim 4"),
             ("fine-tuned teacher, DPM-Solver++ 4", "finetune dpm++", "4", "finetune dpm++"),
             ("CoDi, ours (x space, the teacher's PF-ODE)", "codi", "4", "codi"),
             ("CoDi, the paper's form (eps space, online PF-ODE)", "codi_eps_space", "4", "codi_eps_space"),
@@ -128,13 +132,14 @@ def sr_table2(columns=tuple(SR_COLUMNS[:5])) -> str:
             ("GD-II", "gd", "4", "gd"), ("PE-CoDi", "pe_codi", "4", "pe_codi"), ("CM-II", "cm", "4", "cm"),
             ("CM-II (frozen)", "cm_frozen", "4", "cm_frozen"),
             ("ControlNet only (frozen UNet), DDIM 4", "finetune_frozen ddim", "4", "finetune_frozen ddim")]
-    lines = ["| at 4 steps unless named | " + " | ".join(c[0] for c in columns) + " | gap closed | the paper's |",
+    lines = ["| at 4 steps unless named | " + " | ".join(c[0] for c in columns) + " | gap closed | the paper's FID "
+             "(gap closed) |",
              "|" + "---|" * (len(columns) + 3)]
     for label, key, steps, gap_key in rows:
         if key not in report:
             continue
         row = report[key][steps]
-        closed = fmt(gap.get(gap_key), 2) if gap_key else ""
+        closed = fmt(gap.get(gap_key), 2) if gap_key in gap else ""
         lines.append("| " + " | ".join([label] + [cell(row, m, d, ci) for _, m, d, ci in columns]
                                        + [closed, paper.get(gap_key, "")]) + " |")
     for label, key, steps in [("reference: bicubic (the input upsampled)", "bicubic (the input upsampled)", "-"),
@@ -153,7 +158,7 @@ def sr_codi_steps() -> str:
 
 TABLES = {
     "sr_table2": sr_table2,
-    "sr_gap": lambda: sr_table2(columns=(SR_COLUMNS[0], SR_COLUMNS[2])),
+    "sr_gap": lambda: sr_table2(columns=(SR_COLUMNS[0], SR_COLUMNS[1], SR_COLUMNS[2])),
     "sr_codi_steps": sr_codi_steps,
     "sr_val_defaults": sr_val_defaults,
     "sr_inputs": sr_inputs,
