@@ -95,6 +95,16 @@ def sr_inputs() -> str:
     return "\n".join(lines) + "\n"
 
 
+REFERENCE_ROWS = ("ground truth", "ground truth via VAE", "bicubic (the input upsampled)", "teacher (text only)")
+
+
+def _same_held_out(name: str, other: dict, panel: dict) -> None:
+    """A further invocation of the SR panel's evaluation compares with it only if its reference rows are the panel's
+    to the digit (read back from the evaluation cache): the same held-out set, teacher and readers."""
+    for key in REFERENCE_ROWS:
+        assert other[key] == panel[key], f"{name}'s {key!r} row differs from table2_sr.json's: not the same held-out set"
+
+
 def _table2():
     """benchmarks/table2.py as a module: its gap_closed and the paper's figures."""
     spec = importlib.util.spec_from_file_location("table2", os.path.join(REPO, "benchmarks", "table2.py"))
@@ -112,8 +122,7 @@ def sr_table2(columns=tuple(SR_COLUMNS[:5])) -> str:
     report = load("table2_sr.json")
     if os.path.exists(os.path.join(RESULTS, "table2_sr_frozen.json")):
         frozen = load("table2_sr_frozen.json")
-        for key in REFERENCE_ROWS:
-            assert frozen[key] == report[key], f"table2_sr_frozen.json's {key!r} row differs: not the same held-out set"
+        _same_held_out("table2_sr_frozen.json", frozen, report)
         report = {**report, **{k: v for k, v in frozen.items() if k not in report}}
     gap = table2.gap_closed(report)
     paper_fid = table2.PAPER_FID["sr"]
@@ -151,15 +160,13 @@ def sr_table2(columns=tuple(SR_COLUMNS[:5])) -> str:
     return "\n".join(lines) + "\n"
 
 
-REFERENCE_ROWS = ("ground truth", "ground truth via VAE", "bicubic (the input upsampled)", "teacher (text only)")
 
 
 def sr_codi_steps() -> str:
     """CoDi at 1 and 2 steps: a second invocation of the SR panel's evaluation, its reference rows read back from the
     cache (asserted identical, so the rows compare with table2_sr.json's)."""
     steps, panel = load("table2_sr_codi_steps.json"), load("table2_sr.json")
-    for key in REFERENCE_ROWS:
-        assert steps[key] == panel[key], f"table2_sr_codi_steps.json's {key!r} row differs: not the same held-out set"
+    _same_held_out("table2_sr_codi_steps.json", steps, panel)
     return report_table("table2_sr_codi_steps.json", [("CoDi, 1 step", "codi", "1"), ("CoDi, 2 steps", "codi", "2")],
                         SR_COLUMNS, "same model and held-out set")
 
